@@ -1,0 +1,92 @@
+"""Evaluate a trained yolor-mt checkpoint on a data yaml's val split.
+
+    python test.py --weights runs/train/exp/weights/best.pt
+    python test.py --weights best.pt --data data/coco.yaml --img 640 --save-json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="", help="checkpoint .pt (default: newest runs/train/exp*/weights/best.pt)")
+    p.add_argument("--data", default="", help="data yaml (default: the one the checkpoint was trained on)")
+    p.add_argument("--batch-size", "--batch", type=int, default=16)
+    p.add_argument("--img", "--img-size", type=int, default=0, help="image size (default: the training size)")
+    p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.7, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--device", default="", help="cuda device or cpu")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    p.add_argument("--save-json", action="store_true", help="write COCO-format predictions")
+    p.add_argument("--project", default="runs/test")
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true")
+    return p.parse_args(argv)
+
+
+def run(opt: argparse.Namespace) -> dict:
+    from utils.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.data.config import load_data_config
+    from utils.data.dataset import CocoDataset, create_dataloader
+    from utils.evaluate import evaluate
+    from utils.torch_utils import increment_path, latest_run, select_device
+
+    weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
+    if not weights:
+        raise FileNotFoundError("no --weights given and no runs/train/exp*/weights/best.pt; train one with python train.py")
+    device = select_device(opt.device)
+    if opt.half and device.type != "cuda":
+        print("--half ignored: FP16 inference needs CUDA", file=sys.stderr)
+        opt.half = False
+    ckpt = load_checkpoint(weights)
+    model = build_from_checkpoint(ckpt).to(device).eval()
+    if opt.half:
+        model.half()
+    data = load_data_config(opt.data or ckpt["opt"]["data"])
+    meta = model.meta
+    if data.category_ids != meta.get("category_ids", data.category_ids):
+        raise ValueError(f"{data.file}: its categories differ from the checkpoint's ({len(meta['category_ids'])} classes)")
+    img = opt.img or int(meta.get("img_size", 640))
+    dataset = CocoDataset(data, data.val, img, augment=False)
+    loader = create_dataloader(dataset, opt.batch_size, False, opt.workers)
+    print(f"{weights}: {model.info()}\nval: {len(dataset)} images ({dataset.labels_summary()})")
+    res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det, opt.half)
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    print_report(res, data)
+    metrics = {k: round(v, 6) for k, v in res.metrics.items() if not k.startswith("val/")}
+    (save_dir / "metrics.json").write_text(json.dumps(metrics | {"images": res.images, "speed_ms": res.speed_ms}, indent=2))
+    if opt.save_json:
+        (save_dir / "predictions.json").write_text(json.dumps(res.detections))
+    print(f"results saved to {save_dir}")
+    return metrics
+
+
+def print_report(res, data) -> None:
+    m = res.metrics
+    if "box_map" in m:
+        print(f"{'class':>20} {'AP50-95':>9}")
+        print(f"{'all':>20} {m['box_map']:9.4f}   (mAP50 {m['box_map50']:.4f})")
+        for cid, name in zip(data.category_ids, data.names):
+            print(f"{name:>20} {res.per_class['box'].get(cid, 0.0):9.4f}")
+    s = res.speed_ms
+    print(f"speed: {s['pre']:.1f} ms pre-process, {s['inference']:.1f} ms inference, {s['nms']:.1f} ms NMS per image")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_opt(argv))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Train a yolor-mt model.
+
+    python train.py                                   # nano model on the embedded synthetic dataset
+    python train.py --cfg cfg/yolor-mt.yaml --data data/coco.yaml --img 640 --batch-size 64 --epochs 300
+    python train.py --resume                          # continue the newest run from its last.pt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml", help="model cfg yaml (yolor-mt-n.yaml = scale n)")
+    p.add_argument("--data", default="data/shapes.yaml", help="data yaml (default: the embedded synthetic set)")
+    p.add_argument("--hyp", default="data/hyps/hyp.scratch.yaml", help="hyperparameters yaml")
+    p.add_argument("--weights", default="", help="initial weights (.pt); tensors matching --cfg are loaded")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", "--batch", type=int, default=16, help="images per batch")
+    p.add_argument("--img", "--img-size", type=int, default=320, help="train/val image size (pixels)")
+    p.add_argument("--device", default="", help="cuda device (0, 0,1) or cpu; default: CUDA if available")
+    p.add_argument("--workers", type=int, default=2, help="dataloader worker processes")
+    p.add_argument("--project", default="runs/train")
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume newest run, or the given last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR schedule")
+    p.add_argument("--optimizer", default="auto", choices=["SGD", "Adam", "AdamW", "auto"])
+    p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (<1: off)")
+    p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    from utils.trainer import Trainer
+
+    try:
+        Trainer(opt).run()
+    except (ValueError, FileNotFoundError) as e:  # configuration errors: one clear line, no traceback wall
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

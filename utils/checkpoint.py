@@ -1,0 +1,52 @@
+"""Checkpoints: tensors, the cfg and plain metadata only, written atomically, loaded with weights_only=True."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Writes ``state`` to a temporary file, fsyncs it, then renames it over ``path``.
+
+    A process killed mid-write leaves the previous checkpoint intact (rename is atomic on POSIX).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint safely (no arbitrary pickles); a clear error if it is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or corrupt files
+        raise ValueError(f"{path}: not a loadable yolor-mt checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
+        raise ValueError(f"{path}: not a yolor-mt checkpoint (needs 'model' and 'cfg' entries)")
+    return ckpt
+
+
+def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True):
+    """Rebuilds the ``Model`` a checkpoint describes and loads its (EMA) weights."""
+    from models.model import Model
+
+    meta = ckpt.get("meta", {})
+    model = Model(ckpt["cfg"], nc=len(meta.get("names", [])) or None, tasks=ckpt.get("tasks"),
+                  head_kwargs=ckpt.get("head_kwargs"))
+    state = ckpt.get("ema") if ema and ckpt.get("ema") is not None else ckpt["model"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint weights do not match its cfg: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.meta = meta
+    return model

@@ -1,0 +1,203 @@
+"""The data yaml convention, identical for the embedded dataset and real COCO.
+
+```yaml
+path: ../datasets/coco                  # root; relative paths below are under it
+train:                                  # one split, or a list of splits
+  images: images/train2017
+  instances: annotations/instances_train2017.json
+  semantic: stuffthingmaps_trainval2017/train2017
+  captions: annotations/captions_train2017.json
+val: {images: images/val2017, instances: ..., semantic: ..., captions: ...}
+semantic_categories: annotations/stuff_val2017.json   # stuff categories, merged by id with the things
+```
+A missing task key means the split has no labels of that task. Class names come from the JSON categories;
+contiguous indices are used inside the model, original category ids in everything written out.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from utils.data.sample import IGNORE_INDEX
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download"}
+SPLIT_KEYS = {"images", "instances", "semantic", "captions"}
+
+
+class DataError(ValueError):
+    """A data yaml or annotation file that cannot be used; the message names the file."""
+
+
+@dataclass
+class SplitSpec:
+    """The files of one split; ``None`` for a task this split has no labels for."""
+
+    images: Path
+    instances: Path | None = None
+    semantic: Path | None = None
+    captions: Path | None = None
+
+    @property
+    def tasks(self) -> set[str]:
+        t = set()
+        if self.instances:
+            t |= {"det", "inst"}
+        if self.semantic:
+            t.add("sem")
+        if self.captions:
+            t.add("cap")
+        return t
+
+
+@dataclass
+class DataConfig:
+    """A parsed data yaml: splits, thing classes and semantic classes with their original ids."""
+
+    file: Path
+    root: Path
+    train: list[SplitSpec]
+    val: list[SplitSpec]
+    names: list[str]                   # thing class names, contiguous index order
+    category_ids: list[int]            # contiguous index -> original COCO category id
+    semantic_names: list[str] = field(default_factory=list)
+    semantic_ids: list[int] = field(default_factory=list)   # semantic index -> original category id
+    synthetic: dict | None = None
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks every training split can supply labels for at least partly, canonical order."""
+        have = set().union(*(s.tasks for s in self.train))
+        return [t for t in ("det", "inst", "sem", "cap") if t in have]
+
+    def semantic_lut(self) -> np.ndarray:
+        """256-entry table: PNG value (category_id - 1) -> semantic index, IGNORE_INDEX if unknown."""
+        lut = np.full(256, IGNORE_INDEX, np.uint8)
+        for idx, cid in enumerate(self.semantic_ids):
+            if 0 <= cid - 1 < 255:
+                lut[cid - 1] = idx
+        return lut
+
+    def to_meta(self) -> dict:
+        """Plain metadata stored in checkpoints (so test/detect need not re-read the JSON)."""
+        return {"names": self.names, "category_ids": self.category_ids,
+                "semantic_names": self.semantic_names, "semantic_ids": self.semantic_ids}
+
+
+def resolve_root(path_value: str | None, yaml_file: Path) -> Path:
+    """A relative ``path`` is tried against the cwd, the yaml's folder and the repo root, first that exists.
+
+    If none exists yet (a dataset still to be generated), it is placed relative to the repo root, as in
+    YOLOv5, so ``../datasets/x`` lands beside the repository.
+    """
+    p = Path(path_value or ".").expanduser()
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), yaml_file.parent, ROOT):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return (ROOT / p).resolve()
+
+
+def find_data_yaml(data: str | Path) -> Path:
+    p = Path(data)
+    for cand in (p, ROOT / "data" / p.name, ROOT / p):
+        if cand.is_file():
+            return cand
+    raise DataError(f"data yaml not found: {data}")
+
+
+def _split(value, root: Path, where: str) -> list[SplitSpec]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, str):  # a bare images folder: no labels of any task
+            item = {"images": item}
+        if not isinstance(item, dict):
+            raise DataError(f"{where}[{k}]: expected a mapping of {sorted(SPLIT_KEYS)}, got {item!r}")
+        unknown = set(item) - SPLIT_KEYS
+        if unknown:
+            raise DataError(f"{where}[{k}]: unknown key(s) {sorted(unknown)}; allowed: {sorted(SPLIT_KEYS)}")
+        if "images" not in item:
+            raise DataError(f"{where}[{k}]: 'images' is required")
+        spec = SplitSpec(**{key: (root / str(v)) if v else None for key, v in item.items()})
+        out.append(spec)
+    return out
+
+
+def read_categories(json_file: Path) -> list[dict]:
+    """The ``categories`` list of a COCO JSON, read without pycocotools (it may be a huge file)."""
+    try:
+        with open(json_file, "rb") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except OSError as e:
+        raise DataError(f"{json_file}: cannot read: {e}") from None
+    cats = d.get("categories") if isinstance(d, dict) else None
+    if not isinstance(cats, list):
+        raise DataError(f"{json_file}: no 'categories' list")
+    return sorted(cats, key=lambda c: int(c["id"]))
+
+
+def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
+    """Reads a data yaml. With ``ensure``, a missing synthetic dataset is generated first."""
+    file = find_data_yaml(data)
+    try:
+        d = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{file}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{file}: expected a mapping at the top level")
+    unknown = set(d) - DATA_KEYS
+    if unknown:
+        raise DataError(f"{file}: unknown key(s) {sorted(unknown)}; allowed: {sorted(DATA_KEYS)}")
+    for key in ("train", "val"):
+        if key not in d:
+            raise DataError(f"{file}: '{key}' is required")
+    root = resolve_root(d.get("path"), file)
+    train = _split(d["train"], root, f"{file}: train")
+    val = _split(d["val"], root, f"{file}: val")
+    synthetic = d.get("synthetic")
+    if ensure and synthetic is not None:
+        ensure_synthetic(root, synthetic, train + val)
+    elif ensure:
+        missing = [str(s.images) for s in train + val if not s.images.exists()]
+        if missing:
+            hint = f" (download with: {d['download']})" if d.get("download") else ""
+            raise DataError(f"{file}: image folder(s) not found: {missing}{hint}")
+    inst_files = [s.instances for s in train + val if s.instances]
+    thing_cats = read_categories(inst_files[0]) if inst_files else []
+    names = [str(c["name"]) for c in thing_cats]
+    ids = [int(c["id"]) for c in thing_cats]
+    sem_cats = {int(c["id"]): str(c["name"]) for c in thing_cats}
+    if d.get("semantic_categories"):
+        for c in read_categories(root / d["semantic_categories"]):
+            sem_cats.setdefault(int(c["id"]), str(c["name"]))
+    has_sem = any(s.semantic for s in train + val)
+    sem_ids = sorted(sem_cats) if has_sem else []
+    return DataConfig(file=file, root=root, train=train, val=val, names=names, category_ids=ids,
+                      semantic_names=[sem_cats[i] for i in sem_ids], semantic_ids=sem_ids, synthetic=synthetic)
+
+
+def ensure_synthetic(root: Path, spec: dict, splits: list[SplitSpec]) -> None:
+    """Generates the embedded dataset into ``root`` if any of its files are missing."""
+    def complete(s: SplitSpec) -> bool:
+        files = [s.images] + [p for p in (s.instances, s.semantic, s.captions) if p]
+        return all(p.exists() for p in files)
+
+    if all(complete(s) for s in splits):
+        return
+    from utils.data.synthetic import generate  # only needed the first time
+
+    sizes = {k: int(v) for k, v in spec.get("splits", {}).items()}
+    print(f"Generating the synthetic dataset {sizes} in {root} (first use) ...")
+    generate(root, splits=sizes, img_size=int(spec.get("img_size", 320)), seed=int(spec.get("seed", 0)))

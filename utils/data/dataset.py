@@ -1,0 +1,202 @@
+"""COCO-layout dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from utils.data import augment as A
+from utils.data.coco import ImageRecord, LabelReport, load_split
+from utils.data.config import DataConfig, SplitSpec
+from utils.data.sample import IGNORE_INDEX, TASKS, Sample
+
+
+@dataclass
+class Batch:
+    """A collated batch. Boxes are in pixels of ``images``; ``ratio_pad`` maps them back to originals.
+
+    Attributes:
+        images: ``(B, 3, H, W)`` uint8 RGB (converted to float on the device, which is cheaper to move).
+        targets: ``(M, 6)`` float ``[image index, class, x1, y1, x2, y2]``.
+        segments: per target, its polygons in pixels of ``images`` (for instance masks).
+        semantic: ``(B, H, W)`` uint8 semantic indices (``IGNORE_INDEX`` = none), or ``None``.
+        captions: per image, its reference captions.
+        present: ``(B, 4)`` bool, per image and task (``TASKS`` order) whether labels exist.
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    segments: list[list[np.ndarray]]
+    semantic: torch.Tensor | None
+    captions: list[list[str]]
+    present: torch.Tensor
+    image_ids: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    orig_shapes: list[tuple[int, int]] = field(default_factory=list)
+    ratio_pad: list[tuple[float, tuple[float, float]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def task_present(self, task: str) -> torch.Tensor:
+        return self.present[:, TASKS.index(task)]
+
+
+class CocoDataset(Dataset):
+    """Images and labels of one or more COCO-layout splits.
+
+    Args:
+        data: the parsed data yaml.
+        splits: which splits (``data.train`` or ``data.val``).
+        img_size: square network input size.
+        augment: training augmentation (mosaic, perspective, HSV, flips) from ``hyp``.
+        hyp: hyperparameters (augmentation gains).
+        seed: base seed; each item's augmentation draws from ``(seed, epoch, index)`` so runs and resumed
+            runs see the same augmentation regardless of worker count.
+    """
+
+    def __init__(self, data: DataConfig, splits: list[SplitSpec], img_size: int = 640, augment: bool = False,
+                 hyp: dict | None = None, seed: int = 0, use_cache: bool = True):
+        self.img_size, self.augment, self.hyp, self.seed = img_size, augment, hyp or {}, seed
+        self.epoch = 0
+        self.report = LabelReport()
+        self.lut = data.semantic_lut()
+        self.items: list[tuple[SplitSpec, ImageRecord]] = []
+        for split in splits:
+            for rec in load_split(split, data.category_ids, self.report, use_cache):
+                self.items.append((split, rec))
+        if not self.items:
+            raise ValueError(f"no usable images in {[str(s.images) for s in splits]} ({self.report.summary()})")
+        self.read_failures: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels_summary(self) -> str:
+        return self.report.summary()
+
+    def load(self, index: int) -> Sample | None:
+        """Reads image ``index`` with its labels at original size; ``None`` if the image is unreadable."""
+        split, rec = self.items[index]
+        path = split.images / rec.file
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey/RGBA/16-bit all become 8-bit BGR
+        if image is None:
+            return None
+        h, w = image.shape[:2]
+        boxes, segments = rec.boxes.copy(), [[p.copy() for p in s] for s in rec.segments]
+        if rec.width and (rec.width, rec.height) != (w, h):  # JSON size disagrees (e.g. EXIF rotation): rescale
+            sx, sy = w / rec.width, h / rec.height
+            boxes *= np.array([sx, sy, sx, sy], np.float32)
+            segments = [[p * np.array([sx, sy], np.float32) for p in s] for s in segments]
+        semantic = None
+        if split.semantic is not None:
+            semantic = self._load_semantic(split, rec, (h, w))
+        present = {"det": split.instances is not None, "inst": split.instances is not None,
+                   "sem": semantic is not None, "cap": bool(rec.captions)}
+        return Sample(image=image, boxes=boxes, classes=rec.classes.copy(), segments=segments, semantic=semantic,
+                      captions=list(rec.captions), image_id=rec.image_id, path=str(path), orig_shape=(h, w),
+                      present=present)
+
+    def _load_semantic(self, split: SplitSpec, rec: ImageRecord, shape: tuple[int, int]) -> np.ndarray | None:
+        png = split.semantic / (rec.file.rsplit(".", 1)[0] + ".png")
+        m = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        if m is None:
+            return None  # no map for this image: semantic labels absent, not an error
+        if m.ndim == 3:
+            m = m[..., 0]
+        if m.dtype != np.uint8:
+            m = m.clip(0, 255).astype(np.uint8)
+        if m.shape != shape:  # repaired, never silently misaligned: nearest keeps ids valid
+            m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        return self.lut[m]
+
+    def load_valid(self, index: int) -> tuple[int, Sample]:
+        """Like :meth:`load`, but an unreadable image is counted and the next readable one used."""
+        for k in range(len(self)):
+            j = (index + k) % len(self)
+            sample = self.load(j)
+            if sample is not None:
+                return j, sample
+            name = str(self.items[j][0].images / self.items[j][1].file)
+            if name not in self.read_failures:
+                self.read_failures.append(name)
+                warnings.warn(f"unreadable image skipped: {name}", stacklevel=2)
+        raise RuntimeError("no readable image in the dataset")
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def transform(self, index: int) -> tuple[Sample, float, tuple[float, float]]:
+        """The network-input version of item ``index``: augmented in training, letterboxed always."""
+        hyp, size = self.hyp, self.img_size
+        index, sample = self.load_valid(index)
+        if not self.augment:
+            return A.letterbox(sample, size)
+        rng = self.rng(index)
+        persp = dict(degrees=hyp.get("degrees", 0.0), translate=hyp.get("translate", 0.1),
+                     scale=hyp.get("scale", 0.5), shear=hyp.get("shear", 0.0), perspective=hyp.get("perspective", 0.0))
+        if rng.random() < hyp.get("mosaic", 1.0):
+            others = [self.load_valid(int(j))[1] for j in rng.integers(0, len(self), 3)]
+            tiles = [A.load_resized(s, size) for s in [sample] + others]
+            sample = A.mosaic4(tiles, size, rng)
+            sample = A.random_perspective(sample, rng, border=(-size // 2, -size // 2), **persp)
+        else:
+            sample, _, _ = A.letterbox(A.load_resized(sample, size), size)
+            sample = A.random_perspective(sample, rng, **persp)
+        A.augment_hsv(sample.image, rng, hyp.get("hsv_h", 0.015), hyp.get("hsv_s", 0.7), hyp.get("hsv_v", 0.4))
+        if rng.random() < hyp.get("flipud", 0.0):
+            sample = A.vflip(sample)
+        if rng.random() < hyp.get("fliplr", 0.5):
+            sample = A.hflip(sample)
+        return sample, 1.0, (0.0, 0.0)
+
+    def __getitem__(self, index: int) -> dict:
+        sample, ratio, pad = self.transform(index)
+        image = torch.from_numpy(np.ascontiguousarray(sample.image[..., ::-1].transpose(2, 0, 1)))
+        return {"image": image, "sample": sample, "ratio_pad": (ratio, pad)}
+
+
+def collate(items: list[dict]) -> Batch:
+    """Stacks items into a :class:`Batch`."""
+    targets, segments, sems = [], [], []
+    for i, it in enumerate(items):
+        s: Sample = it["sample"]
+        if len(s):
+            t = np.concatenate([np.full((len(s), 1), i, np.float32), s.classes[:, None].astype(np.float32),
+                                s.boxes.astype(np.float32)], 1)
+            targets.append(torch.from_numpy(t))
+            segments.extend(s.segments if s.segments else [[] for _ in range(len(s))])
+        sems.append(s.semantic)
+    images = torch.stack([it["image"] for it in items])
+    h, w = images.shape[2:]
+    semantic = None
+    if any(m is not None for m in sems):
+        semantic = torch.stack([torch.from_numpy(m) if m is not None else torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8)
+                                for m in sems])
+    samples = [it["sample"] for it in items]
+    return Batch(
+        images=images,
+        targets=torch.cat(targets) if targets else torch.zeros((0, 6)),
+        segments=segments,
+        semantic=semantic,
+        captions=[s.captions for s in samples],
+        present=torch.tensor([[s.present.get(t, False) for t in TASKS] for s in samples], dtype=torch.bool),
+        image_ids=[s.image_id for s in samples],
+        paths=[s.path for s in samples],
+        orig_shapes=[tuple(s.orig_shape) for s in samples],
+        ratio_pad=[it["ratio_pad"] for it in items],
+    )
+
+
+def create_dataloader(dataset: CocoDataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
+                      distributed: bool = False) -> DataLoader:
+    """A DataLoader with a seeded shuffle (and a DistributedSampler under torchrun)."""
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      generator=generator, persistent_workers=False, drop_last=False)

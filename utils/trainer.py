@@ -1,0 +1,307 @@
+"""The training loop behind train.py: data, model, optimizer, AMP, EMA, validation, checkpoints, resume."""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from models.implicit import Implicit
+from models.model import Model
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.data.config import DataConfig, load_data_config
+from utils.data.dataset import CocoDataset, create_dataloader
+from utils.ema import ModelEMA, unwrap
+from utils.evaluate import evaluate, fitness, to_float
+from utils.loss.multitask import MultiTaskLoss
+from utils.plots import plot_results
+from utils.torch_utils import increment_path, select_device, set_seed
+
+NOMINAL_BATCH = 64  # gradients are accumulated up to this batch, and weight decay scaled to it
+HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
+            "warmup_bias_lr", "grad_clip", "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees",
+            "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
+            "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite"}
+
+
+def load_hyp(path: str | Path) -> dict:
+    """Reads a hyp yaml; unknown keys are an error (a typo would otherwise be silently ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        alt = Path(__file__).resolve().parents[1] / "data" / "hyps" / path.name
+        path = alt if alt.is_file() else path
+    hyp = yaml.safe_load(path.read_text()) or {}
+    unknown = set(hyp) - HYP_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(HYP_KEYS)}")
+    return hyp
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, decay: float) -> torch.optim.Optimizer:
+    """Three groups, as YOLOv5: decayed weights; BatchNorm and implicit tensors (no decay); biases (no decay)."""
+    decayed, undecayed, biases = [], [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if isinstance(module, Implicit) or isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+                undecayed.append(p)
+            elif pname == "bias":
+                biases.append(p)
+            else:
+                decayed.append(p)
+    if name == "SGD":
+        opt = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
+    elif name in ("Adam", "AdamW"):
+        cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
+        opt = cls(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    else:
+        raise ValueError(f"--optimizer {name}: choose SGD, Adam, AdamW or auto")
+    opt.add_param_group({"params": decayed, "weight_decay": decay})
+    opt.add_param_group({"params": undecayed, "weight_decay": 0.0})
+    return opt
+
+
+class Trainer:
+    """One training run. ``run()`` trains and returns the run folder."""
+
+    def __init__(self, opt: argparse.Namespace):
+        self.opt = opt
+        self.device = select_device(opt.device)
+        self.cuda = self.device.type == "cuda"
+        resume_ckpt = None
+        if opt.resume:
+            resume_ckpt = self._resume_opt()
+        set_seed(opt.seed)
+        self.hyp = load_hyp(opt.hyp) if isinstance(opt.hyp, (str, Path)) else dict(opt.hyp)
+        self.save_dir = Path(opt.save_dir) if opt.resume else increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+        self.wdir = self.save_dir / "weights"
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        self.data: DataConfig = load_data_config(opt.data)
+        tasks = self._tasks()
+        self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=tasks, head_kwargs=self._head_kwargs()).to(self.device)
+        if opt.weights and not opt.resume:
+            self._load_pretrained(opt.weights)
+        self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed)
+        self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
+        print(f"train: {len(self.train_set)} images ({self.train_set.labels_summary()})")
+        print(f"val:   {len(self.val_set)} images ({self.val_set.labels_summary()})")
+        self.train_loader = create_dataloader(self.train_set, opt.batch_size, True, opt.workers, opt.seed)
+        self.val_loader = create_dataloader(self.val_set, opt.batch_size, False, opt.workers, opt.seed)
+        self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
+        decay = self.hyp.get("weight_decay", 5e-4) * opt.batch_size * self.accumulate / NOMINAL_BATCH
+        iterations = opt.epochs * math.ceil(len(self.train_set) / opt.batch_size)
+        name = opt.optimizer
+        if name == "auto":  # Ultralytics' rule: AdamW for short schedules, SGD for long ones
+            name = "AdamW" if iterations < 10000 else "SGD"
+        self.lr0 = self.hyp.get("lr0_adamw", 0.002) if name in ("Adam", "AdamW") and opt.optimizer == "auto" else self.hyp["lr0"]
+        self.optimizer = build_optimizer(self.model, name, self.lr0, self.hyp["momentum"], decay)
+        lrf = self.hyp.get("lrf", 0.01)
+        if opt.cos_lr:
+            self.lf = lambda x: ((1 - math.cos(x * math.pi / opt.epochs)) / 2) * (lrf - 1) + 1
+        else:
+            self.lf = lambda x: (1 - x / opt.epochs) * (1.0 - lrf) + lrf
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.ema = ModelEMA(self.model)
+        self.loss = MultiTaskLoss(self.model, self.hyp)
+        self.start_epoch, self.best_fitness = 0, -1.0
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt)
+        with open(self.save_dir / "opt.yaml", "w") as f:
+            yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, f, sort_keys=False)
+        with open(self.save_dir / "hyp.yaml", "w") as f:
+            yaml.safe_dump(self.hyp, f, sort_keys=False)
+        print(f"model: {self.model.info()}; optimizer {name} lr0={self.lr0}; accumulate {self.accumulate}; device {self.device}")
+
+    # --- setup helpers -------------------------------------------------------------------------
+    def _tasks(self) -> list[str]:
+        available = self.data.tasks
+        if not self.opt.tasks:
+            return available
+        wanted = [t.strip() for t in self.opt.tasks.split(",") if t.strip()]
+        bad = [t for t in wanted if t not in ("det", "inst", "sem", "cap")]
+        if bad:
+            raise ValueError(f"--tasks: unknown task(s) {bad}; choose from det, inst, sem, cap")
+        missing = [t for t in wanted if t not in available]
+        if missing:
+            raise ValueError(f"--tasks {','.join(missing)}: {self.data.file} has no labels for it (it provides {available})")
+        return wanted
+
+    def _head_kwargs(self) -> dict:
+        return {}
+
+    def _load_pretrained(self, weights: str) -> None:
+        ckpt = load_checkpoint(weights)
+        state = ckpt.get("ema") or ckpt["model"]
+        own = self.model.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not matched:
+            raise ValueError(f"--weights {weights}: no tensor matches --cfg {self.opt.cfg}; is it the same network?")
+        self.model.load_state_dict(matched, strict=False)
+        print(f"weights: transferred {len(matched)}/{len(own)} tensors from {weights}")
+
+    def _resume_opt(self) -> dict:
+        from utils.torch_utils import latest_run
+
+        path = self.opt.resume if isinstance(self.opt.resume, str) and self.opt.resume not in ("", "True") else latest_run()
+        if path is None:
+            raise FileNotFoundError("--resume: no runs/train/exp*/weights/last.pt found; give the path to last.pt")
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"--resume {path}: this checkpoint has finished training (no optimizer state)")
+        saved = argparse.Namespace(**ckpt["opt"])
+        saved.resume, saved.save_dir = str(path), str(Path(path).parents[1])
+        saved.device = self.opt.device or saved.device
+        self.opt = saved
+        print(f"resuming {path} from epoch {ckpt['epoch'] + 1}")
+        return ckpt
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.ema.load_state_dict(ckpt["ema"])
+        self.ema.updates = int(ckpt.get("ema_updates", 0))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.best_fitness = float(ckpt.get("best_fitness", -1.0))
+        rng = ckpt.get("rng", {})
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+            if self.cuda and "cuda" in rng:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self, epoch: int, final: bool = False) -> dict:
+        """Everything to resume, as tensors and plain Python values (loads with weights_only=True)."""
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        ckpt = {
+            "epoch": epoch,
+            "best_fitness": self.best_fitness,
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.ema.state_dict(),
+            "ema_updates": self.ema.updates,
+            "cfg": {k: v for k, v in self.model.yaml.items()},
+            "tasks": self.model.tasks,
+            "head_kwargs": self._head_kwargs(),
+            "meta": self.data.to_meta() | {"img_size": self.opt.img, "stride": float(self.model.stride)},
+            "opt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.opt).items()},
+            "hyp": self.hyp,
+        }
+        if not final:
+            ckpt |= {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.cuda else None,
+                "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+                        "numpy_pos": list(np_state[2:]), "python": [py_state[0], list(py_state[1]), py_state[2]]}
+                | ({"cuda": torch.cuda.get_rng_state_all()} if self.cuda else {}),
+            }
+        return ckpt
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        opt, hyp = self.opt, self.hyp
+        nb = len(self.train_loader)
+        warmup = max(round(hyp.get("warmup_epochs", 3) * nb), 100) if hyp.get("warmup_epochs", 3) > 0 else 0
+        results_csv = self.save_dir / "results.csv"
+        max_nonfinite, nonfinite_run = int(hyp.get("max_nonfinite", 10)), 0
+        for epoch in range(self.start_epoch, opt.epochs):
+            self.model.train()
+            self.train_set.epoch = epoch
+            t0 = time.time()
+            sums: dict[str, float] = {}
+            self.optimizer.zero_grad(set_to_none=True)
+            last_step = -1
+            pbar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{opt.epochs}",
+                        disable=not opt.progress)
+            for i, batch in pbar:
+                ni = i + nb * epoch
+                if ni <= warmup:  # linear warmup of lr (bias lr from warmup_bias_lr) and momentum
+                    for j, g in enumerate(self.optimizer.param_groups):
+                        start = hyp.get("warmup_bias_lr", 0.1) if j == 0 else 0.0
+                        g["lr"] = float(np.interp(ni, [0, warmup], [start, g["initial_lr"] * self.lf(epoch)]))
+                        if "momentum" in g:
+                            g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))
+                x = to_float(batch.images, self.device)
+                with torch.autocast(device_type=self.device.type, enabled=self.cuda):
+                    out = self.model(x)
+                    loss, parts = self.loss(out, batch)
+                if not torch.isfinite(loss):
+                    nonfinite_run += 1
+                    bad = [k for k, v in parts.items() if not math.isfinite(v)]
+                    warnings.warn(f"non-finite loss at epoch {epoch} batch {i} in {bad or 'total'}; step skipped")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if nonfinite_run >= max_nonfinite:
+                        raise RuntimeError(f"{nonfinite_run} non-finite losses in a row (last in {bad}); stopping")
+                    continue
+                nonfinite_run = 0
+                self.scaler.scale(loss).backward()
+                if i - last_step >= self.accumulate or i == nb - 1:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=hyp.get("grad_clip", 10.0))
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.ema.update(self.model)
+                    last_step = i
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                pbar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items()})
+            self.scheduler.step()
+            train_time = time.time() - t0
+            row = {"epoch": epoch + 1} | {f"train/{k}": v / max(nb, 1) for k, v in sums.items()}
+            res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
+                           loss_fn=self.loss, progress=opt.progress)
+            row |= res.metrics
+            row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
+            row |= {"time/train_s": train_time, "time/img_per_s": len(self.train_set) / max(train_time, 1e-9)}
+            fit = fitness(res.metrics)
+            if fit > self.best_fitness:
+                self.best_fitness = fit
+                save_checkpoint(self.checkpoint(epoch), self.wdir / "best.pt")
+            save_checkpoint(self.checkpoint(epoch), self.wdir / "last.pt")
+            if opt.save_period > 0 and (epoch + 1) % opt.save_period == 0:
+                save_checkpoint(self.checkpoint(epoch), self.wdir / f"epoch{epoch + 1}.pt")
+            write_results(results_csv, row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                           if not k.startswith("lr/")))
+        for name in ("best.pt", "last.pt"):  # finished: drop optimizer state, as YOLOv5's strip_optimizer
+            f = self.wdir / name
+            if f.is_file():
+                ckpt = load_checkpoint(f)
+                for k in ("optimizer", "scheduler", "scaler", "rng"):
+                    ckpt.pop(k, None)
+                save_checkpoint(ckpt, f)
+        if results_csv.is_file():
+            plot_results(results_csv)
+        print(f"results saved to {self.save_dir}")
+        return self.save_dir
+
+
+def write_results(path: Path, row: dict) -> None:
+    """Appends one epoch to results.csv (header from the first row; new keys extend it)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
