@@ -269,12 +269,12 @@ def check_implicit_placement(rows: list[Row], name: str) -> None:
         if not isinstance(row.module, Implicit):
             continue
         consumers = [r for r in rows if row.index in r.source and r.module is not None]
-        where = f"{name} row {row.index} ({row.name})"
+        where = f"{name} row {row.index} ({row.section})"
         if not consumers:
-            raise CfgError(f"{where}: its output is never used; an implicit row must feed a Conv row")
+            raise CfgError(f"{where}: {row.name} output is never used; an implicit row must feed a Conv row")
         for r in consumers:
             if not isinstance(r.module, Conv) or len(r.source) != 1:
-                raise CfgError(f"{where}: feeds row {r.index} ({r.name}); an implicit row may feed only "
+                raise CfgError(f"{where}: {row.name} feeds row {r.index} ({r.name}); an implicit row may feed only "
                                "single-input Conv rows, so fuse() can fold it into them")
             reason = fold_error(row.module, r.module.conv, "next")
             if reason:

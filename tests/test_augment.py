@@ -68,7 +68,7 @@ def make_sample(w: int = REF_W, h: int = REF_H, bg: tuple[int, int, int] = (70, 
                   present={t: (t != "sem" or sem) for t in TASKS})
 
 
-def check_consistent(out: Sample, min_area: int = 150) -> int:
+def check_consistent(out: Sample, min_area: int = 150, min_agree: float = 0.95) -> int:
     """(a) boxes are tight boxes of polygons, (b) polygons land on their class in the map,
     (c) the map holds only pre-existing values, (d) pixels under polygons keep the object's colour.
     Returns how many polygon instances were checked."""
@@ -89,10 +89,17 @@ def check_consistent(out: Sample, min_area: int = 150) -> int:
         assert (pts >= 0).all() and (pts[:, 0] <= w).all() and (pts[:, 1] <= h).all()
         np.testing.assert_allclose(box, [*pts.min(0), *pts.max(0)], atol=1.5)  # (a)
         mask = rasterize(polys, (h, w))
-        if mask.sum() < min_area:  # slivers at the border: too few pixels to measure agreement
+        if mask.sum() < min_area:  # too few pixels to measure agreement
             continue
-        agree = (out.semantic[mask] == SEM_OF[int(cls)]).mean()
-        assert agree >= 0.95, f"class {cls}: only {agree:.3f} of the polygon lands on its semantic class"  # (b)
+        # (b) Nearest sampling moves the map's edges by up to ~1 px, which only matters for thin shapes
+        # (e.g. slivers cut off at the border): judge compact polygons on their whole area, thin ones
+        # on their interior (1 px eroded).
+        area = sum(polygon_area(p) for p in polys)
+        perimeter = sum(np.linalg.norm(p - np.roll(p, -1, 0), axis=1).sum() for p in polys)
+        core = mask if area >= 10 * perimeter else cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        if core.sum() >= 30:
+            agree = (out.semantic[core] == SEM_OF[int(cls)]).mean()
+            assert agree >= min_agree, f"class {cls}: only {agree:.3f} of the polygon lands on its semantic class"
         inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)  # skip blended edges
         if inner.sum() >= 20:
             mean = out.image[inner].reshape(-1, 3).astype(np.float64).mean(0)
@@ -134,14 +141,14 @@ def test_synthetic_sample_is_consistent():
 def test_flip_consistent(flip):
     s = make_sample()
     out = flip(s)
-    assert check_consistent(out) == len(INSTANCES)
+    assert check_consistent(out, min_agree=0.995) == len(INSTANCES)  # exact: a 1-px offset gives ~0.98
     axis = 1 if flip is hflip else 0
     np.testing.assert_array_equal(out.image, np.flip(s.image, axis))
     np.testing.assert_array_equal(out.semantic, np.flip(s.semantic, axis))
     # the box-only instance moves exactly with the pixels: its painted rectangle is still under its box
     x1, y1, x2, y2 = out.boxes[-1]
     rect = rasterize([np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])], out.semantic.shape)
-    assert (out.semantic[rect] == SEM_OF[BOX_ONLY[0]]).mean() > 0.97
+    assert (out.semantic[rect] == SEM_OF[BOX_ONLY[0]]).mean() > 0.995
 
 
 @pytest.mark.parametrize("flip", [hflip, vflip])

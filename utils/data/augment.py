@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -46,7 +47,9 @@ def _segments_of(sample: Sample) -> list[list[np.ndarray]]:
     raise ValueError(f"Sample has {n} boxes but {len(sample.segments)} segment lists")
 
 
-def _map_segments(segments: list[list[np.ndarray]], fn) -> list[list[np.ndarray]]:
+def _map_segments(segments: list[list[np.ndarray]],
+                  fn: Callable[[np.ndarray], np.ndarray]) -> list[list[np.ndarray]]:
+    """Applies ``fn`` to every polygon (as float64), returning float32 copies."""
     return [[fn(np.asarray(p, np.float64)).astype(np.float32) for p in polys] for polys in segments]
 
 
@@ -288,7 +291,7 @@ def random_perspective(sample: Sample, rng: np.random.Generator, degrees: float 
     """YOLOv5 random affine / perspective warp of the image, semantic map, boxes and polygons.
 
     ``M = T @ S @ R @ P @ C`` exactly as YOLOv5 builds it (centre, perspective, rotation + scale, shear,
-    translation) and the output is ``(H + 2*border[0]) x (W + 2*border[1])``; after :func:`mosaic4` pass
+    translation; same order of random draws) and the output is ``(H + 2*border[0]) x (W + 2*border[1])``; after :func:`mosaic4` pass
     ``border=(-img_size // 2, -img_size // 2)`` to cut the ``2*img_size`` canvas back to ``img_size``.
 
     The image is warped with ``INTER_LINEAR`` and border 114, the semantic map with ``INTER_NEAREST``

@@ -95,7 +95,9 @@ INFO: dict[str, Any] = {
     "contributor": "utils.data.synthetic",
     "date_created": "2017/01/01",  # fixed: a timestamp would break byte-identical regeneration
 }
-LICENSES: tuple[dict[str, Any], ...] = ({"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"},)
+LICENSES: tuple[dict[str, Any], ...] = (
+    {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"},
+)
 
 
 @dataclass
@@ -302,7 +304,8 @@ def _captions(rng: np.random.Generator, shapes: list[_Shape], upper: str, lower:
     cap2 = pick([pinv, f"on {ground}, {pinv}", f"{pinv} {sky}"])
 
     total = _count(n, "shape", article=False)
-    cap3 = pick([f"{total} on {ground}", f"there {'is' if n == 1 else 'are'} {total} in the picture", f"{total} on {ground} {sky}"])
+    there = f"there {'is' if n == 1 else 'are'} {total} in the picture"
+    cap3 = pick([f"{total} on {ground}", there, f"{total} on {ground} {sky}"])
 
     tinv = _join([_count(k, t, article=False) for (t,), k in _grouped(rng, [(s.name,) for s in shapes])])
     cap4 = pick([f"{tinv} on {ground}", f"an image with {tinv} {sky}"])
@@ -403,7 +406,8 @@ def generate(
             w, h = (long, short) if rng.random() < 0.5 else (short, long)
             img, sem, shapes, upper, lower = _render(rng, w, h, polygons == "pixel")
             name = f"{image_id:012d}"
-            _write_bytes(img_dir / f"{name}.jpg", cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1].tobytes())
+            jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+            _write_bytes(img_dir / f"{name}.jpg", jpg.tobytes())
             _write_bytes(sem_dir / f"{name}.png", cv2.imencode(".png", sem)[1].tobytes())
             images.append({"id": image_id, "file_name": f"{name}.jpg", "width": w, "height": h, "license": 1})
             for s in shapes:
@@ -427,10 +431,12 @@ def generate(
             stuff_ann_id += len(anns)
             image_id += 1 + int(id_rng.integers(0, 3))
         common = {"info": INFO, "licenses": list(LICENSES), "images": images}
-        _write_json(root / "annotations" / f"captions_{split}.json", {**common, "annotations": captions})
-        _write_json(root / "annotations" / f"stuff_{split}.json", {**common, "annotations": stuff, "categories": list(STUFF_CATEGORIES)})
+        ann_dir = root / "annotations"
+        _write_json(ann_dir / f"captions_{split}.json", {**common, "annotations": captions})
+        _write_json(ann_dir / f"stuff_{split}.json", {**common, "annotations": stuff, "categories": list(STUFF_CATEGORIES)})
         # Instances last: its presence marks the split as complete.
-        _write_json(root / "annotations" / f"instances_{split}.json", {**common, "annotations": instances, "categories": list(THING_CATEGORIES)})
+        instances_json = {**common, "annotations": instances, "categories": list(THING_CATEGORIES)}
+        _write_json(ann_dir / f"instances_{split}.json", instances_json)
     return root
 
 

@@ -1,0 +1,158 @@
+"""The cfg parser, the Model's named outputs, and exact fusing of BatchNorm and every implicit layer."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models.implicit import Implicit
+from models.model import Model, module_counts
+from models.parser import CfgError
+from tests.conftest import tiny_cfg
+
+
+def randomize_bn_and_implicits(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and implicit values, so a wrong fold cannot pass by luck."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            if isinstance(m, Implicit):
+                for p in m.parameters(recurse=True):
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_nano_scale_resolves_from_filename():
+    n = Model("cfg/yolor-mt-n.yaml", nc=3)
+    full = Model("cfg/yolor-mt.yaml", nc=3)
+    pn = sum(p.numel() for p in n.parameters())
+    pf = sum(p.numel() for p in full.parameters())
+    assert pn < pf / 10
+    assert n.stride == 32 and n.tasks == ["det"]
+
+
+def test_forward_outputs_named_structure(cfg_dict):
+    model = Model(cfg_dict, nc=4).eval()
+    out = model(torch.rand(2, 3, 96, 128))
+    assert out.inst is None and out.sem is None and out.cap is None
+    assert [f.shape[-2:] for f in out.det.feats] == [(12, 16), (6, 8), (3, 4)]
+    a = 12 * 16 + 6 * 8 + 3 * 4
+    assert out.det.pred.shape == (2, a, 4 + 4)
+    assert out.det.pred[..., 4:].min() >= 0 and out.det.pred[..., 4:].max() <= 1
+    model.train()
+    assert model(torch.rand(1, 3, 64, 64)).det.pred is None
+
+
+@pytest.mark.parametrize("form", ["vector", "nn", "mf"])
+def test_fuse_is_exact_and_complete(form):
+    model = Model(tiny_cfg(implicit=form), nc=5).eval()
+    randomize_bn_and_implicits(model)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+        before = module_counts(model)
+        model.fuse()
+        got = model(x)
+    after = module_counts(model)
+    assert before["BatchNorm2d"] > 0 and before["Implicit"] > 0
+    assert after["BatchNorm2d"] == 0 and after["Implicit"] == 0
+    assert not any(isinstance(m, (nn.BatchNorm2d, Implicit)) for m in model.modules())
+    for a, b in zip(ref.det.feats, got.det.feats):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    # decoded boxes are in pixels (up to ~100 here), so compare them relative to their scale
+    torch.testing.assert_close(got.det.pred, ref.det.pred, atol=1e-4 * 96, rtol=1e-5)
+
+
+def _with_rows(extra_neck_rows: list, base: dict | None = None) -> dict:
+    d = copy.deepcopy(base or tiny_cfg())
+    d["neck"] = d["neck"] + extra_neck_rows
+    return d
+
+
+def test_every_accepted_placement_folds():
+    """ImplicitA / ImplicitM / ImplicitC before 1x1 convs and ImplicitM before a padded 3x3 conv."""
+    d = tiny_cfg()
+    n_back = len(d["backbone"])
+    p3 = n_back + 12  # row index of the P3 output (row 23 at full cfg)
+    rows = [
+        [p3, 1, "ImplicitM", ["mf"]],   # mul before a 3x3 padded conv: exact (m * 0 == 0)
+        [-1, 1, "Conv", [64, 3, 1]],
+        [-1, 1, "ImplicitC", [16, "nn"]],  # concat before a 1x1 conv
+        [-1, 1, "Conv", [64, 1, 1]],
+        [-1, 1, "ImplicitA", ["vector"]],
+        [-1, 1, "Conv", [128, 1, 1]],
+    ]
+    d = _with_rows(rows, d)
+    heads_from = d["heads"][0][0]
+    total = len(d["backbone"]) + len(d["neck"])
+    d["heads"] = [[[total - 1, heads_from[1], heads_from[2]], 1, "Detect", []]]
+    model = Model(d, nc=3).eval()
+    randomize_bn_and_implicits(model, seed=3)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x).det.feats
+        model.fuse()
+        got = model(x).det.feats
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("row, match", [
+    ([-1, 1, "Frobnicate", [16]], "unknown module 'Frobnicate'"),
+    ([-1, 1, "Conv", [16, 3, 1, None, 1, True, 7]], "takes 1..6 args"),
+    ([99, 1, "Conv", [16]], "does not point at an earlier row"),
+    ([-1, 1, "ImplicitA", []], "never used"),
+])
+def test_bad_rows_are_clear_errors_naming_the_row(row, match):
+    d = tiny_cfg()
+    d["neck"] = d["neck"] + [row]  # after the last neck row: nothing else refers to it
+    with pytest.raises(CfgError, match=match) as e:
+        Model(d, nc=2)
+    assert f"row {len(d['backbone']) + len(d['neck']) - 1} (neck)" in str(e.value)
+
+
+def test_unfoldable_implicit_placement_is_refused():
+    d = tiny_cfg()
+    d["backbone"] = d["backbone"][:1] + [[-1, 1, "ImplicitA", []], [-1, 1, "Conv", [64, 3, 2]]] + d["backbone"][2:]
+    with pytest.raises(CfgError, match=r"row 1 \(backbone\): ImplicitA before a 3x3 conv.*cannot be folded exactly"):
+        Model(d, nc=2)
+
+
+def test_implicit_feeding_concat_is_refused():
+    d = tiny_cfg()
+    d["neck"][3] = [8, 1, "ImplicitA", []]
+    d["neck"][4] = [[-1, -2], 1, "Concat", [1]]  # implicit -> Concat cannot be folded
+    with pytest.raises(CfgError, match="may feed only single-input Conv rows"):
+        Model(d, nc=2)
+
+
+def test_unknown_top_level_key_and_scale():
+    with pytest.raises(CfgError, match="unknown key"):
+        Model(tiny_cfg(depth_multipel=1.0), nc=2)
+    with pytest.raises(CfgError, match="no scale 'q'"):
+        Model("cfg/yolor-mt-q.yaml", nc=2)
+
+
+def test_tasks_subset_skips_heads():
+    with pytest.raises(CfgError, match="no head is built"):
+        Model(tiny_cfg(), nc=2, tasks=["cap"])
+
+
+def test_implicit_parameters_have_no_weight_decay():
+    from utils.trainer import build_optimizer
+
+    model = Model(tiny_cfg(), nc=2)
+    opt = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
+    implicit_ids = {id(p) for m in model.modules() if isinstance(m, Implicit) for p in m.parameters()}
+    assert implicit_ids
+    for g in opt.param_groups:
+        if any(id(p) in implicit_ids for p in g["params"]):
+            assert g["weight_decay"] == 0.0
+    n_opt = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_opt == len(list(model.parameters()))
