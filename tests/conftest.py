@@ -36,3 +36,15 @@ def tiny_cfg(**overrides) -> dict:
 @pytest.fixture
 def cfg_dict() -> dict:
     return tiny_cfg()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP spinning
+    makes them 10-100x slower; one thread keeps the suite's time stable."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

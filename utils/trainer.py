@@ -79,6 +79,7 @@ class Trainer:
         resume_ckpt = None
         if opt.resume:
             resume_ckpt = self._resume_opt()
+            opt = self.opt
         set_seed(opt.seed)
         self.hyp = load_hyp(opt.hyp) if isinstance(opt.hyp, (str, Path)) else dict(opt.hyp)
         self.save_dir = Path(opt.save_dir) if opt.resume else increment_path(Path(opt.project) / opt.name, opt.exist_ok)
@@ -221,6 +222,8 @@ class Trainer:
         for epoch in range(self.start_epoch, opt.epochs):
             self.model.train()
             self.train_set.epoch = epoch
+            # shuffle order and augmentation depend only on (seed, epoch): a resumed run sees the same data
+            self.train_loader.generator.manual_seed(opt.seed + epoch)
             t0 = time.time()
             sums: dict[str, float] = {}
             self.optimizer.zero_grad(set_to_none=True)

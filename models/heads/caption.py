@@ -1,0 +1,237 @@
+"""Captioning head: a small Transformer decoder cross-attending to the pyramid features.
+
+Every input level is gated by this head's own implicit representation (``TaskInput``), projected by a
+1x1 conv to ``d_model`` and flattened into one memory sequence. Each memory token gets a 2-D sinusoidal
+encoding of its position in *normalized* image coordinates, so a place in the image has the same code on
+every level, plus a learned level embedding that tells the levels apart. A pre-norm decoder then reads
+word embeddings + learned positions under a causal mask.
+
+Token layout (shared with ``utils/vocab.py`` and ``utils/loss/caption.py``): ``<pad>`` = 0, ``<bos>`` = 1,
+``<eos>`` = 2. Training ids are ``[<bos>, w1, ..., wn, <eos>, <pad>...]``; the decoder is fed ``ids[:, :-1]``
+and predicts ``ids[:, 1:]``. Decoded sequences come back in the same layout (starting with ``<bos>``).
+
+Typical use::
+
+    tokens = caption_loss.targets(batch.captions, seed)          # (B, T)
+    out = model(images, captions=tokens)                          # out.cap.logits: (B, T-1, V)
+    loss, parts = caption_loss(out.cap.logits, tokens, batch.task_present("cap"))
+    model.eval(); words = vocab.decode_batch(model(images).cap.tokens)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.heads.base import TaskInput
+from utils.vocab import BOS, EOS, PAD
+
+
+@dataclass
+class CaptionOutput:
+    """What the caption head returns.
+
+    Attributes:
+        memory: ``(B, S, d_model)`` the flattened, position-encoded features the decoder attends to.
+        logits: ``(B, T-1, V)`` next-token logits under teacher forcing when token ids were given, else ``None``.
+        tokens: ``(B, L)`` greedy-decoded ids (``<bos>`` first, ``<pad>`` after ``<eos>``) in eval mode when no
+            ids were given, else ``None``.
+    """
+
+    memory: torch.Tensor
+    logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+class LevelProjection(nn.Module):
+    """1x1 conv ``c -> d_model`` exposing ``.conv``, so ``TaskInput.fold_into`` can fold into it."""
+
+    def __init__(self, c1: int, c2: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def sine_position_2d(h: int, w: int, dim: int, device: torch.device | None = None,
+                     dtype: torch.dtype = torch.float32, temperature: float = 10000.0) -> torch.Tensor:
+    """``(h * w, dim)`` 2-D sinusoidal encoding (DETR style), row-major like ``x.flatten(2)``.
+
+    Half the channels encode y, half x, each as interleaved-free ``[sin..., cos...]`` blocks. Coordinates are
+    cell centres normalized to ``[0, 2*pi]`` so that every pyramid level encodes the same image place alike.
+    """
+    if dim % 4:
+        raise ValueError(f"d_model must be a multiple of 4 for a 2-D sine encoding, got {dim}")
+    q = dim // 4
+    freq = temperature ** (-torch.arange(q, device=device, dtype=torch.float32) / q)
+    y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * (2 * math.pi)
+    x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * (2 * math.pi)
+    y = y[:, None] * freq[None]  # (h, q)
+    x = x[:, None] * freq[None]  # (w, q)
+    ey = torch.cat((y.sin(), y.cos()), 1)[:, None, :].expand(h, w, 2 * q)
+    ex = torch.cat((x.sin(), x.cos()), 1)[None, :, :].expand(h, w, 2 * q)
+    return torch.cat((ey, ex), 2).reshape(h * w, dim).to(dtype)
+
+
+class CaptionHead(nn.Module):
+    """Transformer caption decoder over all input pyramid levels.
+
+    Args:
+        nc: number of object classes (unused; every head takes it).
+        ch, strides: channels and strides of the input levels.
+        d_model, layers, heads: decoder width, depth and attention heads (``d_model % 4 == 0`` and
+            ``d_model % heads == 0``).
+        vocab_size: output classes; must equal ``len(vocab)`` of the ``Vocabulary`` used for training.
+        max_len: longest id sequence, ``<bos>`` and ``<eos>`` included (as in ``Vocabulary.encode``).
+        dropout: decoder dropout.
+        form: implicit knowledge form of the per-level ``TaskInput``.
+    """
+
+    task = "cap"
+    extra_inputs = ("captions",)
+
+    def __init__(self, nc: int, ch: list[int], strides: list[float], d_model: int = 128, layers: int = 2,
+                 heads: int = 4, vocab_size: int = 1000, max_len: int = 24, dropout: float = 0.1,
+                 form: str = "vector"):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.nl, self.d_model, self.vocab_size, self.max_len = len(ch), d_model, vocab_size, max_len
+        self.strides = [float(s) for s in strides]
+        self.task_in = nn.ModuleList(TaskInput(c, form) for c in ch)
+        self.proj = nn.ModuleList(LevelProjection(c, d_model) for c in ch)
+        self.level_embed = nn.Parameter(torch.zeros(len(ch), d_model))
+        # The decoder's pre-norm only normalizes its own stream; memory enters cross-attention as is, so
+        # it is normalized here (neck activations have arbitrary scale).
+        self.memory_norm = nn.LayerNorm(d_model)
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
+        self.pos = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerDecoderLayer(d_model, heads, 4 * d_model, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(d_model))
+        self.out = nn.Linear(d_model, vocab_size)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.normal_(self.level_embed, std=0.02)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[PAD].zero_()
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    # ------------------------------------------------------------------------------------------------
+    def encode(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Input feature maps -> ``(B, S, d_model)`` memory, ``S = sum(H_i * W_i)``."""
+        if len(xs) != self.nl:
+            raise ValueError(f"CaptionHead expects {self.nl} input levels, got {len(xs)}")
+        tokens = []
+        for i, x in enumerate(xs):
+            y = self.proj[i](self.task_in[i](x))  # (B, d, H, W)
+            b, d, h, w = y.shape
+            pos = sine_position_2d(h, w, d, y.device, y.dtype)
+            tokens.append(y.flatten(2).transpose(1, 2) + pos + self.level_embed[i].to(y.dtype))
+        return self.memory_norm(torch.cat(tokens, 1))
+
+    def _decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` ids -> ``(B, T, d_model)`` decoder states (causal: position t sees ids ``<= t``)."""
+        t = tokens.shape[1]
+        if t > self.max_len:
+            raise ValueError(f"{t} input tokens exceed max_len={self.max_len}")
+        positions = torch.arange(t, device=tokens.device)
+        x = self.embed(tokens) * math.sqrt(self.d_model) + self.pos(positions)
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device, dtype=x.dtype)
+        # No key-padding mask: pads only follow <eos>, so under the causal mask no scored position sees one.
+        return self.decoder(x, memory, tgt_mask=mask, tgt_is_causal=True)
+
+    def decode_step(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, V)`` of the token following ``tokens`` ``(B, t)``."""
+        return self.out(self._decode(memory, tokens)[:, -1])
+
+    def _next_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # Generation never emits <pad> or <bos>; both greedy and beam use this so beam=1 equals greedy.
+        logits = self.decode_step(memory, tokens).float()
+        logits[:, PAD] = float("-inf")
+        logits[:, BOS] = float("-inf")
+        return logits.log_softmax(-1)
+
+    @torch.no_grad()
+    def greedy(self, memory: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+        """Greedy decoding: ``(B, L)`` ids, ``<bos>`` first, ``<pad>`` after ``<eos>``, ``L <= max_len``."""
+        max_len = min(max_len or self.max_len, self.max_len)
+        b = memory.shape[0]
+        tokens = torch.full((b, 1), BOS, dtype=torch.long, device=memory.device)
+        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
+        for _ in range(max_len - 1):
+            nxt = self._next_logprobs(memory, tokens).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            tokens = torch.cat((tokens, nxt[:, None]), 1)
+            done |= nxt == EOS
+            if bool(done.all()):
+                break
+        return tokens
+
+    @torch.no_grad()
+    def beam_search(self, memory: torch.Tensor, beam: int = 3, max_len: int | None = None,
+                    length_penalty: float = 1.0) -> torch.Tensor:
+        """Beam search: ``(B, L)`` ids in the layout of :meth:`greedy`, the best beam per image.
+
+        Beams are ranked by ``sum(log p) / n ** length_penalty`` with ``n`` the number of generated tokens
+        (``<eos>`` included), so short captions are not favoured just for having fewer factors. A finished
+        beam keeps its score and only extends with ``<pad>``; search stops once every beam has finished.
+        ``beam=1`` is exactly :meth:`greedy`.
+        """
+        if beam < 1:
+            raise ValueError(f"beam must be >= 1, got {beam}")
+        max_len = min(max_len or self.max_len, self.max_len)
+        b, s, d = memory.shape
+        k, dev = beam, memory.device
+        mem = memory.repeat_interleave(k, 0)  # (B*K, S, d), beams of an image adjacent
+        tokens = torch.full((b * k, 1), BOS, dtype=torch.long, device=dev)
+        score = torch.full((b, k), float("-inf"), device=dev)
+        score[:, 0] = 0.0  # all beams start identical: expand only the first one at step 1
+        length = torch.zeros((b, k), device=dev)
+        done = torch.zeros((b, k), dtype=torch.bool, device=dev)
+        for _ in range(max_len - 1):
+            logp = self._next_logprobs(mem, tokens).view(b, k, -1)
+            v = logp.shape[-1]
+            # a finished beam has exactly one continuation, <pad>, at no cost
+            finished = torch.full_like(logp[0, 0], float("-inf"))
+            finished[PAD] = 0.0
+            logp = torch.where(done[..., None], finished, logp)
+            raw = score[..., None] + logp  # (B, K, V)
+            new_len = (length + (~done).float())[..., None].expand(b, k, v)
+            norm = raw / new_len.clamp(min=1).pow(length_penalty)
+            top = norm.view(b, k * v).topk(k, dim=1).indices  # (B, K)
+            src, tok = top // v, top % v
+            score = raw.view(b, k * v).gather(1, top)
+            length = new_len.reshape(b, k * v).gather(1, top)
+            done = done.gather(1, src) | (tok == EOS)
+            rows = (src + torch.arange(b, device=dev)[:, None] * k).view(-1)
+            tokens = torch.cat((tokens[rows], tok.view(-1, 1)), 1)
+            if bool(done.all()):
+                break
+        best = (score / length.clamp(min=1).pow(length_penalty)).argmax(1)  # (B,)
+        return tokens.view(b, k, -1)[torch.arange(b, device=dev), best]
+
+    def forward(self, xs: list[torch.Tensor], captions: torch.Tensor | None = None) -> CaptionOutput:
+        """``captions``: ``(B, T)`` token ids for teacher forcing (``logits`` for ids ``1..T-1``); without them
+        an eval-mode head greedy-decodes ``tokens``."""
+        memory = self.encode(xs)
+        if captions is not None:
+            logits = self.out(self._decode(memory, captions[:, :-1].to(memory.device)))
+            return CaptionOutput(memory, logits=logits)
+        if self.training:
+            return CaptionOutput(memory)
+        return CaptionOutput(memory, tokens=self.greedy(memory, self.max_len))
+
+    def fuse(self) -> None:
+        """Folds each level's implicit multiplier into its 1x1 projection conv (exact: it is a per-channel scale)."""
+        for t, p in zip(self.task_in, self.proj):
+            t.fold_into([p])

@@ -1,0 +1,267 @@
+"""Captioning: vocabulary, head (teacher forcing, greedy, beam, fuse), loss and metrics. Tiny dims, CPU, fast."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from models.heads.caption import CaptionHead, CaptionOutput
+from models.implicit import Implicit
+from utils.loss.caption import CaptionLoss
+from utils.metrics.caption import caption_scores
+from utils.vocab import BOS, EOS, PAD, UNK, Vocabulary, tokenize
+
+CAPS = [["a red circle on the left side"], ["two blue squares near the bottom"]]
+CH, STRIDES = [16, 32], [8.0, 16.0]
+MAX_LEN = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: intra-op threads only add contention (10-100x slower on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_head(vocab_size: int, form: str = "vector", seed: int = 0) -> CaptionHead:
+    torch.manual_seed(seed)
+    # positional args in cfg order (d_model, layers, heads, vocab_size, max_len), as the parser passes them
+    return CaptionHead(80, CH, STRIDES, 32, 1, 4, vocab_size, MAX_LEN, dropout=0.0, form=form)
+
+
+def feats(b: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 16, 8, 8, generator=g), torch.randn(b, 32, 4, 4, generator=g)]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.build([c for refs in CAPS for c in refs], min_count=1)
+
+
+@pytest.fixture(scope="module")
+def overfit(vocab):
+    """A head trained 60 Adam steps on 2 images' captions: (head, feats, tokens, losses)."""
+    head = tiny_head(len(vocab))
+    xs = feats()
+    crit = CaptionLoss(vocab, {"cap_max_len": MAX_LEN})
+    tokens = crit.targets(CAPS, 0)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    present = torch.tensor([True, True])
+    losses = []
+    for _ in range(60):
+        loss, parts = crit(head(xs, tokens).logits, tokens, present)
+        assert math.isfinite(parts["ce"])
+        losses.append(parts["ce"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval(), xs, tokens, losses
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------------
+def test_tokenize_strips_punctuation_and_lowercases():
+    assert tokenize("A Dog's toy, on the MAT!") == ["a", "dog", "'s", "toy", "on", "the", "mat"]
+    assert tokenize("  ...  ") == []
+
+
+def test_vocab_round_trip_and_specials(vocab):
+    assert vocab.to_list()[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert (PAD, BOS, EOS, UNK) == (0, 1, 2, 3)
+    ids = vocab.encode("A red circle, on the LEFT side.", MAX_LEN)
+    assert ids[0] == BOS and ids[-1] == EOS
+    assert vocab.decode(ids) == "a red circle on the left side"
+    assert vocab.decode(ids + [vocab.stoi["red"]]) == "a red circle on the left side"  # stops at eos
+    assert len(vocab) == 4 + len({w for refs in CAPS for c in refs for w in tokenize(c)})
+
+
+def test_vocab_min_count_and_unk():
+    v = Vocabulary.build(["a dog runs", "a dog sits", "a cat"], min_count=2)
+    assert v.to_list()[4:] == ["a", "dog"]  # by count then alphabetically
+    assert v.encode("a cat runs", 10) == [BOS, v.stoi["a"], UNK, UNK, EOS]
+    assert v.decode(v.encode("a cat runs", 10)) == "a"  # specials (unk included) are skipped
+
+
+def test_encode_truncates_but_keeps_eos_and_batch_pads(vocab):
+    ids = vocab.encode("a red circle on the left side", 5)
+    assert len(ids) == 5 and ids[-1] == EOS
+    batch = vocab.encode_batch(["a red circle", "two blue squares near the bottom"], MAX_LEN)
+    assert batch.dtype == torch.long and batch.shape == (2, 8)
+    assert batch[0].tolist() == vocab.encode("a red circle", MAX_LEN) + [PAD] * 3
+    assert vocab.decode_batch(batch) == ["a red circle", "two blue squares near the bottom"]
+
+
+def test_vocab_checkpoint_compatible(vocab):
+    assert Vocabulary.from_list(vocab.to_list()) == vocab
+    buf = io.BytesIO()
+    torch.save({"vocab": vocab.to_list()}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert Vocabulary.from_list(loaded["vocab"]) == vocab
+    with pytest.raises(ValueError):
+        Vocabulary.from_list(["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Head
+# --------------------------------------------------------------------------------------------------
+def test_head_shapes(vocab):
+    head = tiny_head(len(vocab))
+    tokens = vocab.encode_batch([c[0] for c in CAPS], MAX_LEN)
+    out = head(feats(), tokens)
+    assert isinstance(out, CaptionOutput)
+    assert out.logits.shape == (2, tokens.shape[1] - 1, len(vocab))
+    assert out.memory.shape == (2, 8 * 8 + 4 * 4, 32)
+    assert out.tokens is None
+    assert head(feats()).tokens is None  # training mode without ids: memory only
+    head.eval()
+    out = head(feats())
+    assert out.logits is None and out.tokens.shape[0] == 2 and out.tokens.shape[1] <= MAX_LEN
+    assert (out.tokens[:, 0] == BOS).all()
+    step = head.decode_step(out.memory, tokens[:, :3])
+    assert torch.allclose(step, head(feats(), tokens[:, :4]).logits[:, -1], atol=1e-5)
+
+
+def test_overfit_loss_drops_and_greedy_reproduces(overfit, vocab):
+    head, xs, tokens, losses = overfit
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    out = head(xs)
+    assert torch.equal(out.tokens, tokens)
+    assert vocab.decode_batch(out.tokens) == [c[0] for c in CAPS]
+
+
+def test_beam_one_equals_greedy(overfit, vocab):
+    head, xs, _, _ = overfit
+    memory = head.encode(xs)
+    assert torch.equal(head.beam_search(memory, beam=1), head.greedy(memory))
+    untrained = tiny_head(len(vocab), seed=3).eval()  # long, eos-less sequences too
+    memory = untrained.encode(feats(3, seed=5))
+    assert torch.equal(untrained.beam_search(memory, beam=1), untrained.greedy(memory))
+
+
+def test_beam_search_ends_at_eos_and_is_batched(overfit, vocab):
+    head, xs, tokens, _ = overfit
+    memory = head.encode(xs)
+    seqs = head.beam_search(memory, beam=3)
+    for row, ref in zip(seqs.tolist(), tokens.tolist()):
+        assert row[0] == BOS and EOS in row
+        end = row.index(EOS)
+        assert all(t == PAD for t in row[end + 1:])
+        assert row[: end + 1] == ref[: ref.index(EOS) + 1]
+    # batching does not change any image's result
+    for i in range(2):
+        one = head.beam_search(memory[i:i + 1], beam=3)
+        assert one[0].tolist() == seqs[i, : one.shape[1]].tolist()
+        assert all(t == PAD for t in seqs[i, one.shape[1]:].tolist())
+    # untrained model: every row either ends at eos (then only pads) or runs to max_len
+    untrained = tiny_head(len(vocab), seed=4).eval()
+    seqs = untrained.beam_search(untrained.encode(feats(3, seed=6)), beam=4, max_len=MAX_LEN)
+    assert seqs.shape[1] <= MAX_LEN
+    for row in seqs.tolist():
+        if EOS in row:
+            assert all(t == PAD for t in row[row.index(EOS) + 1:])
+        else:
+            assert len(row) == MAX_LEN
+        assert BOS not in row[1:]
+
+
+@pytest.mark.parametrize("form", ["vector", "nn", "mf"])
+def test_fuse_parity(vocab, form):
+    head = tiny_head(len(vocab), form=form).eval()
+    torch.manual_seed(7)
+    with torch.no_grad():  # move the implicit multipliers far from 1 so the fold is really exercised
+        for m in head.modules():
+            if isinstance(m, Implicit):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+    xs = feats()
+    tokens = vocab.encode_batch([c[0] for c in CAPS], MAX_LEN)
+    before = head(xs, tokens)
+    head.fuse()
+    assert not any(isinstance(m, Implicit) for m in head.modules())
+    after = head(xs, tokens)
+    assert torch.allclose(before.memory, after.memory, atol=1e-4)
+    assert torch.allclose(before.logits, after.logits, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+def test_loss_none_present_is_zero_with_grad(vocab):
+    head = tiny_head(len(vocab))
+    crit = CaptionLoss(vocab, {})
+    tokens = crit.targets(CAPS, 0)
+    logits = head(feats(), tokens).logits
+    loss, parts = crit(logits, tokens, torch.tensor([False, False]))
+    assert loss.requires_grad and math.isfinite(loss.item()) and loss.item() == 0.0 and parts["ce"] == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+def test_loss_masks_absent_images(vocab):
+    head = tiny_head(len(vocab))
+    crit = CaptionLoss(vocab, {"label_smoothing": 0.0})
+    tokens = crit.targets(CAPS, 0)
+    logits = head(feats(), tokens).logits
+    both, _ = crit(logits, tokens, torch.tensor([True, True]))
+    first, _ = crit(logits, tokens, torch.tensor([True, False]))
+    second, _ = crit(logits, tokens, torch.tensor([False, True]))
+    assert torch.allclose(both, (first + second) / 2)
+    assert math.isclose(first.item(), math.log(len(vocab)), rel_tol=0.1)  # near-uniform at init
+
+
+def test_targets_pick_one_reference_deterministically(vocab):
+    crit = CaptionLoss(vocab, {"cap_max_len": MAX_LEN})
+    caps = [["a red circle", "two blue squares"], ["near the bottom", "on the left", "a red side"]]
+    t0, t1 = crit.targets(caps, 0), crit.targets(caps, 1)
+    assert vocab.decode_batch(t0) == ["a red circle", "on the left"]  # (seed + position) % n_refs
+    assert vocab.decode_batch(t1) == ["two blue squares", "a red side"]
+    assert torch.equal(t0, crit.targets(caps, 0))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(crit.targets(caps, g1), crit.targets(caps, g2))
+    empty = crit.targets([[], ["a red circle"]], 0)
+    assert empty[0].tolist()[:2] == [BOS, EOS]
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+REFS = {
+    1: ["a man riding a horse on the beach", "a person rides a brown horse along the sand"],
+    2: ["two dogs playing with a frisbee in the park", "a pair of dogs chase a frisbee on grass"],
+    3: ["a plate of food with broccoli and rice", "rice and vegetables served on a white plate"],
+}
+
+
+def test_metrics_perfect_vs_wrong():
+    perfect = caption_scores({i: r[0] for i, r in REFS.items()}, REFS)
+    assert set(perfect) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougel", "cider"}
+    assert abs(perfect["bleu4"] - 1.0) < 1e-6 and abs(perfect["rougel"] - 1.0) < 1e-6
+    assert perfect["cider"] > 0
+    wrong = caption_scores({1: "a cat sleeping on a sofa", 2: "a red bus on the street", 3: "an airplane in the sky"},
+                           REFS)
+    assert wrong["bleu4"] < 0.1 and wrong["cider"] < 0.2 * perfect["cider"] and wrong["bleu1"] < perfect["bleu1"]
+    # punctuation and case do not matter
+    assert caption_scores({i: r[0].upper() + "." for i, r in REFS.items()}, REFS) == perfect
+
+
+def test_bleu1_by_hand():
+    # 2 of 4 unigrams match; hypothesis 4 words vs reference 6 -> brevity penalty exp(1 - 6/4)
+    s = caption_scores({7: "a cat eats fish"}, {7: ["a cat sleeps on the sofa"]})
+    assert abs(s["bleu1"] - 0.5 * math.exp(-0.5)) < 1e-6
+    # bigrams: "a cat" matches, "cat eats" and "eats fish" do not -> sqrt(1/2 * 1/3) * BP
+    assert abs(s["bleu2"] - math.sqrt(0.5 / 3) * math.exp(-0.5)) < 1e-6
+
+
+def test_metrics_empty():
+    zeros = {k: 0.0 for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rougel", "cider")}
+    assert caption_scores({}, {}) == zeros
+    assert caption_scores({1: "a cat"}, {2: ["a cat"]}) == zeros  # no overlapping image
+    s = caption_scores({1: ""}, {1: ["a cat on a mat"]})
+    assert all(math.isfinite(v) for v in s.values()) and s["bleu1"] == 0.0

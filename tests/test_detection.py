@@ -1,0 +1,128 @@
+"""Detection: loss behaviour, assignment, NMS options, and COCOeval on hand-checked cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from models.model import Model
+from tests.conftest import tiny_cfg
+from utils.loss.detection import DetectionLoss, TaskAlignedAssigner, pad_targets
+from utils.metrics.detection import coco_map
+from utils.nms import non_max_suppression
+
+
+def test_pad_targets_groups_by_image():
+    t = torch.tensor([[1, 2, 0, 0, 5, 5], [0, 1, 1, 1, 4, 4], [1, 0, 2, 2, 8, 8]], dtype=torch.float32)
+    cls, boxes, mask = pad_targets(t, 3)
+    assert cls.tolist() == [[1, -1], [2, 0], [-1, -1]]
+    assert mask.tolist() == [[True, False], [True, True], [False, False]]
+    assert boxes[1, 1].tolist() == [2, 2, 8, 8]
+
+
+def test_assigner_picks_points_inside_the_object():
+    points = torch.tensor([[x + 0.5, y + 0.5] for y in range(8) for x in range(8)], dtype=torch.float32)
+    gt = torch.tensor([[[1.0, 1.0, 4.0, 4.0]]])
+    scores = torch.full((1, 64, 2), 0.5)
+    boxes = gt.expand(1, 64, 4).clone()
+    tb, ts, fg, _ = TaskAlignedAssigner(topk=4)(scores, boxes, points, torch.tensor([[1]]), gt, torch.tensor([[True]]))
+    assert fg.sum() == 4
+    inside = (points[:, 0] > 1) & (points[:, 0] < 4) & (points[:, 1] > 1) & (points[:, 1] < 4)
+    assert inside[fg[0]].all()
+    assert (ts[0, fg[0], 1] > 0).all() and (ts[0, :, 0] == 0).all()
+
+
+def _overfit(steps: int, present: bool = True):
+    torch.manual_seed(0)
+    model = Model(tiny_cfg(), nc=3)
+    loss_fn = DetectionLoss(model.head("det"), {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    x = torch.rand(2, 3, 64, 64)
+    targets = torch.tensor([[0, 1, 8, 8, 40, 30], [1, 2, 20, 10, 60, 60], [1, 0, 2, 40, 20, 62]], dtype=torch.float32)
+    pres = torch.tensor([present, True])
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    losses = []
+    for _ in range(steps):
+        loss, parts = loss_fn(model(x).det.feats, targets, pres)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, x, losses, parts
+
+
+def test_detection_loss_is_finite_and_decreases_when_overfitting():
+    model, x, losses, parts = _overfit(60)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert set(parts) == {"box", "cls", "dfl"}
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():  # decode train-mode maps: 60 steps are too few for BatchNorm running stats
+        det = non_max_suppression(model.head("det").decode(model(x).det.feats), conf_thres=0.05, iou_thres=0.5)
+    from torchvision.ops import box_iou
+
+    top = det[1][:2]  # image 1 has two objects: class 2 at (20,10,60,60) and class 0 at (2,40,20,62)
+    assert len(top) == 2 and sorted(top[:, 5].long().tolist()) == [0, 2]
+    gt = torch.tensor([[20.0, 10, 60, 60], [2, 40, 20, 62]])
+    assert box_iou(top[:, :4], gt).max(1).values.min() > 0.5
+
+
+def test_absent_labels_contribute_nothing():
+    torch.manual_seed(0)
+    model = Model(tiny_cfg(), nc=3)
+    loss_fn = DetectionLoss(model.head("det"), {})
+    feats = model(torch.rand(2, 3, 64, 64)).det.feats
+    t1 = torch.tensor([[0, 1, 8, 8, 40, 30], [1, 2, 20, 10, 60, 60]], dtype=torch.float32)
+    t2 = torch.tensor([[0, 0, 1, 1, 20, 20], [1, 2, 20, 10, 60, 60]], dtype=torch.float32)
+    pres = torch.tensor([False, True])
+    a, _ = loss_fn(feats, t1, pres)
+    b, _ = loss_fn(feats, t2, pres)
+    assert torch.allclose(a, b)
+    c, _ = loss_fn(feats, t2, torch.tensor([True, True]))
+    assert not torch.allclose(a, c)
+    none, _ = loss_fn(feats, torch.zeros((0, 6)), torch.tensor([False, False]))
+    assert none.item() == 0.0
+    none.backward()  # still a graph: an all-absent batch must not crash the step
+
+
+def test_nms_options():
+    pred = torch.zeros(1, 4, 4 + 2)
+    pred[0, :, :4] = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float32)
+    pred[0, :, 4:] = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.3, 0.0]])
+    out = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5)[0]
+    assert out.shape == (3, 6) and out[:, 5].tolist() == [0, 1, 0]  # class-aware: box 2 kept (other class)
+    agn = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5, agnostic=True)[0]
+    assert agn.shape[0] == 2
+    assert non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5, max_det=1)[0].shape[0] == 1
+    assert non_max_suppression(pred, conf_thres=0.5, iou_thres=0.5, classes=[1])[0][:, 5].tolist() == [1]
+    with pytest.raises(ValueError):
+        non_max_suppression(pred, conf_thres=1.5)
+
+
+def _gt() -> COCO:
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 7, "width": 100, "height": 100}, {"id": 9, "width": 100, "height": 100}],
+        "categories": [{"id": 3, "name": "a"}, {"id": 11, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
+            {"id": 2, "image_id": 9, "category_id": 11, "bbox": [50, 40, 20, 40], "area": 800, "iscrowd": 0},
+        ],
+    }
+    gt.createIndex()
+    return gt
+
+
+def test_coco_map_hand_checked():
+    gt = _gt()
+    perfect = [{"image_id": 7, "category_id": 3, "bbox": [10, 10, 30, 30], "score": 0.9},
+               {"image_id": 9, "category_id": 11, "bbox": [50, 40, 20, 40], "score": 0.8}]
+    m = coco_map(gt, perfect, [7, 9], [3, 11])
+    assert m["map"] == pytest.approx(1.0) and m["map50"] == pytest.approx(1.0)
+    # class 11 predicted with the wrong id -> class 11 AP 0, class 3 AP 1 -> mAP 0.5
+    wrong = [perfect[0], perfect[1] | {"category_id": 3}]
+    m = coco_map(gt, wrong, [7, 9], [3, 11])
+    assert m["map"] == pytest.approx(0.5) and m["per_class"][11] == 0.0
+    # a box with IoU 0.6 (x shifted by 10 of width 30 -> 20/40) counts at IoU 0.5 and 0.55 only: 2 of 10
+    shifted = [perfect[0] | {"bbox": [20, 10, 30, 30]}]
+    m = coco_map(gt, shifted, [7], [3])
+    assert m["map50"] == pytest.approx(1.0) and m["map"] == pytest.approx(0.1)
+    assert coco_map(gt, [], [7, 9], [3, 11])["map"] == 0.0

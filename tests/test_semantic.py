@@ -1,0 +1,219 @@
+"""Tests for the semantic segmentation head, loss and metrics (tiny widths, 64x64 inputs)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import Conv
+from models.heads.semantic import SemanticHead, SemOutput, upsample_logits
+from models.implicit import FORMS, Implicit
+from utils.loss.semantic import SemanticLoss
+from utils.metrics.semantic import SemanticMeter
+
+CH, STRIDES, IMG = [8, 12, 16], [8, 16, 32], 64
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    # These tensors are tiny: intra-op threads only add sync overhead, which explodes on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def feats(b: int = 2, ch: list[int] = CH, strides: list[int] = STRIDES, img: int = IMG) -> list[torch.Tensor]:
+    return [torch.randn(b, c, img // s, img // s) for c, s in zip(ch, strides)]
+
+
+def blocky_target(b: int, k: int, cell: int = 16, img: int = IMG) -> torch.Tensor:
+    """Random labels on a coarse grid, upsampled: learnable from stride-4 logits, unlike per-pixel noise."""
+    coarse = torch.randint(0, k, (b, img // cell, img // cell))
+    return coarse.repeat_interleave(cell, 1).repeat_interleave(cell, 2).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_perfect_prediction() -> None:
+    t = torch.randint(0, 4, (2, 16, 16))
+    m = SemanticMeter(4)
+    m.update(t.clone(), t.to(torch.uint8))
+    r = m.compute()
+    assert r["miou"] == 1.0 and r["pixel_acc"] == 1.0
+    assert r["pixels"] == 2 * 16 * 16 and r["unknown_pixels"] == 0
+
+
+def test_hand_checked_two_class() -> None:
+    target = torch.tensor([[[0, 0], [1, 1]]], dtype=torch.uint8)
+    pred = torch.tensor([[[0, 1], [1, 1]]])
+    m = SemanticMeter(2)
+    m.update(pred, target)
+    r = m.compute()
+    assert r["per_class_iou"] == [0.5, 2 / 3]
+    assert r["miou"] == pytest.approx(7 / 12, abs=1e-12)
+    assert r["pixel_acc"] == 0.75
+    np.testing.assert_array_equal(r["confusion"], [[1, 1], [0, 2]])
+
+
+def test_ignore_valid_unknown_and_absent_classes() -> None:
+    target = torch.tensor([[[0, 255], [1, 7]]], dtype=torch.uint8)  # 255 ignored, 7 unknown (K = 3)
+    pred = torch.tensor([[[0, 2], [1, 2]]])  # wrong preds only on ignored/unknown pixels
+    m = SemanticMeter(3)
+    m.update(pred, target)
+    r = m.compute()
+    assert r["miou"] == 1.0 and r["pixel_acc"] == 1.0 and r["pixels"] == 2
+    assert r["unknown_pixels"] == 1
+    assert math.isnan(r["per_class_iou"][2])  # class 2 in neither target nor counted prediction
+    # the valid mask removes pixels as well (and unknown pixels outside it are not counted)
+    m.reset()
+    valid = torch.tensor([[[True, True], [False, False]]])
+    m.update(pred, target, valid)
+    r = m.compute()
+    assert r["pixels"] == 1 and r["unknown_pixels"] == 0 and r["per_class_iou"][0] == 1.0
+    assert math.isnan(r["per_class_iou"][1])
+    # accumulation over calls
+    m.update(pred, target)
+    assert m.compute()["pixels"] == 3
+
+
+def test_meter_rejects_out_of_range_prediction() -> None:
+    with pytest.raises(ValueError):
+        SemanticMeter(2).update(torch.tensor([[[2]]]), torch.tensor([[[0]]]))
+    with pytest.raises(ValueError):
+        SemanticMeter(0)
+
+
+# ------------------------------------------------------------------------------------------------ head
+
+
+def test_output_stride_and_shapes() -> None:
+    head = SemanticHead(80, CH, STRIDES, num_classes=5, width=8)
+    out = head(feats())
+    assert isinstance(out, SemOutput)
+    assert out.stride == 4 and head.out_stride == 4
+    assert out.logits.shape == (2, 5, IMG // 4, IMG // 4)
+    assert upsample_logits(out.logits, (IMG, IMG)).shape == (2, 5, IMG, IMG)
+    assert out.upsample((IMG, IMG)).shape == (2, 5, IMG, IMG)
+    # finest input already at stride 4: no upsampling; at stride 16: two x2 steps
+    for strides, expect in (([4, 8, 16], 4), ([16, 32], 4), ([2, 4], 2)):
+        h = SemanticHead(80, CH[: len(strides)], strides, num_classes=3, width=8)
+        o = h(feats(ch=CH[: len(strides)], strides=strides))
+        assert o.stride == expect and o.logits.shape[-1] == IMG // expect
+
+
+def test_bad_num_classes() -> None:
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="num_classes"):
+            SemanticHead(80, CH, STRIDES, num_classes=bad)
+
+
+def _randomize(head: nn.Module) -> None:
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+            elif isinstance(m, Implicit):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.3)  # away from the ~identity init that would hide a bad fold
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_fuse_parity(form: str) -> None:
+    head = SemanticHead(80, CH, STRIDES, num_classes=5, width=8, form=form)
+    _randomize(head)
+    head.eval()
+    x = feats()
+    with torch.no_grad():
+        ref = head(x).logits
+        for m in head.modules():
+            if isinstance(m, Conv):
+                m.fuse()
+        head.fuse()
+        out = head(x).logits
+    assert not any(isinstance(m, (Implicit, nn.BatchNorm2d)) for m in head.modules())
+    assert (out - ref).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def test_loss_overfits_two_maps() -> None:
+    k = 3
+    head = SemanticHead(80, CH, STRIDES, num_classes=k, width=16)
+    x = feats()
+    target = blocky_target(2, k)
+    present = torch.tensor([True, True])
+    loss_fn = SemanticLoss({"sem_dice": 0.5})
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    first = None
+    for _ in range(50):
+        loss, parts = loss_fn(head(x).logits, target, present)
+        assert torch.isfinite(loss) and set(parts) == {"ce", "dice"}
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # judged in train mode: after 50 steps BN running stats (momentum 0.03) are only ~78% converged, and
+    # what is tested here is the head + loss fitting, not BN's running averages
+    with torch.no_grad():
+        logits = head(x).logits
+        final, _ = loss_fn(logits, target, present)
+    assert final.item() < 0.5 * first
+    pred = upsample_logits(logits, target.shape[-2:]).argmax(1)
+    m = SemanticMeter(k)
+    m.update(pred, target)
+    assert m.compute()["pixel_acc"] > 0.9
+
+
+def test_loss_masks_absent_images_and_ignores() -> None:
+    logits = torch.randn(2, 4, 16, 16, requires_grad=True)
+    target = torch.randint(0, 4, (2, 64, 64), dtype=torch.uint8)
+    present = torch.tensor([True, False])
+    loss_fn = SemanticLoss({"sem_dice": 1.0})
+    a, pa = loss_fn(logits, target, present)
+    t2 = target.clone()
+    t2[1] = torch.randint(0, 4, (64, 64), dtype=torch.uint8)
+    b, pb = loss_fn(logits, t2, present)
+    assert torch.equal(a, b) and pa == pb
+    # ignore (255) and unknown ids (>= K) behave the same: excluded from the average
+    t3 = target.clone()
+    t3[0, :32] = 255
+    t4 = target.clone()
+    t4[0, :32] = 9
+    c, _ = loss_fn(logits, t3, present)
+    d, _ = loss_fn(logits, t4, present)
+    assert torch.allclose(c, d) and not torch.allclose(a, c)
+    # nothing present / everything ignored: a finite zero that still backpropagates
+    for tgt, pres in ((target, torch.tensor([False, False])), (torch.full_like(target, 255), present)):
+        z, parts = loss_fn(logits, tgt, pres)
+        assert torch.isfinite(z) and z.item() == 0.0 and parts == {"ce": 0.0, "dice": 0.0}
+        z.backward()
+        assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_ce_matches_reference_and_dice() -> None:
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 32, 32))
+    target[0, 0] = 255
+    present = torch.tensor([True, True])
+    up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(up, target, ignore_index=255)
+    off, parts = SemanticLoss({})(logits, target, present)
+    assert torch.allclose(off, ref, atol=1e-6) and parts["dice"] == 0.0
+    on, parts = SemanticLoss({"sem_dice": 2.0})(logits, target, present)
+    assert 0.0 < parts["dice"] < 1.0
+    assert torch.allclose(on, ref + 2.0 * parts["dice"], atol=1e-5)
+    # a confident correct prediction drives both terms to ~0
+    good = F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 50
+    loss, parts = SemanticLoss({"sem_dice": 1.0})(good, target, present)
+    assert parts["ce"] < 1e-6 and parts["dice"] < 1e-3

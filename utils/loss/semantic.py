@@ -1,0 +1,78 @@
+"""Semantic segmentation loss: pixel cross-entropy (ignore 255) plus an optional soft dice term."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from utils.data.sample import IGNORE_INDEX
+
+
+class SemanticLoss:
+    """``loss(logits, target, present) -> (loss, {"ce": float, "dice": float})``.
+
+    Hyperparameters read from ``hyp``:
+        sem_dice: weight of the soft dice term (default 0 = off; then ``"dice"`` is logged as 0.0 and no
+            full-resolution softmax is computed).
+
+    Pixels equal to ``IGNORE_INDEX`` (255) and pixels whose label is outside ``[0, K)`` are ignored, as are
+    all pixels of images whose semantic labels are absent (``present`` false).
+    """
+
+    def __init__(self, hyp: dict | None = None):
+        hyp = hyp or {}
+        self.dice_gain = float(hyp.get("sem_dice", 0.0))
+        self.eps = 1.0  # dice smoothing: keeps classes with few pixels from giving a 0/0-ish gradient
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Args:
+            logits: ``(B, K, h, w)`` raw scores (any stride; bilinearly upsampled to the target size).
+            target: ``(B, H, W)`` uint8 or integer class indices, 255 = ignore.
+            present: ``(B,)`` bool, whether image ``b`` has semantic labels.
+        Returns:
+            The scalar loss ``ce + sem_dice * dice`` (a differentiable zero when nothing is labelled) and the
+            logged parts as floats.
+        """
+        if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
+            raise ValueError(f"SemanticLoss: expected logits (B,K,h,w) and target (B,H,W), got "
+                             f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        zero = logits.sum() * 0.0  # keeps the graph (and DDP's used-parameter check) intact
+        keep = present.to(device=logits.device, dtype=torch.bool).reshape(-1)
+        if not bool(keep.any()):
+            return zero, {"ce": 0.0, "dice": 0.0}
+        # select present images before upsampling: full-resolution logits are the memory peak
+        logits = logits[keep].float()  # fp32: softmax/CE over many pixels under AMP
+        target = target.to(logits.device)[keep].long()
+        k = logits.shape[1]
+        valid = (target >= 0) & (target < k)  # 255 and unknown ids alike
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            return zero, {"ce": 0.0, "dice": 0.0}
+        target = torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+
+        ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / n_valid
+        loss = ce
+        dice_val = 0.0
+        if self.dice_gain > 0:
+            dice = self.soft_dice(logits, target, valid)
+            loss = loss + self.dice_gain * dice
+            dice_val = float(dice.detach())
+        return loss, {"ce": float(ce.detach()), "dice": dice_val}
+
+    def soft_dice(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``1 - mean_c (2 |P_c . T_c| + eps) / (|P_c| + |T_c| + eps)`` over the batch's valid pixels.
+
+        Averaged over the classes present in the (valid) target only: a class absent from the batch would
+        otherwise be rewarded for predicting nothing, which dilutes the term as ``K`` grows.
+        """
+        k = logits.shape[1]
+        prob = logits.softmax(1) * valid.unsqueeze(1)
+        onehot = F.one_hot(target.clamp(max=k - 1) * valid, k).permute(0, 3, 1, 2).to(prob.dtype)
+        onehot = onehot * valid.unsqueeze(1)
+        inter = (prob * onehot).sum((0, 2, 3))
+        t_sum = onehot.sum((0, 2, 3))
+        denom = prob.sum((0, 2, 3)) + t_sum
+        dice = 1.0 - (2.0 * inter + self.eps) / (denom + self.eps)
+        cls_present = t_sum > 0
+        return dice[cls_present].mean()

@@ -1,0 +1,158 @@
+"""Instance-mask math shared by the instance head's loss, inference and COCO export.
+
+Masks follow the YOLACT / YOLOv8-seg scheme: an object's mask logits are a linear combination of
+``nm`` prototype masks, ``coeffs @ protos``, cropped to the object's box.
+
+Coordinates use the project's continuous pixel convention (see ``utils.data.augment``): pixel
+``(col i, row j)`` covers ``[i, i+1) x [j, j+1)``, so a pixel belongs to a box when its centre
+``(i + 0.5, j + 0.5)`` lies inside the box, and a resize by ``s`` is exactly ``x -> s * x``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "assemble_masks",
+    "box_mask",
+    "crop_masks",
+    "process_masks",
+    "masks_to_original",
+    "encode_rle",
+    "rasterize_polygons",
+]
+
+# Masks are upsampled this many at a time so n x H x W float logits never exist at once
+# (300 detections at 640 x 640 would be ~0.5 GB of float32).
+_CHUNK = 32
+
+
+def assemble_masks(protos: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Linear combination of prototypes: ``(nm, h, w)`` protos, ``(n, nm)`` coeffs -> ``(n, h, w)`` logits."""
+    nm, h, w = protos.shape
+    if coeffs.shape[-1] != nm:
+        raise ValueError(f"coeffs have {coeffs.shape[-1]} entries per mask but there are {nm} prototypes")
+    return (coeffs.to(protos.dtype) @ protos.reshape(nm, h * w)).view(-1, h, w)
+
+
+def box_mask(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(n, h, w)`` bool: which pixels have their centre inside each ``x1 y1 x2 y2`` box (mask pixels)."""
+    boxes = boxes.to(torch.float32)
+    cx = torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5
+    cy = torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5
+    x1, y1, x2, y2 = (boxes[:, k, None] for k in range(4))
+    in_x = (cx[None] >= x1) & (cx[None] < x2)  # (n, w)
+    in_y = (cy[None] >= y1) & (cy[None] < y2)  # (n, h)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def crop_masks(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Zeroes every pixel of ``masks (n, h, w)`` whose centre is outside its box ``(n, 4)`` (mask pixels).
+
+    The crop is what makes the linear prototype model work: coefficients only have to describe the
+    object inside its box, not suppress every other object in the image.
+    """
+    n, h, w = masks.shape
+    if boxes.shape != (n, 4):
+        raise ValueError(f"expected ({n}, 4) boxes for {n} masks, got {tuple(boxes.shape)}")
+    keep = box_mask(boxes.to(masks.device), h, w)
+    return masks * keep if masks.dtype != torch.bool else masks & keep
+
+
+def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
+                  input_shape: tuple[int, int]) -> torch.Tensor:
+    """Binary masks of ``n`` detections of one image, at network-input resolution.
+
+    Args:
+        protos: ``(nm, h, w)`` prototypes of the image (from :class:`~models.heads.instance.InstOutput`).
+        coeffs: ``(n, nm)`` coefficients of the kept detections.
+        boxes: ``(n, 4)`` detection boxes ``x1 y1 x2 y2`` in input pixels.
+        input_shape: ``(H, W)`` of the network input.
+    Returns:
+        ``(n, H, W)`` bool. Logits are upsampled bilinearly *before* thresholding and cropping, so mask
+        edges and box edges are both resolved at input resolution rather than at the prototype stride.
+    """
+    H, W = int(input_shape[0]), int(input_shape[1])
+    n = coeffs.shape[0]
+    out = torch.zeros((n, H, W), dtype=torch.bool, device=protos.device)
+    if n == 0:
+        return out
+    logits = assemble_masks(protos.float(), coeffs.float())
+    boxes = boxes.to(protos.device).float()
+    for s in range(0, n, _CHUNK):
+        up = F.interpolate(logits[s:s + _CHUNK, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        out[s:s + _CHUNK] = (up > 0) & box_mask(boxes[s:s + _CHUNK], H, W)  # logit > 0 <=> p > 0.5
+    return out
+
+
+def masks_to_original(masks: torch.Tensor, ratio: float, pad: tuple[float, float],
+                      orig_shape: tuple[int, int]) -> torch.Tensor:
+    """Undoes a letterbox: ``(n, H, W)`` bool masks at input resolution -> ``(n, h0, w0)`` bool.
+
+    ``ratio`` and ``pad = (pad_w, pad_h)`` are what :func:`utils.data.augment.letterbox` returned (a point
+    maps as ``x' = x * ratio + pad``). The padding is cropped off and the rest resized bilinearly and
+    thresholded at 0.5, which keeps edges smoother than a nearest-neighbour resize when upscaling.
+    """
+    n, H, W = masks.shape
+    h0, w0 = int(orig_shape[0]), int(orig_shape[1])
+    out = torch.zeros((n, h0, w0), dtype=torch.bool, device=masks.device)
+    if n == 0:
+        return out
+    # letterbox pads by whole pixels and resizes to round(size * ratio); mirror that exactly
+    left, top = int(round(pad[0])), int(round(pad[1]))
+    uw = min(max(1, int(round(w0 * ratio))), W - left)
+    uh = min(max(1, int(round(h0 * ratio))), H - top)
+    inner = masks[:, top:top + uh, left:left + uw]
+    for s in range(0, n, _CHUNK):
+        chunk = inner[s:s + _CHUNK, None].float()
+        out[s:s + _CHUNK] = F.interpolate(chunk, size=(h0, w0), mode="bilinear", align_corners=False)[:, 0] >= 0.5
+    return out
+
+
+def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict]:
+    """``(n, h, w)`` bool masks -> COCO RLEs ``{"size": [h, w], "counts": str}`` (JSON-serialisable)."""
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"expected (n, h, w) masks, got shape {masks.shape}")
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools wants (h, w, n) uint8 in Fortran (column-major) order
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def rasterize_polygons(segments: list[list[np.ndarray]], shape: tuple[int, int],
+                       downsample: int = 1) -> np.ndarray:
+    """Per object, the union of its polygons as a mask at ``1 / downsample`` of ``shape``.
+
+    Args:
+        segments: per object a list of ``(K, 2)`` polygons ``x y`` in pixels of an image of ``shape``;
+            an object with an empty list gets an empty mask.
+        shape: ``(H, W)`` of the image the polygons live in.
+        downsample: the mask is ``(H // downsample, W // downsample)`` (4 = the prototype stride).
+    Returns:
+        ``(n, h, w)`` uint8 in {0, 1}.
+
+    Rasterized with pycocotools (COCO's own rasterizer, a pixel is in when its centre is) rather than
+    ``cv2.fillPoly``: fillPoly also paints the pixels its outline touches, a half-pixel dilation that at
+    stride 4 would fatten every target mask by ~2 input pixels per side; this way training targets match
+    the ground truth COCO evaluation builds from the same polygons.
+    """
+    ds = int(downsample)
+    if ds < 1:
+        raise ValueError(f"downsample must be a positive int, got {downsample!r}")
+    h, w = int(shape[0]) // ds, int(shape[1]) // ds
+    out = np.zeros((len(segments), h, w), np.uint8)
+    for i, polys in enumerate(segments):
+        flat = [(np.asarray(p, np.float64).reshape(-1, 2) / ds).ravel().tolist() for p in polys if len(p) >= 3]
+        if not flat or h == 0 or w == 0:
+            continue
+        rle = mask_util.merge(mask_util.frPyObjects(flat, h, w))
+        out[i] = mask_util.decode(rle)
+    return out
