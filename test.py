@@ -23,6 +23,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="cuda device or cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    p.add_argument("--beam", type=int, default=1, help="caption beam width (1 = greedy)")
     p.add_argument("--save-json", action="store_true", help="write COCO-format predictions")
     p.add_argument("--project", default="runs/test")
     p.add_argument("--name", default="exp")
@@ -36,6 +37,7 @@ def run(opt: argparse.Namespace) -> dict:
     from utils.data.dataset import CocoDataset, create_dataloader
     from utils.evaluate import evaluate
     from utils.torch_utils import increment_path, latest_run, select_device
+    from utils.vocab import Vocabulary
 
     weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
@@ -56,7 +58,9 @@ def run(opt: argparse.Namespace) -> dict:
     dataset = CocoDataset(data, data.val, img, augment=False)
     loader = create_dataloader(dataset, opt.batch_size, False, opt.workers)
     print(f"{weights}: {model.info()}\nval: {len(dataset)} images ({dataset.labels_summary()})")
-    res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det, opt.half)
+    vocab = Vocabulary.from_list(meta["vocab"]) if meta.get("vocab") else None
+    res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det,
+                   opt.half, vocab=vocab, beam=opt.beam, num_semantic=len(meta.get("semantic_ids", [])))
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     save_dir.mkdir(parents=True, exist_ok=True)
     print_report(res, data)
@@ -64,6 +68,8 @@ def run(opt: argparse.Namespace) -> dict:
     (save_dir / "metrics.json").write_text(json.dumps(metrics | {"images": res.images, "speed_ms": res.speed_ms}, indent=2))
     if opt.save_json:
         (save_dir / "predictions.json").write_text(json.dumps(res.detections))
+        if res.masks:
+            (save_dir / "predictions_segm.json").write_text(json.dumps(res.masks))
     print(f"results saved to {save_dir}")
     return metrics
 
@@ -75,6 +81,14 @@ def print_report(res, data) -> None:
         print(f"{'all':>20} {m['box_map']:9.4f}   (mAP50 {m['box_map50']:.4f})")
         for cid, name in zip(data.category_ids, data.names):
             print(f"{name:>20} {res.per_class['box'].get(cid, 0.0):9.4f}")
+    if "mask_map" in m:
+        print(f"{'masks':>20} {m['mask_map']:9.4f}   (mAP50 {m['mask_map50']:.4f})")
+    if "sem_miou" in m:
+        print(f"semantic: mIoU {m['sem_miou']:.4f}, pixel accuracy {m['sem_pixacc']:.4f}")
+    if "cap_bleu4" in m:
+        print("captions: " + ", ".join(f"{k[4:]} {m[k]:.4f}" for k in m if k.startswith("cap_")))
+        for iid, pred, refs in res.captions[:5]:
+            print(f"  image {iid}: '{pred}'  (reference: '{refs[0] if refs else ''}')")
     s = res.speed_ms
     print(f"speed: {s['pre']:.1f} ms pre-process, {s['inference']:.1f} ms inference, {s['nms']:.1f} ms NMS per image")
 

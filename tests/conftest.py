@@ -8,6 +8,8 @@ import yaml
 
 # Tests use the nano network at an even smaller width so the suite stays fast as heads are added.
 TINY_SCALE = {"depth_multiple": 0.33, "width_multiple": 0.125}
+# Sizes the trainer takes from the data (semantic classes, vocabulary); fixed small values in unit tests.
+HEAD_KW = {"sem": {"num_classes": 6}, "cap": {"vocab_size": 40, "max_len": 12}}
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +31,9 @@ def tiny_cfg(**overrides) -> dict:
     d = yaml.safe_load((CFG_DIR / "yolor-mt.yaml").read_text())
     d.pop("scales"), d.pop("scale")
     d.update(TINY_SCALE)
+    for row in d["heads"]:  # a small caption decoder: d_model 32, one layer, 4 attention heads
+        if row[2] == "CaptionHead":
+            row[3] = [32, 1, 4]
     d.update(overrides)
     return d
 

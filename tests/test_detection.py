@@ -34,7 +34,7 @@ def test_assigner_picks_points_inside_the_object():
 
 def _overfit(steps: int, present: bool = True):
     torch.manual_seed(0)
-    model = Model(tiny_cfg(), nc=3)
+    model = Model(tiny_cfg(), nc=3, tasks=["det"])
     loss_fn = DetectionLoss(model.head("det"), {"box": 7.5, "cls": 0.5, "dfl": 1.5})
     x = torch.rand(2, 3, 64, 64)
     targets = torch.tensor([[0, 1, 8, 8, 40, 30], [1, 2, 20, 10, 60, 60], [1, 0, 2, 40, 20, 62]], dtype=torch.float32)
@@ -42,7 +42,7 @@ def _overfit(steps: int, present: bool = True):
     opt = torch.optim.Adam(model.parameters(), 2e-3)
     losses = []
     for _ in range(steps):
-        loss, parts = loss_fn(model(x).det.feats, targets, pres)
+        loss, parts, _ = loss_fn(model(x).det.feats, targets, pres)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -67,18 +67,18 @@ def test_detection_loss_is_finite_and_decreases_when_overfitting():
 
 def test_absent_labels_contribute_nothing():
     torch.manual_seed(0)
-    model = Model(tiny_cfg(), nc=3)
+    model = Model(tiny_cfg(), nc=3, tasks=["det"])
     loss_fn = DetectionLoss(model.head("det"), {})
     feats = model(torch.rand(2, 3, 64, 64)).det.feats
     t1 = torch.tensor([[0, 1, 8, 8, 40, 30], [1, 2, 20, 10, 60, 60]], dtype=torch.float32)
     t2 = torch.tensor([[0, 0, 1, 1, 20, 20], [1, 2, 20, 10, 60, 60]], dtype=torch.float32)
     pres = torch.tensor([False, True])
-    a, _ = loss_fn(feats, t1, pres)
-    b, _ = loss_fn(feats, t2, pres)
+    a, *_ = loss_fn(feats, t1, pres)
+    b, *_ = loss_fn(feats, t2, pres)
     assert torch.allclose(a, b)
-    c, _ = loss_fn(feats, t2, torch.tensor([True, True]))
+    c, *_ = loss_fn(feats, t2, torch.tensor([True, True]))
     assert not torch.allclose(a, c)
-    none, _ = loss_fn(feats, torch.zeros((0, 6)), torch.tensor([False, False]))
+    none, *_ = loss_fn(feats, torch.zeros((0, 6)), torch.tensor([False, False]))
     assert none.item() == 0.0
     none.backward()  # still a graph: an all-absent batch must not crash the step
 

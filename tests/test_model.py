@@ -10,7 +10,7 @@ from torch import nn
 from models.implicit import Implicit
 from models.model import Model, module_counts
 from models.parser import CfgError
-from tests.conftest import tiny_cfg
+from tests.conftest import HEAD_KW, tiny_cfg
 
 
 def randomize_bn_and_implicits(model: nn.Module, seed: int = 0) -> None:
@@ -29,8 +29,8 @@ def randomize_bn_and_implicits(model: nn.Module, seed: int = 0) -> None:
 
 
 def test_nano_scale_resolves_from_filename():
-    n = Model("cfg/yolor-mt-n.yaml", nc=3)
-    full = Model("cfg/yolor-mt.yaml", nc=3)
+    n = Model("cfg/yolor-mt-n.yaml", nc=3, tasks=["det"])
+    full = Model("cfg/yolor-mt.yaml", nc=3, tasks=["det"])
     pn = sum(p.numel() for p in n.parameters())
     pf = sum(p.numel() for p in full.parameters())
     assert pn < pf / 10
@@ -38,35 +38,49 @@ def test_nano_scale_resolves_from_filename():
 
 
 def test_forward_outputs_named_structure(cfg_dict):
-    model = Model(cfg_dict, nc=4).eval()
+    model = Model(cfg_dict, nc=4, head_kwargs=HEAD_KW).eval()
+    assert model.tasks == ["det", "inst", "sem", "cap"]
     out = model(torch.rand(2, 3, 96, 128))
-    assert out.inst is None and out.sem is None and out.cap is None
     assert [f.shape[-2:] for f in out.det.feats] == [(12, 16), (6, 8), (3, 4)]
     a = 12 * 16 + 6 * 8 + 3 * 4
     assert out.det.pred.shape == (2, a, 4 + 4)
     assert out.det.pred[..., 4:].min() >= 0 and out.det.pred[..., 4:].max() <= 1
+    assert out.inst.coeffs.shape[:2] == (2, a) and out.inst.protos.shape[-2:] == (24, 32)
+    assert out.sem.logits.shape == (2, 6, 24, 32)
+    assert out.cap.tokens.shape[0] == 2 and out.cap.tokens.shape[1] <= 12
     model.train()
     assert model(torch.rand(1, 3, 64, 64)).det.pred is None
 
 
+def _all_outputs(model: Model, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = model(x, captions=tokens)
+    return {"det_feats": torch.cat([f.flatten() for f in out.det.feats]), "det_pred_scores": out.det.pred[..., 4:],
+            "inst_coeffs": out.inst.coeffs, "inst_protos": out.inst.protos, "sem": out.sem.logits,
+            "cap_memory": out.cap.memory, "cap_logits": out.cap.logits}
+
+
 @pytest.mark.parametrize("form", ["vector", "nn", "mf"])
 def test_fuse_is_exact_and_complete(form):
-    model = Model(tiny_cfg(implicit=form), nc=5).eval()
+    torch.manual_seed(0)
+    model = Model(tiny_cfg(implicit=form), nc=5, head_kwargs=HEAD_KW).eval()
     randomize_bn_and_implicits(model)
     x = torch.rand(2, 3, 96, 96)
+    tokens = torch.randint(4, 40, (2, 7))
     with torch.no_grad():
-        ref = model(x)
+        ref = _all_outputs(model, x, tokens)
+        ref_boxes = model(x).det.pred[..., :4]
         before = module_counts(model)
         model.fuse()
-        got = model(x)
+        got = _all_outputs(model, x, tokens)
+        got_boxes = model(x).det.pred[..., :4]
     after = module_counts(model)
     assert before["BatchNorm2d"] > 0 and before["Implicit"] > 0
     assert after["BatchNorm2d"] == 0 and after["Implicit"] == 0
     assert not any(isinstance(m, (nn.BatchNorm2d, Implicit)) for m in model.modules())
-    for a, b in zip(ref.det.feats, got.det.feats):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    for k in ref:  # every head's every output
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=0, msg=k)
     # decoded boxes are in pixels (up to ~100 here), so compare them relative to their scale
-    torch.testing.assert_close(got.det.pred, ref.det.pred, atol=1e-4 * 96, rtol=1e-5)
+    torch.testing.assert_close(got_boxes, ref_boxes, atol=1e-4 * 96, rtol=1e-5)
 
 
 def _with_rows(extra_neck_rows: list, base: dict | None = None) -> dict:
@@ -113,7 +127,7 @@ def test_bad_rows_are_clear_errors_naming_the_row(row, match):
     d = tiny_cfg()
     d["neck"] = d["neck"] + [row]  # after the last neck row: nothing else refers to it
     with pytest.raises(CfgError, match=match) as e:
-        Model(d, nc=2)
+        Model(d, nc=2, head_kwargs=HEAD_KW)
     assert f"row {len(d['backbone']) + len(d['neck']) - 1} (neck)" in str(e.value)
 
 
@@ -121,7 +135,7 @@ def test_unfoldable_implicit_placement_is_refused():
     d = tiny_cfg()
     d["backbone"] = d["backbone"][:1] + [[-1, 1, "ImplicitA", []], [-1, 1, "Conv", [64, 3, 2]]] + d["backbone"][2:]
     with pytest.raises(CfgError, match=r"row 1 \(backbone\): ImplicitA before a 3x3 conv.*cannot be folded exactly"):
-        Model(d, nc=2)
+        Model(d, nc=2, head_kwargs=HEAD_KW)
 
 
 def test_implicit_feeding_concat_is_refused():
@@ -129,7 +143,7 @@ def test_implicit_feeding_concat_is_refused():
     d["neck"][3] = [8, 1, "ImplicitA", []]
     d["neck"][4] = [[-1, -2], 1, "Concat", [1]]  # implicit -> Concat cannot be folded
     with pytest.raises(CfgError, match="may feed only single-input Conv rows"):
-        Model(d, nc=2)
+        Model(d, nc=2, head_kwargs=HEAD_KW)
 
 
 def test_unknown_top_level_key_and_scale():
@@ -140,14 +154,18 @@ def test_unknown_top_level_key_and_scale():
 
 
 def test_tasks_subset_skips_heads():
+    model = Model(tiny_cfg(), nc=2, tasks=["det", "sem"], head_kwargs=HEAD_KW)
+    assert model.tasks == ["det", "sem"]
+    out = model.eval()(torch.rand(1, 3, 64, 64))
+    assert out.inst is None and out.cap is None and out.sem is not None
     with pytest.raises(CfgError, match="no head is built"):
-        Model(tiny_cfg(), nc=2, tasks=["cap"])
+        Model(tiny_cfg(), nc=2, tasks=[])
 
 
 def test_implicit_parameters_have_no_weight_decay():
     from utils.trainer import build_optimizer
 
-    model = Model(tiny_cfg(), nc=2)
+    model = Model(tiny_cfg(), nc=2, head_kwargs=HEAD_KW)
     opt = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
     implicit_ids = {id(p) for m in model.modules() if isinstance(m, Implicit) for p in m.parameters()}
     assert implicit_ids

@@ -124,6 +124,7 @@ def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict]:
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
+        r["size"] = [int(v) for v in r["size"]]  # numpy uint32 is not JSON-serialisable
     return rles
 
 

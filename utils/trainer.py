@@ -25,12 +25,14 @@ from utils.evaluate import evaluate, fitness, to_float
 from utils.loss.multitask import MultiTaskLoss
 from utils.plots import plot_results
 from utils.torch_utils import increment_path, select_device, set_seed
+from utils.vocab import Vocabulary
 
 NOMINAL_BATCH = 64  # gradients are accumulated up to this batch, and weight decay scaled to it
 HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
             "warmup_bias_lr", "grad_clip", "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees",
             "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
-            "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite"}
+            "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite", "mask", "sem_dice", "cap_max_len",
+            "cap_min_count", "cap_view", "mtcp_k", "dwa_temp"}
 
 
 def load_hyp(path: str | Path) -> dict:
@@ -87,11 +89,20 @@ class Trainer:
         self.wdir.mkdir(parents=True, exist_ok=True)
         self.data: DataConfig = load_data_config(opt.data)
         tasks = self._tasks()
-        self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=tasks, head_kwargs=self._head_kwargs()).to(self.device)
+        cap_view = self.hyp.get("cap_view", 0.5) if "cap" in tasks else 0.0
+        self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed,
+                                     caption_view=cap_view)
+        self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
+        self.vocab = None
+        if "cap" in tasks:
+            if resume_ckpt is not None:
+                self.vocab = Vocabulary.from_list(resume_ckpt["meta"]["vocab"])
+            else:
+                captions = (c for _, rec in self.train_set.items for c in rec.captions)
+                self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)))
+        self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=tasks, head_kwargs=self._head_kwargs(tasks)).to(self.device)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
-        self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed)
-        self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
         print(f"train: {len(self.train_set)} images ({self.train_set.labels_summary()})")
         print(f"val:   {len(self.val_set)} images ({self.val_set.labels_summary()})")
         self.train_loader = create_dataloader(self.train_set, opt.batch_size, True, opt.workers, opt.seed)
@@ -112,7 +123,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
         self.ema = ModelEMA(self.model)
-        self.loss = MultiTaskLoss(self.model, self.hyp)
+        self.loss = MultiTaskLoss(self.model, self.hyp, self.vocab, opt.balance)
+        self.loss.balancer.to(self.device)
+        if any(True for _ in self.loss.balancer.parameters()):  # learned task weights (uncertainty)
+            self.optimizer.add_param_group({"params": list(self.loss.balancer.parameters()), "weight_decay": 0.0,
+                                            "lr": self.lr0, "initial_lr": self.lr0})
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.start_epoch, self.best_fitness = 0, -1.0
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
@@ -136,8 +152,14 @@ class Trainer:
             raise ValueError(f"--tasks {','.join(missing)}: {self.data.file} has no labels for it (it provides {available})")
         return wanted
 
-    def _head_kwargs(self) -> dict:
-        return {}
+    def _head_kwargs(self, tasks: list[str]) -> dict:
+        """Head sizes that come from the data: semantic classes, caption vocabulary and length."""
+        kw: dict = {}
+        if "sem" in tasks:
+            kw["sem"] = {"num_classes": len(self.data.semantic_ids)}
+        if "cap" in tasks:
+            kw["cap"] = {"vocab_size": len(self.vocab), "max_len": int(self.hyp.get("cap_max_len", 24))}
+        return kw
 
     def _load_pretrained(self, weights: str) -> None:
         ckpt = load_checkpoint(weights)
@@ -171,6 +193,8 @@ class Trainer:
         self.ema.updates = int(ckpt.get("ema_updates", 0))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("balancer"):
+            self.loss.balancer.load_state_dict(ckpt["balancer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"]) + 1
@@ -196,14 +220,16 @@ class Trainer:
             "ema_updates": self.ema.updates,
             "cfg": {k: v for k, v in self.model.yaml.items()},
             "tasks": self.model.tasks,
-            "head_kwargs": self._head_kwargs(),
-            "meta": self.data.to_meta() | {"img_size": self.opt.img, "stride": float(self.model.stride)},
+            "head_kwargs": self._head_kwargs(self.model.tasks),
+            "meta": self.data.to_meta() | {"img_size": self.opt.img, "stride": float(self.model.stride),
+                                           "vocab": self.vocab.to_list() if self.vocab else []},
             "opt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.opt).items()},
             "hyp": self.hyp,
         }
         if not final:
             ckpt |= {
                 "optimizer": self.optimizer.state_dict(),
+                "balancer": self.loss.balancer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.cuda else None,
                 "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -226,6 +252,7 @@ class Trainer:
             self.train_loader.generator.manual_seed(opt.seed + epoch)
             t0 = time.time()
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}  # a task absent from a batch is not averaged in as zero
             self.optimizer.zero_grad(set_to_none=True)
             last_step = -1
             pbar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{opt.epochs}",
@@ -239,9 +266,10 @@ class Trainer:
                         if "momentum" in g:
                             g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))
                 x = to_float(batch.images, self.device)
+                head_inputs = {k: v.to(self.device) for k, v in self.loss.head_inputs(batch, ni).items()}
                 with torch.autocast(device_type=self.device.type, enabled=self.cuda):
-                    out = self.model(x)
-                    loss, parts = self.loss(out, batch)
+                    out = self.model(x, **head_inputs)
+                    loss, parts = self.loss(out, batch, head_inputs)
                 if not torch.isfinite(loss):
                     nonfinite_run += 1
                     bad = [k for k, v in parts.items() if not math.isfinite(v)]
@@ -262,12 +290,17 @@ class Trainer:
                     last_step = i
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
-                pbar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items()})
+                    counts[k] = counts.get(k, 0) + 1
+                pbar.set_postfix({k: f"{sums[k] / counts[k]:.3f}" for k in sums if k.endswith("_loss")})
             self.scheduler.step()
             train_time = time.time() - t0
-            row = {"epoch": epoch + 1} | {f"train/{k}": v / max(nb, 1) for k, v in sums.items()}
+            row = {"epoch": epoch + 1} | {f"train/{k}": v / counts[k] for k, v in sums.items()}
+            row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
+            self.loss.balancer.end_epoch({t: sums[f"{t}_loss"] / counts[f"{t}_loss"] for t in self.model.tasks
+                                          if f"{t}_loss" in sums})
             res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
-                           loss_fn=self.loss, progress=opt.progress)
+                           loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
+                           num_semantic=len(self.data.semantic_ids))
             row |= res.metrics
             row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
             row |= {"time/train_s": train_time, "time/img_per_s": len(self.train_set) / max(train_time, 1e-9)}

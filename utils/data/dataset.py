@@ -57,11 +57,13 @@ class CocoDataset(Dataset):
         hyp: hyperparameters (augmentation gains).
         seed: base seed; each item's augmentation draws from ``(seed, epoch, index)`` so runs and resumed
             runs see the same augmentation regardless of worker count.
+        caption_view: fraction of captioned training images given the weak, caption-safe view.
     """
 
     def __init__(self, data: DataConfig, splits: list[SplitSpec], img_size: int = 640, augment: bool = False,
-                 hyp: dict | None = None, seed: int = 0, use_cache: bool = True):
+                 hyp: dict | None = None, seed: int = 0, use_cache: bool = True, caption_view: float = 0.0):
         self.img_size, self.augment, self.hyp, self.seed = img_size, augment, hyp or {}, seed
+        self.caption_view = caption_view
         self.epoch = 0
         self.report = LabelReport()
         self.lut = data.semantic_lut()
@@ -131,12 +133,22 @@ class CocoDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def transform(self, index: int) -> tuple[Sample, float, tuple[float, float]]:
-        """The network-input version of item ``index``: augmented in training, letterboxed always."""
+        """The network-input version of item ``index``: augmented in training, letterboxed always.
+
+        Task-aware augmentation: with probability ``caption_view`` a training image with captions gets the
+        weak view (letterbox + colour, every task's labels kept); otherwise the strong view (mosaic,
+        perspective, flips) with its captions dropped, because a caption says "left"/"right" and describes
+        one whole image, so it is false after a flip or inside a mosaic.
+        """
         hyp, size = self.hyp, self.img_size
         index, sample = self.load_valid(index)
         if not self.augment:
             return A.letterbox(sample, size)
         rng = self.rng(index)
+        if sample.present.get("cap") and rng.random() < self.caption_view:
+            sample, _, _ = A.letterbox(A.load_resized(sample, size), size)
+            A.augment_hsv(sample.image, rng, hyp.get("hsv_h", 0.015), hyp.get("hsv_s", 0.7), hyp.get("hsv_v", 0.4))
+            return sample, 1.0, (0.0, 0.0)
         persp = dict(degrees=hyp.get("degrees", 0.0), translate=hyp.get("translate", 0.1),
                      scale=hyp.get("scale", 0.5), shear=hyp.get("shear", 0.0), perspective=hyp.get("perspective", 0.0))
         if rng.random() < hyp.get("mosaic", 1.0):
@@ -152,6 +164,7 @@ class CocoDataset(Dataset):
             sample = A.vflip(sample)
         if rng.random() < hyp.get("fliplr", 0.5):
             sample = A.hflip(sample)
+        sample.captions, sample.present = [], sample.present | {"cap": False}
         return sample, 1.0, (0.0, 0.0)
 
     def __getitem__(self, index: int) -> dict:

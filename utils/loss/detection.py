@@ -1,6 +1,8 @@
 """Detection loss: task-aligned assignment (TOOD), BCE classification, CIoU + distribution focal loss."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,15 @@ class TaskAlignedAssigner(nn.Module):
         return target_boxes, target_scores * weight[..., None], fg, target_gt
 
 
+@dataclass
+class Assignment:
+    """Which anchor points are foreground and for which object: reused by the instance mask loss."""
+
+    fg: torch.Tensor            # (B, A) bool, only images whose detection labels are present
+    target_gt: torch.Tensor     # (B, A) index into the image's padded objects
+    target_boxes: torch.Tensor  # (B, A, 4) assigned object box, input pixels
+
+
 class DetectionLoss:
     """Loss of :class:`models.heads.detect.Detect` outputs against a batch's targets.
 
@@ -79,8 +90,9 @@ class DetectionLoss:
         self.gains = (hyp.get("box", 7.5), hyp.get("cls", 0.5), hyp.get("dfl", 1.5))
         self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0)
 
-    def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns (loss scaled by batch size, {'box','cls','dfl'} detached parts).
+    def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor,
+                 present: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], Assignment]:
+        """Returns (loss scaled by batch size, {'box','cls','dfl'} detached parts, the assignment).
 
         targets: ``(M, 6)`` ``[image index, class, x1, y1, x2, y2]`` in input pixels; present ``(B,)`` bool.
         """
@@ -92,7 +104,7 @@ class DetectionLoss:
         pred_boxes = dist2bbox(dist, points[None])  # grid units
 
         gt_cls, gt_boxes, gt_mask = pad_targets(targets.to(device), b)
-        target_boxes, target_scores, fg, _ = self.assigner(
+        target_boxes, target_scores, fg, target_gt = self.assigner(
             cls_logits.detach().sigmoid(), (pred_boxes.detach() * stride).to(gt_boxes.dtype),
             points * stride, gt_cls, gt_boxes, gt_mask)
         keep = present.to(device).float()[:, None, None]
@@ -112,7 +124,7 @@ class DetectionLoss:
             box_loss = dfl_loss = pred_boxes.sum() * 0.0
         parts = torch.stack((box_loss * self.gains[0], cls_loss * self.gains[1], dfl_loss * self.gains[2]))
         loss = parts.sum() * b
-        return loss, dict(zip(("box", "cls", "dfl"), parts.detach().tolist()))
+        return loss, dict(zip(("box", "cls", "dfl"), parts.detach().tolist())), Assignment(fg, target_gt, target_boxes)
 
 
 def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,34 +1,76 @@
-"""Sums the loss of every head the model has, each masked to the images that carry that task's labels."""
+"""Every head's loss, each masked to the images that carry that task's labels, combined by a balancer."""
 from __future__ import annotations
 
 import torch
 
 from models.model import Model, Outputs
 from utils.data.dataset import Batch
+from utils.loss.balance import build_balancer
+from utils.loss.caption import CaptionLoss
 from utils.loss.detection import DetectionLoss
+from utils.loss.instance import InstanceLoss, gt_masks_from_batch
+from utils.loss.semantic import SemanticLoss
+from utils.vocab import Vocabulary
 
 
 class MultiTaskLoss:
-    """``loss(outputs, batch) -> (total, parts)``; ``parts`` are floats keyed ``<task>_<part>``.
+    """``loss(outputs, batch, head_inputs) -> (total, parts)``; ``parts`` are floats keyed ``<task>_<part>``.
 
-    ``task_weights`` scale each task's total (fixed gains; dynamic balancing updates them per epoch).
+    Args:
+        model: the network (its heads decide which losses exist).
+        hyp: gains and options of every loss.
+        vocab: caption vocabulary (needed when the model has a caption head).
+        balance: task balancing rule (``fixed``, ``uncertainty``, ``dwa``, ``mtcp``).
     """
 
-    def __init__(self, model: Model, hyp: dict):
+    def __init__(self, model: Model, hyp: dict, vocab: Vocabulary | None = None, balance: str = "fixed"):
         self.tasks = model.tasks
+        if "inst" in self.tasks and "det" not in self.tasks:
+            raise ValueError("--tasks inst needs det too: masks are predicted for detected objects")
         self.det = DetectionLoss(model.head("det"), hyp) if "det" in self.tasks else None
-        self.task_weights = {t: 1.0 for t in self.tasks}
+        self.inst = InstanceLoss(hyp, model.head("inst").nm) if "inst" in self.tasks else None
+        self.proto_stride = float(getattr(model.head("inst"), "proto_stride", 4)) if self.inst else 4.0
+        self.sem = SemanticLoss(hyp) if "sem" in self.tasks else None
+        if "cap" in self.tasks and vocab is None:
+            raise ValueError("a caption head needs a vocabulary")
+        self.cap = CaptionLoss(vocab, hyp) if "cap" in self.tasks else None
+        self.balancer = build_balancer(self.tasks, balance, hyp)
 
-    def task_losses(self, out: Outputs, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Unweighted loss per task plus the logged parts."""
+    def head_inputs(self, batch: Batch, step: int) -> dict:
+        """Extra model inputs for this batch: the caption tokens for teacher forcing (one reference per
+        image, rotating with ``step`` so every reference gets used)."""
+        if self.cap is None or not batch.task_present("cap").any():
+            return {}
+        return {"captions": self.cap.targets(batch.captions, step)}
+
+    def task_losses(self, out: Outputs, batch: Batch, head_inputs: dict | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Unweighted loss per task (only tasks with labels in this batch) plus the logged parts."""
         losses, parts = {}, {}
+        assignment = None
         if self.det is not None:
-            loss, p = self.det(out.det.feats, batch.targets, batch.task_present("det"))
-            losses["det"] = loss
-            parts.update({f"det_{k}": v for k, v in p.items()})
+            losses["det"], p, assignment = self.det(out.det.feats, batch.targets, batch.task_present("det"))
+            parts |= {f"det_{k}": v for k, v in p.items()}
+        if self.inst is not None and assignment is not None:
+            h, w = batch.images.shape[2:]
+            masks = gt_masks_from_batch(batch.segments, batch.targets, len(batch), (h, w), int(self.proto_stride),
+                                        device=out.inst.protos.device)
+            losses["inst"], p = self.inst(out.inst, assignment.fg, assignment.target_gt, assignment.target_boxes,
+                                          masks, batch.task_present("inst").to(out.inst.protos.device), self.proto_stride)
+            parts |= {f"inst_{k}": v for k, v in p.items()}
+        if self.sem is not None and batch.semantic is not None:
+            logits = out.sem.logits
+            losses["sem"], p = self.sem(logits, batch.semantic.to(logits.device), batch.task_present("sem").to(logits.device))
+            losses["sem"] = losses["sem"] * len(batch)  # same batch-size scaling as the box and mask losses
+            parts |= {f"sem_{k}": v for k, v in p.items()}
+        tokens = (head_inputs or {}).get("captions")
+        if self.cap is not None and tokens is not None and out.cap.logits is not None:
+            losses["cap"], p = self.cap(out.cap.logits, tokens, batch.task_present("cap").to(out.cap.logits.device))
+            losses["cap"] = losses["cap"] * len(batch)
+            parts |= {f"cap_{k}": v for k, v in p.items()}
         return losses, parts
 
-    def __call__(self, out: Outputs, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, parts = self.task_losses(out, batch)
-        total = sum(self.task_weights[t] * v for t, v in losses.items())
-        return total, parts
+    def __call__(self, out: Outputs, batch: Batch, head_inputs: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        losses, parts = self.task_losses(out, batch, head_inputs)
+        parts |= {f"{t}_loss": float(v.detach()) / len(batch) for t, v in losses.items()}
+        return self.balancer(losses), parts

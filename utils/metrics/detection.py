@@ -43,7 +43,7 @@ def coco_map(gt: COCO, results: list[dict], image_ids: list[int], category_ids: 
     if not results or not image_ids:
         return empty
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys (area, numpy ids) in place
         ev = COCOeval(gt, dt, iou_type)
         ev.params.imgIds = sorted(set(image_ids))
         ev.params.catIds = list(category_ids)
