@@ -3,6 +3,7 @@
     python train.py                                   # nano model on the embedded synthetic dataset
     python train.py --cfg cfg/yolor-mt.yaml --data data/coco.yaml --img 640 --batch-size 64 --epochs 300
     python train.py --resume                          # continue the newest run from its last.pt
+    torchrun --nproc_per_node 4 train.py --batch-size 64 --sync-bn   # one node, 4 GPUs (total batch 64)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
     p.add_argument("--balance", default="fixed", choices=["fixed", "uncertainty", "dwa", "mtcp"],
                    help="task loss balancing (fixed = gains from the hyp file)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun, CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p.parse_args(argv)
 

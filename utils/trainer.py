@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import random
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from models.implicit import Implicit
@@ -20,6 +23,7 @@ from models.model import Model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import DataConfig, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
+from utils.distributed import barrier, broadcast_object, cleanup, init_distributed, mean_across_ranks
 from utils.ema import ModelEMA, unwrap
 from utils.evaluate import evaluate, fitness, to_float
 from utils.loss.multitask import MultiTaskLoss
@@ -76,23 +80,31 @@ class Trainer:
 
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
-        self.device = select_device(opt.device)
+        self.dist, dist_device = init_distributed(opt.device)
+        self.device = dist_device or select_device(opt.device)
         self.cuda = self.device.type == "cuda"
+        self.on_step: list[Callable[["Trainer"], None]] = []  # callbacks after each optimizer step
         resume_ckpt = None
         if opt.resume:
             resume_ckpt = self._resume_opt()
             opt = self.opt
         set_seed(opt.seed)
         self.hyp = load_hyp(opt.hyp) if isinstance(opt.hyp, (str, Path)) else dict(opt.hyp)
-        self.save_dir = Path(opt.save_dir) if opt.resume else increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+        save_dir = Path(opt.save_dir) if opt.resume else increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+        self.save_dir = broadcast_object(save_dir, self.dist)  # one folder, decided by rank 0
         self.wdir = self.save_dir / "weights"
-        self.wdir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            self.wdir.mkdir(parents=True, exist_ok=True)
+        if not self.dist.main:  # let rank 0 generate the dataset and write the label caches first
+            barrier(self.dist)
         self.data: DataConfig = load_data_config(opt.data)
         tasks = self._tasks()
         cap_view = self.hyp.get("cap_view", 0.5) if "cap" in tasks else 0.0
         self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed,
                                      caption_view=cap_view)
         self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
+        if self.dist.main:
+            barrier(self.dist)
         self.vocab = None
         if "cap" in tasks:
             if resume_ckpt is not None:
@@ -103,10 +115,13 @@ class Trainer:
         self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=tasks, head_kwargs=self._head_kwargs(tasks)).to(self.device)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
-        print(f"train: {len(self.train_set)} images ({self.train_set.labels_summary()})")
-        print(f"val:   {len(self.val_set)} images ({self.val_set.labels_summary()})")
-        self.train_loader = create_dataloader(self.train_set, opt.batch_size, True, opt.workers, opt.seed)
-        self.val_loader = create_dataloader(self.val_set, opt.batch_size, False, opt.workers, opt.seed)
+        self.log(f"train: {len(self.train_set)} images ({self.train_set.labels_summary()})")
+        self.log(f"val:   {len(self.val_set)} images ({self.val_set.labels_summary()})")
+        if opt.batch_size % self.dist.world:
+            raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of the {self.dist.world} processes")
+        per_rank = opt.batch_size // self.dist.world  # --batch-size is the total over all processes, as YOLOv5
+        self.train_loader = create_dataloader(self.train_set, per_rank, True, opt.workers, opt.seed, self.dist.enabled)
+        self.val_loader = create_dataloader(self.val_set, per_rank, False, opt.workers, opt.seed)
         self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
         decay = self.hyp.get("weight_decay", 5e-4) * opt.batch_size * self.accumulate / NOMINAL_BATCH
         iterations = opt.epochs * math.ceil(len(self.train_set) / opt.batch_size)
@@ -122,6 +137,11 @@ class Trainer:
             self.lf = lambda x: (1 - x / opt.epochs) * (1.0 - lrf) + lrf
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        if getattr(opt, "sync_bn", False) and self.dist.enabled:
+            if self.cuda:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:
+                self.log("--sync-bn ignored: SyncBatchNorm needs CUDA")
         self.ema = ModelEMA(self.model)
         self.loss = MultiTaskLoss(self.model, self.hyp, self.vocab, opt.balance)
         self.loss.balancer.to(self.device)
@@ -132,11 +152,22 @@ class Trainer:
         self.start_epoch, self.best_fitness = 0, -1.0
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        with open(self.save_dir / "opt.yaml", "w") as f:
-            yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, f, sort_keys=False)
-        with open(self.save_dir / "hyp.yaml", "w") as f:
-            yaml.safe_dump(self.hyp, f, sort_keys=False)
-        print(f"model: {self.model.info()}; optimizer {name} lr0={self.lr0}; accumulate {self.accumulate}; device {self.device}")
+        self.net = self.model  # what the loop calls: under torchrun, the DDP wrapper
+        if self.dist.enabled:
+            # unused: the caption decoder in batches without captions (its loss is masked out)
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.cuda else None, find_unused_parameters=True)
+        if self.dist.main:
+            with open(self.save_dir / "opt.yaml", "w") as f:
+                yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, f, sort_keys=False)
+            with open(self.save_dir / "hyp.yaml", "w") as f:
+                yaml.safe_dump(self.hyp, f, sort_keys=False)
+        self.log(f"model: {self.model.info()}; optimizer {name} lr0={self.lr0}; accumulate {self.accumulate}; device {self.device}")
+
+    def log(self, msg: str) -> None:
+        """Prints on rank 0 only (every rank would repeat the same line)."""
+        if self.dist.main:
+            print(msg)
 
     # --- setup helpers -------------------------------------------------------------------------
     def _tasks(self) -> list[str]:
@@ -169,7 +200,7 @@ class Trainer:
         if not matched:
             raise ValueError(f"--weights {weights}: no tensor matches --cfg {self.opt.cfg}; is it the same network?")
         self.model.load_state_dict(matched, strict=False)
-        print(f"weights: transferred {len(matched)}/{len(own)} tensors from {weights}")
+        self.log(f"weights: transferred {len(matched)}/{len(own)} tensors from {weights}")
 
     def _resume_opt(self) -> dict:
         from utils.torch_utils import latest_run
@@ -184,7 +215,7 @@ class Trainer:
         saved.resume, saved.save_dir = str(path), str(Path(path).parents[1])
         saved.device = self.opt.device or saved.device
         self.opt = saved
-        print(f"resuming {path} from epoch {ckpt['epoch'] + 1}")
+        self.log(f"resuming {path} from epoch {ckpt['epoch'] + 1}")
         return ckpt
 
     def _restore(self, ckpt: dict) -> None:
@@ -250,13 +281,15 @@ class Trainer:
             self.train_set.epoch = epoch
             # shuffle order and augmentation depend only on (seed, epoch): a resumed run sees the same data
             self.train_loader.generator.manual_seed(opt.seed + epoch)
+            if isinstance(self.train_loader.sampler, DistributedSampler):
+                self.train_loader.sampler.set_epoch(epoch)
             t0 = time.time()
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}  # a task absent from a batch is not averaged in as zero
             self.optimizer.zero_grad(set_to_none=True)
             last_step = -1
             pbar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{opt.epochs}",
-                        disable=not opt.progress)
+                        disable=not (opt.progress and self.dist.main))
             for i, batch in pbar:
                 ni = i + nb * epoch
                 if ni <= warmup:  # linear warmup of lr (bias lr from warmup_bias_lr) and momentum
@@ -268,8 +301,10 @@ class Trainer:
                 x = to_float(batch.images, self.device)
                 head_inputs = {k: v.to(self.device) for k, v in self.loss.head_inputs(batch, ni).items()}
                 with torch.autocast(device_type=self.device.type, enabled=self.cuda):
-                    out = self.model(x, **head_inputs)
+                    out = self.net(x, **head_inputs)
                     loss, parts = self.loss(out, batch, head_inputs)
+                    if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
+                        loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
                 if not torch.isfinite(loss):
                     nonfinite_run += 1
                     bad = [k for k, v in parts.items() if not math.isfinite(v)]
@@ -288,16 +323,20 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.ema.update(self.model)
                     last_step = i
+                    for callback in self.on_step:
+                        callback(self)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
                 pbar.set_postfix({k: f"{sums[k] / counts[k]:.3f}" for k in sums if k.endswith("_loss")})
             self.scheduler.step()
             train_time = time.time() - t0
-            row = {"epoch": epoch + 1} | {f"train/{k}": v / counts[k] for k, v in sums.items()}
+            means = mean_across_ranks({k: v / counts[k] for k, v in sums.items()}, self.dist)
+            row = {"epoch": epoch + 1} | {f"train/{k}": v for k, v in means.items()}
             row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
-            self.loss.balancer.end_epoch({t: sums[f"{t}_loss"] / counts[f"{t}_loss"] for t in self.model.tasks
-                                          if f"{t}_loss" in sums})
+            self.loss.balancer.end_epoch({t: means[f"{t}_loss"] for t in self.model.tasks if f"{t}_loss" in means})
+            if not self.dist.main:  # validation, checkpoints and logs happen once, on rank 0
+                continue
             res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
                            loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
                            num_semantic=len(self.data.semantic_ids))
@@ -314,6 +353,9 @@ class Trainer:
             write_results(results_csv, row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                            if not k.startswith("lr/")))
+        if not self.dist.main:
+            cleanup(self.dist)
+            return self.save_dir
         for name in ("best.pt", "last.pt"):  # finished: drop optimizer state, as YOLOv5's strip_optimizer
             f = self.wdir / name
             if f.is_file():
@@ -324,7 +366,19 @@ class Trainer:
         if results_csv.is_file():
             plot_results(results_csv)
         print(f"results saved to {self.save_dir}")
+        cleanup(self.dist)
         return self.save_dir
+
+
+def output_tensors(obj) -> list[torch.Tensor]:
+    """Every tensor inside nested dataclasses / lists / tuples of model outputs."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.requires_grad else []
+    if dataclasses.is_dataclass(obj):
+        return [t for f in dataclasses.fields(obj) for t in output_tensors(getattr(obj, f.name))]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in output_tensors(o)]
+    return []
 
 
 def write_results(path: Path, row: dict) -> None:
