@@ -53,3 +53,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def randomize_bn_and_implicits(model, seed: int = 0) -> None:
+    """Non-trivial BN statistics and implicit values, so a wrong fold cannot pass by luck."""
+    import torch
+    from torch import nn
+
+    from models.implicit import Implicit
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            if isinstance(m, Implicit):
+                for p in m.parameters(recurse=True):
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))

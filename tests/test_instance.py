@@ -13,6 +13,7 @@ from models.implicit import Implicit
 from utils.data import augment as A
 from utils.data.sample import Sample
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
+from tests.conftest import randomize_bn_and_implicits
 from utils.masks import (assemble_masks, crop_masks, encode_rle, masks_to_original, process_masks,
                          rasterize_polygons)
 
@@ -26,21 +27,6 @@ def make_head(form: str = "vector") -> InstanceHead:
 def features(b: int = 2, size: int = 64, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, c, size // s, size // s, generator=g) for c, s in zip(CH, STRIDES)]
-
-
-def randomize_bn_and_implicits(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and implicit values, so a wrong fold cannot pass by luck."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            if isinstance(m, Implicit):
-                for p in m.parameters(recurse=True):
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def iou(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

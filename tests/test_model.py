@@ -10,22 +10,7 @@ from torch import nn
 from models.implicit import Implicit
 from models.model import Model, module_counts
 from models.parser import CfgError
-from tests.conftest import HEAD_KW, tiny_cfg
-
-
-def randomize_bn_and_implicits(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and implicit values, so a wrong fold cannot pass by luck."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            if isinstance(m, Implicit):
-                for p in m.parameters(recurse=True):
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg
 
 
 def test_nano_scale_resolves_from_filename():

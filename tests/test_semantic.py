@@ -14,6 +14,7 @@ from models.heads.semantic import SemanticHead, SemOutput, upsample_logits
 from models.implicit import FORMS, Implicit
 from utils.loss.semantic import SemanticLoss
 from utils.metrics.semantic import SemanticMeter
+from tests.conftest import randomize_bn_and_implicits
 
 CH, STRIDES, IMG = [8, 12, 16], [8, 16, 32], 64
 
@@ -114,23 +115,10 @@ def test_bad_num_classes() -> None:
             SemanticHead(80, CH, STRIDES, num_classes=bad)
 
 
-def _randomize(head: nn.Module) -> None:
-    with torch.no_grad():
-        for m in head.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-            elif isinstance(m, Implicit):
-                for p in m.parameters():
-                    p.add_(torch.randn_like(p) * 0.3)  # away from the ~identity init that would hide a bad fold
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_fuse_parity(form: str) -> None:
     head = SemanticHead(80, CH, STRIDES, num_classes=5, width=8, form=form)
-    _randomize(head)
+    randomize_bn_and_implicits(head)
     head.eval()
     x = feats()
     with torch.no_grad():
