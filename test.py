@@ -15,6 +15,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="", help="checkpoint .pt (default: newest runs/train/exp*/weights/best.pt)")
     p.add_argument("--data", default="", help="data yaml (default: the one the checkpoint was trained on)")
+    p.add_argument("--task", default="val", choices=["val", "test"], help="which split of the data yaml")
     p.add_argument("--batch-size", "--batch", type=int, default=16)
     p.add_argument("--img", "--img-size", type=int, default=0, help="image size (default: the training size)")
     p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
@@ -55,9 +56,12 @@ def run(opt: argparse.Namespace) -> dict:
     if data.category_ids != meta.get("category_ids", data.category_ids):
         raise ValueError(f"{data.file}: its categories differ from the checkpoint's ({len(meta['category_ids'])} classes)")
     img = opt.img or int(meta.get("img_size", 640))
-    dataset = CocoDataset(data, data.val, img, augment=False)
+    splits = data.val if opt.task == "val" else data.test
+    if not splits:
+        raise ValueError(f"{data.file} has no '{opt.task}' split")
+    dataset = CocoDataset(data, splits, img, augment=False)
     loader = create_dataloader(dataset, opt.batch_size, False, opt.workers)
-    print(f"{weights}: {model.info()}\nval: {len(dataset)} images ({dataset.labels_summary()})")
+    print(f"{weights}: {model.info()}\n{opt.task}: {len(dataset)} images ({dataset.labels_summary()})")
     vocab = Vocabulary.from_list(meta["vocab"]) if meta.get("vocab") else None
     res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det,
                    opt.half, vocab=vocab, beam=opt.beam, num_semantic=len(meta.get("semantic_ids", [])))

@@ -30,6 +30,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cos-lr", action="store_true", help="cosine LR schedule")
     p.add_argument("--optimizer", default="auto", choices=["SGD", "Adam", "AdamW", "auto"])
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (<1: off)")
+    p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
+    p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without improvement")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
     p.add_argument("--balance", default="fixed", choices=["fixed", "uncertainty", "dwa", "mtcp"],
                    help="task loss balancing (fixed = gains from the hyp file)")

@@ -149,7 +149,7 @@ class Trainer:
             self.optimizer.add_param_group({"params": list(self.loss.balancer.parameters()), "weight_decay": 0.0,
                                             "lr": self.lr0, "initial_lr": self.lr0})
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-        self.start_epoch, self.best_fitness = 0, -1.0
+        self.start_epoch, self.best_fitness, self.best_epoch = 0, -1.0, 0
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
         self.net = self.model  # what the loop calls: under torchrun, the DDP wrapper
@@ -230,6 +230,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best_fitness = float(ckpt.get("best_fitness", -1.0))
+        self.best_epoch = int(ckpt.get("best_epoch", ckpt["epoch"]))
         rng = ckpt.get("rng", {})
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -246,6 +247,7 @@ class Trainer:
         ckpt = {
             "epoch": epoch,
             "best_fitness": self.best_fitness,
+            "best_epoch": self.best_epoch,
             "model": unwrap(self.model).state_dict(),
             "ema": self.ema.ema.state_dict(),
             "ema_updates": self.ema.updates,
@@ -335,24 +337,11 @@ class Trainer:
             row = {"epoch": epoch + 1} | {f"train/{k}": v for k, v in means.items()}
             row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
             self.loss.balancer.end_epoch({t: means[f"{t}_loss"] for t in self.model.tasks if f"{t}_loss" in means})
-            if not self.dist.main:  # validation, checkpoints and logs happen once, on rank 0
-                continue
-            res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
-                           loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
-                           num_semantic=len(self.data.semantic_ids))
-            row |= res.metrics
-            row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
             row |= {"time/train_s": train_time, "time/img_per_s": len(self.train_set) / max(train_time, 1e-9)}
-            fit = fitness(res.metrics)
-            if fit > self.best_fitness:
-                self.best_fitness = fit
-                save_checkpoint(self.checkpoint(epoch), self.wdir / "best.pt")
-            save_checkpoint(self.checkpoint(epoch), self.wdir / "last.pt")
-            if opt.save_period > 0 and (epoch + 1) % opt.save_period == 0:
-                save_checkpoint(self.checkpoint(epoch), self.wdir / f"epoch{epoch + 1}.pt")
-            write_results(results_csv, row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                           if not k.startswith("lr/")))
+            # validation, checkpoints and logs happen once, on rank 0; every rank learns whether to stop
+            stop = self.finish_epoch(epoch, row, results_csv) if self.dist.main else False
+            if broadcast_object(stop, self.dist):
+                break
         if not self.dist.main:
             cleanup(self.dist)
             return self.save_dir
@@ -368,6 +357,33 @@ class Trainer:
         print(f"results saved to {self.save_dir}")
         cleanup(self.dist)
         return self.save_dir
+
+
+    def finish_epoch(self, epoch: int, row: dict, results_csv: Path) -> bool:
+        """Validates (unless --noval), saves last/best checkpoints and results.csv; True to stop early."""
+        opt = self.opt
+        final = epoch + 1 == opt.epochs
+        if not getattr(opt, "noval", False) or final:
+            res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
+                           loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
+                           num_semantic=len(self.data.semantic_ids))
+            row |= res.metrics
+        row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
+        fit = fitness(row)
+        if fit > self.best_fitness or self.best_fitness < 0:
+            self.best_fitness, self.best_epoch = fit, epoch
+            save_checkpoint(self.checkpoint(epoch), self.wdir / "best.pt")
+        save_checkpoint(self.checkpoint(epoch), self.wdir / "last.pt")
+        if opt.save_period > 0 and (epoch + 1) % opt.save_period == 0:
+            save_checkpoint(self.checkpoint(epoch), self.wdir / f"epoch{epoch + 1}.pt")
+        write_results(results_csv, row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                       if not k.startswith("lr/")))
+        patience = getattr(opt, "patience", 0)
+        if patience and epoch - self.best_epoch >= patience and not final:
+            print(f"early stop: no improvement for {patience} epochs (best epoch {self.best_epoch + 1})")
+            return True
+        return False
 
 
 def output_tensors(obj) -> list[torch.Tensor]:

@@ -67,6 +67,7 @@ class DataConfig:
     semantic_names: list[str] = field(default_factory=list)
     semantic_ids: list[int] = field(default_factory=list)   # semantic index -> original category id
     synthetic: dict | None = None
+    test: list[SplitSpec] = field(default_factory=list)
 
     @property
     def nc(self) -> int:
@@ -166,11 +167,12 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
     root = resolve_root(d.get("path"), file)
     train = _split(d["train"], root, f"{file}: train")
     val = _split(d["val"], root, f"{file}: val")
+    test = _split(d["test"], root, f"{file}: test") if d.get("test") else []
     synthetic = d.get("synthetic")
     if ensure and synthetic is not None:
         ensure_synthetic(root, synthetic, train + val)
     elif ensure:
-        missing = [str(s.images) for s in train + val if not s.images.exists()]
+        missing = [str(s.images) for s in train + val + test if not s.images.exists()]
         if missing:
             hint = f" (download with: {d['download']})" if d.get("download") else ""
             raise DataError(f"{file}: image folder(s) not found: {missing}{hint}")
@@ -185,7 +187,8 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
     has_sem = any(s.semantic for s in train + val)
     sem_ids = sorted(sem_cats) if has_sem else []
     return DataConfig(file=file, root=root, train=train, val=val, names=names, category_ids=ids,
-                      semantic_names=[sem_cats[i] for i in sem_ids], semantic_ids=sem_ids, synthetic=synthetic)
+                      semantic_names=[sem_cats[i] for i in sem_ids], semantic_ids=sem_ids, synthetic=synthetic,
+                      test=test)
 
 
 def ensure_synthetic(root: Path, spec: dict, splits: list[SplitSpec]) -> None:
