@@ -129,6 +129,9 @@ class Trainer:
         if name == "auto":  # Ultralytics' rule: AdamW for short schedules, SGD for long ones
             name = "AdamW" if iterations < 10000 else "SGD"
         self.lr0 = self.hyp.get("lr0_adamw", 0.002) if name in ("Adam", "AdamW") and opt.optimizer == "auto" else self.hyp["lr0"]
+        # a high starting bias LR suits SGD only: Adam's step is ~lr per parameter, so 0.1 would throw every
+        # head's prior bias (e.g. the class prior) far off in the first steps (Ultralytics does the same)
+        self.warmup_bias_lr = self.hyp.get("warmup_bias_lr", 0.1) if name == "SGD" else 0.0
         self.optimizer = build_optimizer(self.model, name, self.lr0, self.hyp["momentum"], decay)
         lrf = self.hyp.get("lrf", 0.01)
         if opt.cos_lr:
@@ -296,7 +299,7 @@ class Trainer:
                 ni = i + nb * epoch
                 if ni <= warmup:  # linear warmup of lr (bias lr from warmup_bias_lr) and momentum
                     for j, g in enumerate(self.optimizer.param_groups):
-                        start = hyp.get("warmup_bias_lr", 0.1) if j == 0 else 0.0
+                        start = self.warmup_bias_lr if j == 0 else 0.0
                         g["lr"] = float(np.interp(ni, [0, warmup], [start, g["initial_lr"] * self.lf(epoch)]))
                         if "momentum" in g:
                             g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -134,19 +135,44 @@ def _split(value, root: Path, where: str) -> list[SplitSpec]:
     return out
 
 
-def read_categories(json_file: Path) -> list[dict]:
-    """The ``categories`` list of a COCO JSON, read without pycocotools (it may be a huge file)."""
+def read_json(json_file: Path) -> tuple[Any, bool]:
+    """Parses a JSON file; returns ``(value, repaired)``.
+
+    Bytes that are not valid in the file's encoding are replaced by U+FFFD (``repaired`` is then True)
+    instead of failing: one bad byte in a caption must not stop a run on a 100k-image file, and the
+    caller can find and count the affected strings. Malformed JSON is a :class:`DataError` naming the file,
+    line and column.
+    """
     try:
         with open(json_file, "rb") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{json_file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raw = f.read()
     except OSError as e:
         raise DataError(f"{json_file}: cannot read: {e}") from None
+    encoding = json.detect_encoding(raw)  # what json.load(bytes) would use (utf-8, utf-8-sig, utf-16/32)
+    repaired = False
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        text, repaired = raw.decode(encoding, errors="replace"), True
+    del raw  # a COCO train JSON is ~450 MB: don't hold the bytes and the text while parsing
+    try:
+        return json.loads(text), repaired
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_file}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{json_file}: malformed JSON (nested too deeply)") from None
+
+
+def read_categories(json_file: Path) -> list[dict]:
+    """The ``categories`` list of a COCO JSON, read without pycocotools (it may be a huge file)."""
+    d, _ = read_json(json_file)
     cats = d.get("categories") if isinstance(d, dict) else None
     if not isinstance(cats, list):
         raise DataError(f"{json_file}: no 'categories' list")
-    return sorted(cats, key=lambda c: int(c["id"]))
+    try:
+        return sorted(cats, key=lambda c: int(c["id"]))
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{json_file}: a category without an integer 'id'") from None
 
 
 def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
@@ -154,7 +180,7 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
     file = find_data_yaml(data)
     try:
         d = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DataError(f"{file}: not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise DataError(f"{file}: expected a mapping at the top level")
@@ -178,12 +204,12 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
             raise DataError(f"{file}: image folder(s) not found: {missing}{hint}")
     inst_files = [s.instances for s in train + val if s.instances]
     thing_cats = read_categories(inst_files[0]) if inst_files else []
-    names = [str(c["name"]) for c in thing_cats]
+    names = [str(c.get("name", c["id"])) for c in thing_cats]  # a nameless category is named by its id
     ids = [int(c["id"]) for c in thing_cats]
-    sem_cats = {int(c["id"]): str(c["name"]) for c in thing_cats}
+    sem_cats = dict(zip(ids, names))
     if d.get("semantic_categories"):
         for c in read_categories(root / d["semantic_categories"]):
-            sem_cats.setdefault(int(c["id"]), str(c["name"]))
+            sem_cats.setdefault(int(c["id"]), str(c.get("name", c["id"])))
     has_sem = any(s.semantic for s in train + val)
     sem_ids = sorted(sem_cats) if has_sem else []
     return DataConfig(file=file, root=root, train=train, val=val, names=names, category_ids=ids,
