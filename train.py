@@ -42,11 +42,11 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
-    from utils.trainer import Trainer
+    from utils.trainer import NonFiniteLossError, Trainer
 
     try:
         Trainer(opt).run()
-    except (ValueError, FileNotFoundError) as e:  # configuration errors: one clear line, no traceback wall
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:  # one clear line, no traceback wall
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -75,6 +75,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, dec
     return opt
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many non-finite losses in a row."""
+
+
 class Trainer:
     """One training run. ``run()`` trains and returns the run folder."""
 
@@ -200,7 +204,7 @@ class Trainer:
         state = ckpt.get("ema") or ckpt["model"]
         own = self.model.state_dict()
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not matched:
+        if not any(v.dim() > 0 for v in matched.values()):  # BN step counters (0-dim) always "match"
             raise ValueError(f"--weights {weights}: no tensor matches --cfg {self.opt.cfg}; is it the same network?")
         self.model.load_state_dict(matched, strict=False)
         self.log(f"weights: transferred {len(matched)}/{len(own)} tensors from {weights}")
@@ -316,7 +320,9 @@ class Trainer:
                     warnings.warn(f"non-finite loss at epoch {epoch} batch {i} in {bad or 'total'}; step skipped")
                     self.optimizer.zero_grad(set_to_none=True)
                     if nonfinite_run >= max_nonfinite:
-                        raise RuntimeError(f"{nonfinite_run} non-finite losses in a row (last in {bad}); stopping")
+                        tasks = sorted({k.split("_")[0] for k in bad}) or ["total"]
+                        raise NonFiniteLossError(f"{nonfinite_run} non-finite losses in a row (last in {bad}) in task(s) "
+                                                 f"{tasks}; stopping: lower lr0 or check that task's labels")
                     continue
                 nonfinite_run = 0
                 self.scaler.scale(loss).backward()

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.config import DataError, SplitSpec
+from utils.data.config import DataError, SplitSpec, read_json
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: image/map headers checked (sizes, EXIF orientation), non-UTF-8 captions
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 @dataclass
@@ -72,46 +75,172 @@ def file_hash(files: list[Path | None]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's first bytes say: stored size and EXIF orientation (1 = display as stored)."""
+
+    width: int
+    height: int
+    orientation: int = 1
+
+
 def image_ok(path: Path) -> str | None:
     """Cheap header check without decoding: ``None`` if plausible, else why not."""
+    return inspect_image(path)[0]
+
+
+def inspect_image(path: Path) -> tuple[str | None, ImageHeader | None]:
+    """``(problem, header)`` from the file's first and last bytes, without decoding pixels.
+
+    ``problem`` is ``None`` for a plausible file; ``header`` is ``None`` for formats whose size is not read
+    here (BMP, TIFF, WebP) or a JPEG whose frame header is not found before the scan data.
+    """
     try:
         size = path.stat().st_size
     except OSError:
-        return "missing image"
+        return "missing image", None
     if size == 0:
-        return "empty image file"
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if head[:3] == b"\xff\xd8\xff":
-            f.seek(-2, os.SEEK_END)
-            if f.read(2) != b"\xff\xd9":
-                return "truncated JPEG"
-        elif not (head[:8] == b"\x89PNG\r\n\x1a\n" or head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*")
-                  or head[8:12] == b"WEBP"):
-            return "unknown image format"
+        return "empty image file", None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+            if head[:3] == b"\xff\xd8\xff":
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) != b"\xff\xd9":
+                    return "truncated JPEG", None
+                return None, _jpeg_header(f)
+            if head[:8] == PNG_SIGNATURE:
+                # IEND is the last chunk; look in the tail so bytes appended after it are tolerated
+                f.seek(-min(size, 4096), os.SEEK_END)
+                if b"IEND" not in f.read() or head[12:16] != b"IHDR":
+                    return "truncated PNG", None
+                return None, ImageHeader(int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
+            if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or head[8:12] == b"WEBP":
+                return None, None
+    except OSError:  # a folder named like an image, a permission problem
+        return "unreadable image", None
+    return "unknown image format", None
+
+
+def _jpeg_header(f) -> ImageHeader | None:
+    """Walks the JPEG marker segments up to the frame header: stored size and EXIF orientation."""
+    f.seek(2)
+    orientation = 1
+    for _ in range(512):  # real files have a few dozen segments before the frame; bounded for garbage
+        if f.read(1) != b"\xff":
+            return None
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = f.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # end of image / start of scan before any frame
+            return None
+        m = marker[0]
+        if m == 0x01 or 0xD0 <= m <= 0xD7:  # standalone markers carry no length
+            continue
+        length = int.from_bytes(f.read(2), "big")
+        if length < 2:
+            return None
+        if m in _SOF:
+            seg = f.read(5)
+            if len(seg) < 5:
+                return None
+            return ImageHeader(int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big"), orientation)
+        if m == 0xE1:
+            seg = f.read(length - 2)
+            if seg[:6] == b"Exif\x00\x00":
+                orientation = _exif_orientation(seg[6:])
+        else:
+            f.seek(length - 2, os.SEEK_CUR)
     return None
 
 
-def _load_json_coco(path: Path):
-    """pycocotools COCO for ``path``, quietly, with a clear error naming the file on bad JSON."""
-    import json
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 of an EXIF TIFF block; 1 when absent or unreadable."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for k in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        e = ifd + 2 + 12 * k
+        if e + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[e:e + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[e + 8:e + 10], order)  # a SHORT sits left-justified in the value field
+            return value if 1 <= value <= 8 else 1
+    return 1
 
+
+def image_frame(rec: ImageRecord, header: ImageHeader) -> tuple[int, int]:
+    """``(width, height)`` of the pixels :meth:`CocoDataset.load` returns for this image.
+
+    The stored pixels, EXIF orientation ignored, unless the JSON gives the rotated size of a non-square
+    image: COCO's width/height (and so its boxes) describe the stored pixels, which is what pycocotools
+    and PIL without ``exif_transpose`` see, while OpenCV would rotate by default.
+    """
+    w, h = header.width, header.height
+    if header.orientation >= 5 and w != h and (rec.width, rec.height) == (h, w):
+        return h, w
+    return w, h
+
+
+def check_geometry(split: SplitSpec, rec: ImageRecord, header: ImageHeader | None, report: LabelReport) -> None:
+    """Counts what :meth:`CocoDataset.load` will repair for this image, from file headers only.
+
+    Done while the label cache is built so that load-time repairs, which happen in DataLoader worker
+    processes, still appear in the one summary printed before training.
+    """
+    if header is not None:
+        frame: tuple[int, int] | None = image_frame(rec, header)
+        if rec.width and header.orientation != 1 and frame == (header.width, header.height):
+            report.add("EXIF-oriented images (tag ignored, stored pixels match the JSON)", rec.file)
+        if rec.width and frame != (rec.width, rec.height):
+            report.add("images of another size than the JSON's (labels rescaled)", rec.file)
+    else:  # a format whose header is not read here: trust the JSON
+        frame = (rec.width, rec.height) if rec.width else None
+    if split.semantic is None or frame is None:
+        return
+    png = split.semantic / (rec.file.rsplit(".", 1)[0] + ".png")
+    problem, map_header = inspect_image(png)
+    if problem == "missing image":
+        report.add("missing semantic maps (no semantic labels)", png.name)
+    elif problem is not None:
+        report.add("unreadable semantic maps (no semantic labels)", png.name)
+    elif map_header is not None and (map_header.width, map_header.height) != frame:
+        report.add("semantic maps of the wrong size (resized)", png.name)
+
+
+def _load_json_coco(path: Path, report: LabelReport):
+    """``(COCO, repaired)`` for ``path``, quietly; a clear error naming the file on bad JSON.
+
+    ``repaired``: the file was not valid UTF-8 and its bad bytes were replaced by U+FFFD. Entries that
+    pycocotools' index cannot take (not a mapping, no ``id``/``image_id``) are dropped and counted.
+    """
     from pycocotools.coco import COCO
 
-    try:
-        with open(path, "rb") as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images", []), list):
+    dataset, repaired = read_json(path)
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images", []), list) \
+            or not isinstance(dataset.get("annotations", []), list):
         raise DataError(f"{path}: not a COCO annotation file (no 'images' list)")
+    need = ("id", "image_id", "category_id") if "categories" in dataset else ("id", "image_id")
+    for key, keys, kind in (("annotations", need, "malformed annotation entries"), ("images", ("id",), "malformed image entries")):
+        if key not in dataset:
+            continue
+        ok = [isinstance(e, dict) and all(isinstance(e.get(k), (int, str)) for k in keys) for e in dataset[key]]
+        if not all(ok):  # createIndex would raise a bare KeyError (or TypeError: an unhashable id) on these
+            for i, good in enumerate(ok):
+                if not good:
+                    report.add(kind, f"{path.name}:{key}[{i}]")
+            dataset[key] = [e for e, good in zip(dataset[key], ok) if good]
+    if not isinstance(dataset.get("categories", []), list) or \
+            not all(isinstance(c, dict) and "id" in c for c in dataset.get("categories", [])):
+        raise DataError(f"{path}: malformed 'categories' (each needs an 'id')")
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    return coco
+    return coco, repaired
 
 
 def _polygons(seg, w: int, h: int) -> list[np.ndarray] | None:
@@ -120,9 +249,13 @@ def _polygons(seg, w: int, h: int) -> list[np.ndarray] | None:
         return None  # RLE (crowd) annotations carry no polygon
     polys = []
     for p in seg:
-        a = np.asarray(p, dtype=np.float32).reshape(-1, 2) if len(p) >= 6 and len(p) % 2 == 0 else None
-        if a is None or not np.isfinite(a).all():
+        try:
+            a = np.asarray(p, dtype=np.float32)
+        except (TypeError, ValueError):  # nested wrongly or not numbers
             continue
+        if a.ndim != 1 or a.size < 6 or a.size % 2 or not np.isfinite(a).all():
+            continue
+        a = a.reshape(-1, 2)
         a[:, 0] = a[:, 0].clip(0, w)
         a[:, 1] = a[:, 1].clip(0, h)
         if _area(a) > 1.0:
@@ -139,8 +272,10 @@ def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) 
     """Reads one split's annotation JSONs into records (no cache)."""
     cat_index = {cid: i for i, cid in enumerate(category_ids)}
     records: dict[int, ImageRecord] = {}
-    inst = _load_json_coco(split.instances) if split.instances else None
-    caps = _load_json_coco(split.captions) if split.captions else None
+    inst, inst_repaired = _load_json_coco(split.instances, report) if split.instances else (None, False)
+    caps, caps_repaired = _load_json_coco(split.captions, report) if split.captions else (None, False)
+    if inst_repaired:  # which strings held the bad bytes is unknown; a mangled file_name shows as missing
+        report.add("non-UTF-8 JSON files (bytes replaced)", split.instances.name)
     source = inst or caps
     if source is not None:
         for img in source.dataset.get("images", []):
@@ -190,6 +325,7 @@ def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) 
             rec.classes = np.asarray(c, np.int64)
             rec.segments = s
     if caps is not None:
+        mangled = 0
         for ann in caps.dataset.get("annotations", []):
             rec = records.get(ann.get("image_id"))
             text = ann.get("caption")
@@ -197,8 +333,15 @@ def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) 
                 report.add("captions of unknown images", str(ann.get("id")))
             elif not isinstance(text, str) or not text.strip():
                 report.add("empty captions", rec.file)
+            elif caps_repaired and "\ufffd" in text:
+                # skipped, not kept with a hole: the tokenizer would split the mangled word into false
+                # fragments, which the head would learn and a metric would score against
+                report.add("non-UTF-8 captions (skipped)", rec.file)
+                mangled += 1
             else:
                 rec.captions.append(" ".join(text.strip().split()))
+        if caps_repaired and not mangled:
+            report.add("non-UTF-8 JSON files (bytes replaced)", split.captions.name)
     return list(records.values())
 
 
@@ -219,11 +362,12 @@ def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, u
     records = parse_split(split, category_ids, local)
     good = []
     for rec in records:
-        problem = image_ok(split.images / rec.file)
+        problem, header = inspect_image(split.images / rec.file)
         if problem:
             local.add(problem + "s", rec.file)
-        else:
-            good.append(rec)
+            continue
+        check_geometry(split, rec, header, local)
+        good.append(rec)
     report.merge(local)
     if use_cache:
         tmp = cache.with_suffix(".cache.tmp")

@@ -85,10 +85,16 @@ class CocoDataset(Dataset):
         """Reads image ``index`` with its labels at original size; ``None`` if the image is unreadable."""
         split, rec = self.items[index]
         path = split.images / rec.file
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey/RGBA/16-bit all become 8-bit BGR
+        # grey/RGBA/16-bit all become 8-bit BGR. The EXIF orientation is ignored: COCO's width/height and
+        # boxes describe the stored pixels (OpenCV would rotate them away from their labels).
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is None:
             return None
         h, w = image.shape[:2]
+        if rec.width and (w, h) != (rec.width, rec.height) and (h, w) == (rec.width, rec.height):
+            rotated = cv2.imread(str(path), cv2.IMREAD_COLOR)  # the JSON describes the EXIF-rotated image
+            if rotated is not None and rotated.shape[:2] == (rec.height, rec.width):
+                image, (h, w) = rotated, rotated.shape[:2]
         boxes, segments = rec.boxes.copy(), [[p.copy() for p in s] for s in rec.segments]
         if rec.width and (rec.width, rec.height) != (w, h):  # JSON size disagrees (e.g. EXIF rotation): rescale
             sx, sy = w / rec.width, h / rec.height

@@ -1,0 +1,201 @@
+"""Inference speed of a yolor-mt model: eager (unfused, fused), onnxruntime and optionally TorchScript.
+
+    python benchmarks/speed.py --quick                  # nano cfg, random weights, 256/320 px, batch 1 and 8
+    python benchmarks/speed.py                          # 256/320/640 px
+    python benchmarks/speed.py --weights best.pt --torchscript --threads 4
+
+Prints one table of latency (ms per image) and throughput (images/s) per backend, size and batch, then
+parameters and GFLOPs per head (torch.utils.flop_counter, 2 FLOPs per multiply-add) and the speed ratios
+fused/unfused and onnxruntime/fused at batch 1, 320 px. Timed is the vision graph (every head's outputs,
+``cap_memory`` for captions, no NMS or caption decoding); the caption decoder's cost per step is listed with
+the FLOPs. Without --weights the model is ``--cfg`` with random weights (no training needed; speed does not
+depend on the values), with 13 semantic classes and a 60-word caption vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="", help="checkpoint .pt (default: --cfg with random weights)")
+    p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml", help="model cfg when no --weights")
+    p.add_argument("--sizes", nargs="+", type=int, default=None, help="square input sizes (default 256 320 640)")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes")
+    p.add_argument("--iters", type=int, default=None, help="timed runs per cell (default 10, --quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per cell (default 2, --quick 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for torch and onnxruntime (1: stable, comparable numbers; 0: library default)")
+    p.add_argument("--torchscript", action="store_true", help="also time a traced TorchScript module")
+    p.add_argument("--flops-img", type=int, default=640, help="input size of the params/GFLOPs table")
+    p.add_argument("--quick", action="store_true", help="sizes 256 320, 3 timed runs: a smoke-test run")
+    opt = p.parse_args(argv)
+    opt.sizes = opt.sizes or ([256, 320] if opt.quick else [256, 320, 640])
+    opt.iters = opt.iters or (3 if opt.quick else 10)
+    opt.warmup = opt.warmup if opt.warmup is not None else (1 if opt.quick else 2)
+    return opt
+
+
+def build_model(opt: argparse.Namespace):
+    """The model to time (eval mode, unfused) and a one-line description."""
+    from models.model import Model
+    from utils.checkpoint import build_from_checkpoint, load_checkpoint
+
+    if opt.weights:
+        model = build_from_checkpoint(load_checkpoint(opt.weights)).eval()
+        return model, f"{opt.weights}"
+    model = Model(ROOT / opt.cfg if not Path(opt.cfg).exists() else opt.cfg, nc=80,
+                  head_kwargs={"sem": {"num_classes": 13}, "cap": {"vocab_size": 60}}).eval()
+    return model, f"{opt.cfg} (random weights, nc 80, 13 semantic classes, vocab 60)"
+
+
+def time_fn(fn, x, warmup: int, iters: int) -> float:
+    """Median seconds of one call (median: robust to a stray slow run on a shared machine)."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def flops_table(model, fused_deploy, img: int) -> list[tuple[str, int | None, float]]:
+    """``(part, params, GFLOPs)`` rows: body, each head, the caption decoder per step (its parameters are in
+    the ``cap`` row), total."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        fused_deploy(torch.rand(1, 3, img, img))
+    counts = fc.get_flop_counts()
+    total = fc.get_total_flops()
+
+    def flops(name: str) -> int:
+        return int(sum(counts.get(name, {}).values()))
+
+    rows, head_flops, head_params = [], 0, 0
+    for task in model.tasks:
+        i = model.head_index[task]
+        f = flops(f"DeployModel.model.layers.{i}")
+        p = sum(t.numel() for t in model.head(task).parameters())
+        label = "cap (memory)" if task == "cap" else task
+        rows.append((label, p, f / 1e9))
+        head_flops, head_params = head_flops + f, head_params + p
+    n_params = sum(t.numel() for t in model.parameters())
+    rows.insert(0, ("body", n_params - head_params, (total - head_flops) / 1e9))
+    if "cap" in model.tasks:  # one greedy step at half the longest caption, memory from this image size
+        head = model.head("cap")
+        memory = torch.rand(1, sum((img // int(s)) ** 2 for s in head.strides), head.d_model)
+        tokens = torch.ones(1, max(1, head.max_len // 2), dtype=torch.long)
+        with FlopCounterMode(display=False) as fc2, torch.inference_mode():
+            head.decode_step(memory, tokens)
+        rows.append((f"cap decoder/step (T={tokens.shape[1]})", None, fc2.get_total_flops() / 1e9))
+    rows.append(("total (vision graph)", n_params, total / 1e9))
+    return rows
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    import torch
+
+    from models.model import format_counts, module_counts
+    from utils.export import DeployModel, export_metadata, export_vision, quiet_export
+    from utils.inference import ort_session
+
+    if opt.threads > 0:
+        torch.set_num_threads(opt.threads)
+    threads = torch.get_num_threads()
+    model, desc = build_model(opt)
+    unfused = DeployModel(model)
+    fused_model = copy.deepcopy(model).fuse()
+    fused = DeployModel(fused_model)
+    names = fused.output_names
+    print(f"model: {desc}\n       {model.info()}")
+    print(f"fuse:  {format_counts(module_counts(model))} -> {format_counts(module_counts(fused_model))}")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {threads} thread(s); torch {torch.__version__}; "
+          f"{opt.warmup} warm-up + {opt.iters} timed runs per cell (median)")
+
+    backends: dict[str, dict[int, object]] = {}  # name -> size -> callable(x: tensor)
+
+    def eager(deploy):
+        def run(x):
+            with torch.inference_mode():
+                deploy(x)
+        return run
+
+    backends["eager unfused"] = {s: eager(unfused) for s in opt.sizes}
+    backends["eager fused"] = {s: eager(fused) for s in opt.sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speed.onnx"
+        x0 = torch.rand(1, 3, opt.sizes[0], opt.sizes[0])
+        export_vision(fused, x0, path, 17, True, export_metadata(fused_model, (opt.sizes[0],) * 2, 1, None, True,
+                                                                 False, "speed"))
+        sess = ort_session(path, "cpu", threads)
+
+        def ort_run(x):
+            sess.run(names, {"images": x.numpy()})
+
+        backends["onnxruntime"] = {s: ort_run for s in opt.sizes}
+        if opt.torchscript:
+            ts = {}
+            with quiet_export():
+                for s in opt.sizes:  # one trace per size: Python shape checks are frozen into a trace
+                    ts[s] = eager(torch.jit.trace(fused, (torch.rand(1, 3, s, s),), check_trace=False, strict=False))
+            backends["torchscript"] = ts
+
+        results: dict[tuple[str, int, int], float] = {}
+        for s in opt.sizes:
+            for b in opt.batches:
+                x = torch.rand(b, 3, s, s)
+                for name, fns in backends.items():
+                    results[name, s, b] = time_fn(fns[s], x, opt.warmup, opt.iters) / b  # seconds per image
+
+    cols = list(backends)
+    head = f"{'size':>5} {'batch':>5} |" + "|".join(f"{c:^21}" for c in cols)
+    sub = f"{'':>11} |" + "|".join(f"{'ms/img':>10}{'img/s':>10} " for _ in cols)
+    print("\n" + head + "\n" + sub + "\n" + "-" * len(head))
+    for s in opt.sizes:
+        for b in opt.batches:
+            cells = "|".join(f"{1e3 * results[c, s, b]:>10.2f}{1 / results[c, s, b]:>10.1f} " for c in cols)
+            print(f"{s:>5} {b:>5} |{cells}")
+
+    rows = flops_table(fused_model, fused, opt.flops_img)
+    print(f"\n{'part':<26}{'params':>12}{f'GFLOPs@{opt.flops_img}':>14}")
+    for part, p, g in rows:
+        print(f"{part:<26}{'-' if p is None else f'{p:,}':>12}{g:>14.3f}")
+
+    s_ref = 320 if 320 in opt.sizes else opt.sizes[0]
+    b_ref = 1 if 1 in opt.batches else opt.batches[0]
+    r = {c: results[c, s_ref, b_ref] for c in cols}
+    print(f"\nat batch {b_ref}, {s_ref} px: fused/unfused latency {r['eager fused'] / r['eager unfused']:.2f}x, "
+          f"ORT/fused {r['onnxruntime'] / r['eager fused']:.2f}x"
+          + (f", TorchScript/fused {r['torchscript'] / r['eager fused']:.2f}x" if "torchscript" in r else "")
+          + "  (< 1: faster)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

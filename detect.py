@@ -1,0 +1,210 @@
+"""Run a yolor-mt model (.pt checkpoint or exported .onnx) on images, videos, webcams and streams.
+
+    python detect.py --source img.jpg                           # newest runs/train/exp*/weights/best.pt
+    python detect.py --weights best.onnx --source images/       # a folder, a glob 'dir/*.jpg' or a list.txt
+    python detect.py --weights best.pt --source video.mp4 --save-json --save-txt --save-masks
+    python detect.py --weights best.pt --source 0               # webcam 0; rtsp:// or http(s):// for streams
+
+Annotated images and videos (boxes, instance masks, semantic overlay, caption banner) are written to
+runs/detect/exp*/ under the source's name. A demo video to try this on:
+    python -m utils.sources --demo-video video.mp4 --data data/shapes.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="", help=".pt or .onnx (default: newest runs/train/exp*/weights/best.pt)")
+    p.add_argument("--source", required=True, help="file, folder, glob, .txt list, video, webcam index or stream URL")
+    p.add_argument("--img", "--img-size", nargs="+", type=int, default=[640], help="inference size: one value or h w")
+    p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--device", default="", help="cuda device (0, 1, ...) or cpu; default: CUDA if available")
+    p.add_argument("--view-img", action="store_true", help="show results in a window")
+    p.add_argument("--save-txt", action="store_true", help="save YOLO-format labels to labels/*.txt")
+    p.add_argument("--save-conf", action="store_true", help="add the confidence to --save-txt lines")
+    p.add_argument("--save-json", action="store_true", help="save COCO results (predictions.json) and captions.json")
+    p.add_argument("--save-masks", action="store_true", help="save semantic maps to masks/*.png (category_id - 1)")
+    p.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")
+    p.add_argument("--classes", nargs="+", type=int, help="keep only these class indices")
+    p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
+    p.add_argument("--half", action="store_true", help="FP16 inference (CUDA, .pt only)")
+    p.add_argument("--vid-stride", type=int, default=1, help="use every n-th video/stream frame")
+    p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap to show/save (default: all heads)")
+    p.add_argument("--semantic-alpha", type=float, default=0.4, help="opacity of the semantic overlay (0 = off)")
+    p.add_argument("--beam", type=int, default=1, help="caption beam width (1 = greedy)")
+    p.add_argument("--project", default="runs/detect", help="save results to project/name")
+    p.add_argument("--name", default="exp", help="save results to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    return p.parse_args(argv)
+
+
+class VideoSaver:
+    """One cv2.VideoWriter per source video/stream, opened at its first frame with the source's fps and size."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.writer = None
+        self.path: Path | None = None
+
+    def write(self, key: str, path: Path, frame, fps: float) -> None:
+        import cv2
+
+        if key != self.key:
+            self.close()
+            h, w = frame.shape[:2]
+            self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            if not self.writer.isOpened():
+                raise ValueError(f"cannot write video {path} (OpenCV has no mp4v encoder?)")
+            self.key, self.path = key, path
+        self.writer.write(frame)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        self.key, self.writer = None, None
+
+
+def run(opt: argparse.Namespace) -> Path:
+    """Runs detection over ``opt.source``; returns the folder results were saved to."""
+    import cv2
+
+    from utils.draw import annotate
+    from utils.inference import Predictor, coco_results, load_backend, semantic_png, summarize, yolo_lines
+    from utils.sources import LoadSource
+    from utils.torch_utils import increment_path, latest_run
+
+    weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
+    if not weights:
+        raise FileNotFoundError("no --weights given and no runs/train/exp*/weights/best.pt found; "
+                                "train a model first with: python train.py")
+    if not 0 <= opt.semantic_alpha <= 1:
+        raise ValueError(f"--semantic-alpha {opt.semantic_alpha}: must be within [0, 1]")
+    if opt.beam < 1:
+        raise ValueError(f"--beam {opt.beam}: must be >= 1")
+    source = LoadSource(opt.source, opt.vid_stride)  # validated before the model loads: bad input fails fast
+    half = opt.half
+    if half and (str(weights).endswith(".onnx") or opt.device == "cpu" or not _cuda()):
+        print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an .onnx keeps its export precision)")
+        half = False
+    backend = load_backend(weights, opt.device, half)
+    tasks = [t.strip() for t in opt.tasks.split(",") if t.strip()] if opt.tasks else None
+    predictor = Predictor(backend, opt.img, opt.conf_thres, opt.iou_thres, opt.max_det, opt.classes,
+                          opt.agnostic_nms, tasks, opt.beam)
+    info = predictor.info
+    for note in predictor.notes:
+        print(f"note: {note}")
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if opt.save_txt:
+        (save_dir / "labels").mkdir(exist_ok=True)
+    save_masks = opt.save_masks and "sem" in predictor.tasks
+    if opt.save_masks and not save_masks:
+        print("note: --save-masks ignored: no semantic head (or 'sem' not in --tasks)")
+    if save_masks:
+        (save_dir / "masks").mkdir(exist_ok=True)
+    h, w = predictor.img_hw
+    print(f"{weights}: {backend.name}, tasks {','.join(predictor.tasks)}, input {h}x{w}")
+
+    videos, view = VideoSaver(), opt.view_img
+    coco, captions = [], {}
+    totals = {"pre": 0.0, "infer": 0.0, "post": 0.0}
+    seen, n_files, last_file = 0, len(source), None
+    file_i = 0
+    try:
+        for frame in source:
+            results, t = predictor([frame.image])
+            r = results[0]
+            for k in totals:
+                totals[k] += t[k]
+            seen += 1
+            src = Path(frame.path)
+            if frame.path != last_file:
+                file_i, last_file = file_i + 1, frame.path
+            if frame.video is None:
+                stem, key = src.stem, src.name
+                prefix = f"image {file_i}/{n_files} {frame.path}:"
+            else:
+                stem = f"{source.stream_name() if frame.video.stream else src.stem}_{frame.index}"
+                key = stem
+                total = f"/{frame.video.frames}" if frame.video.frames else ""
+                where = f"video {file_i}/{n_files} " if not frame.video.stream else ""
+                prefix = f"{where}({frame.index + 1}{total}) {frame.path}:"
+            need_image = not opt.nosave or view
+            annotated = annotate(frame.image, r, info.names, opt.semantic_alpha,
+                                 boxes="det" in predictor.tasks) if need_image else None
+            if not opt.nosave:
+                if frame.video is None:
+                    cv2.imwrite(str(save_dir / src.name), annotated)
+                else:
+                    name = source.stream_name() if frame.video.stream else src.stem
+                    videos.write(frame.path, save_dir / f"{name}.mp4", annotated,
+                                 frame.video.fps / opt.vid_stride)
+            if opt.save_txt:
+                lines = yolo_lines(r, opt.save_conf)
+                (save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+            if opt.save_json:
+                coco += coco_results(r, int(stem) if stem.isnumeric() else stem, info.category_ids)
+                if r.caption is not None:
+                    captions[key] = r.caption
+            if save_masks:
+                cv2.imwrite(str(save_dir / "masks" / f"{stem}.png"), semantic_png(r.semantic, info.semantic_ids))
+            if view:
+                view = _show(frame.path, annotated)
+            cap = f" '{r.caption}'" if r.caption is not None else ""
+            print(f"{prefix} {r.orig_shape[0]}x{r.orig_shape[1]} {summarize(r, info.names)}{cap} "
+                  f"({t['pre']:.1f}ms pre, {t['infer']:.1f}ms infer, {t['post']:.1f}ms post)")
+    except KeyboardInterrupt:  # a webcam or stream ends when the user says so; keep what was written
+        print("interrupted")
+    finally:
+        videos.close()
+    if opt.save_json:
+        (save_dir / "predictions.json").write_text(json.dumps(coco))
+        if captions:
+            (save_dir / "captions.json").write_text(json.dumps(captions, indent=1))
+    n = max(seen, 1)
+    print(f"Speed: {totals['pre'] / n:.1f}ms pre-process, {totals['infer'] / n:.1f}ms inference, "
+          f"{totals['post'] / n:.1f}ms post-process per image at shape (1, 3, {h}, {w}); {seen} frame(s)")
+    saved = [] if opt.nosave else ["annotated media"]
+    saved += ["labels/*.txt"] * opt.save_txt + ["predictions.json"] * opt.save_json + ["masks/*.png"] * save_masks
+    print(f"Results saved to {save_dir}" + (f" ({', '.join(saved)})" if saved else ""))
+    return save_dir
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _show(name: str, image) -> bool:
+    """Shows a frame; returns False (and says why once) when this OpenCV build has no GUI."""
+    import cv2
+
+    try:
+        cv2.imshow(name, image)
+        cv2.waitKey(1)
+        return True
+    except cv2.error:
+        print("note: --view-img disabled: this OpenCV build has no GUI support (opencv-python-headless)")
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    try:
+        run(opt)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
