@@ -197,13 +197,9 @@ def _show(name: str, image) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opt = parse_opt(argv)
-    try:
-        run(opt)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from utils.cli import run_cli
+
+    return run_cli(run, parse_opt(argv))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ def run(opt: argparse.Namespace) -> dict[str, Path]:
     if cap_msg:
         print(cap_msg)
     if problems:
-        raise ValueError("verification failed: " + "; ".join(problems))
+        kept = f" (files kept for inspection: {', '.join(p.name for p in files.values())})" if files else ""
+        raise ValueError("verification failed: " + "; ".join(problems) + kept)
     print(f"export success: {', '.join(str(p) for p in files.values())}")
     if "onnx" in files:
         print(f"run it: python detect.py --weights {files['onnx']} --source <images|video|0>")
@@ -232,13 +233,9 @@ def _simplify(files: dict[str, Path], model, ref: dict, x, img_hw, device, tol: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    opt = parse_opt(argv)
-    try:
-        run(opt)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from utils.cli import run_cli
+
+    return run_cli(run, parse_opt(argv))
 
 
 if __name__ == "__main__":

@@ -98,12 +98,9 @@ def print_report(res, data) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_opt(argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from utils.cli import run_cli
+
+    return run_cli(run, parse_opt(argv))
 
 
 if __name__ == "__main__":

@@ -37,19 +37,18 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="task loss balancing (fixed = gains from the hyp file)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun, CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    p.add_argument("--plots", dest="plots", action="store_true", default=True,
+                   help="write pictures and report.html into the run folder (default)")
+    p.add_argument("--noplots", "--no-plots", dest="plots", action="store_false",
+                   help="no pictures and no report.html (results.csv, weights and TensorBoard scalars only)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    opt = parse_opt(argv)
+    from utils.cli import run_cli
     from utils.trainer import NonFiniteLossError, Trainer
 
-    try:
-        Trainer(opt).run()
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:  # one clear line, no traceback wall
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda opt: Trainer(opt).run(), parse_opt(argv), extra=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Inference speed of a yolor-mt model: eager (unfused, fused), onnxruntime and optionally TorchScript.
 
-    python benchmarks/speed.py --quick                  # nano cfg, random weights, 256/320 px, batch 1 and 8
-    python benchmarks/speed.py                          # 256/320/640 px
-    python benchmarks/speed.py --weights best.pt --torchscript --threads 4
+    python -m benchmarks.speed --quick                  # nano cfg, random weights, 256/320 px, batch 1 and 8
+    python -m benchmarks.speed                          # 256/320/640 px
+    python -m benchmarks.speed --weights best.pt --torchscript --threads 4
 
 Prints one table of latency (ms per image) and throughput (images/s) per backend, size and batch, then
 parameters and GFLOPs per head (torch.utils.flop_counter, 2 FLOPs per multiply-add) and the speed ratios
@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +52,7 @@ def build_model(opt: argparse.Namespace):
     if opt.weights:
         model = build_from_checkpoint(load_checkpoint(opt.weights)).eval()
         return model, f"{opt.weights}"
-    model = Model(ROOT / opt.cfg if not Path(opt.cfg).exists() else opt.cfg, nc=80,
+    model = Model(opt.cfg, nc=80,
                   head_kwargs={"sem": {"num_classes": 13}, "cap": {"vocab_size": 60}}).eval()
     return model, f"{opt.cfg} (random weights, nc 80, 13 semantic classes, vocab 60)"
 

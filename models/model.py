@@ -10,7 +10,7 @@ from torch import nn
 
 from models.common import Concat, Conv
 from models.implicit import Implicit, fold_into_next_conv
-from models.parser import Row, load_cfg, parse_model
+from models.parser import load_cfg, parse_model
 
 
 @dataclass

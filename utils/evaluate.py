@@ -30,6 +30,8 @@ class EvalResult:
     semantic_confusion: object = None
     speed_ms: dict[str, float] = field(default_factory=dict)
     images: int = 0
+    image_ids: list[int] = field(default_factory=list)  # every evaluated image, with or without detections
+    ground_truth: object = None  # the pycocotools COCO of the boxes/masks scored (reused by the PR curves)
 
 
 def to_float(images: torch.Tensor, device: torch.device, half: bool = False) -> torch.Tensor:
@@ -124,11 +126,13 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
         t_pre, t_inf, t_nms = t_pre + t1 - t0, t_inf + t2 - t1, t_nms + t3 - t2
     n = max(len(seen), 1)
     result.images = len(seen)
+    result.image_ids = [int(i) for i in seen]
     result.speed_ms = {"pre": 1e3 * t_pre / n, "inference": 1e3 * t_inf / n, "nms": 1e3 * t_nms / n}
     result.metrics.update({f"val/{k}": v / n for k, v in loss_sums.items()})
     inst_files = [s.instances for s in {id(s): s for s, _ in dataset.items}.values() if s.instances]
     if "det" in model.tasks and inst_files:
         gt = load_ground_truth(inst_files)
+        result.ground_truth = gt
         box = coco_map(gt, result.detections, seen, category_ids, "bbox")
         result.metrics.update({"box_map": box["map"], "box_map50": box["map50"], "box_map75": box["map75"]})
         result.per_class["box"] = box["per_class"]

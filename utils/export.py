@@ -116,7 +116,7 @@ class BatchedNMS(nn.Module):
         score = conf[b, a]
         # Rank every image's selections by score: a (B, K) table holding each selection's score in its own
         # image's row and -1 elsewhere, padded with max_det columns of -1 so top-k always has max_det entries.
-        # (Built by broadcasting rather than from sizes, so nothing in the graph depends on a traced size.)
+        # Built by broadcasting, not allocated from sizes; sizes that are read (K) become Shape ops, i.e. dynamic.
         own = b.unsqueeze(0) == torch.arange(pred.shape[0], device=pred.device).unsqueeze(1)  # (B, K)
         table = torch.where(own, score.unsqueeze(0), torch.full_like(score.unsqueeze(0), -1.0))
         table = torch.cat((table, (conf[:, :1] * 0 - 1).repeat(1, c.max_det)), 1)

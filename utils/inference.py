@@ -167,8 +167,10 @@ class PyTorchBackend:
         self.nms: dict | None = None
         self.name = f"PyTorch ({self.device}{', fp16' if self.fp16 else ''})"
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(images).to(self.device, torch.float16 if self.fp16 else torch.float32)
+    def __call__(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """``(B, 3, H, W)`` float RGB 0..1 -> named outputs as numpy (float32 / int64)."""
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
+        x = x.to(self.device, torch.float16 if self.fp16 else torch.float32)
         with torch.inference_mode():
             outs = self.deploy(x)
         return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in zip(self.output_names, outs)}
@@ -228,7 +230,10 @@ class OnnxBackend:
             self.memory_fp16 = "float16" in self.decoder.get_inputs()[0].type
         self.name = f"ONNX Runtime ({self.session.get_providers()[0]})"
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """``(B, 3, H, W)`` float RGB 0..1 -> named outputs as numpy (float32 / int64)."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
         x = images.astype(np.float16 if self.fp16 else np.float32, copy=False)
         outs = self.session.run(self.output_names, {self.input_name: x})
         return {n: o.astype(np.float32) if o.dtype == np.float16 else o for n, o in zip(self.output_names, outs)}
@@ -354,7 +359,9 @@ def postprocess(outputs: dict[str, np.ndarray], info: ModelInfo, boxes: list[Let
     tasks = info.tasks if tasks is None else tasks
     results = []
     dets, idx = [], []
-    if "det_pred" in outputs:
+    if "det" not in tasks and "inst" not in tasks:  # no detection results asked for (masks need the boxes)
+        pass
+    elif "det_pred" in outputs:
         dets, idx = non_max_suppression(torch.from_numpy(outputs["det_pred"]).float(), conf_thres, iou_thres,
                                         classes, agnostic, max_det, return_indices=True)
     elif "det_count" in outputs:
@@ -454,9 +461,6 @@ class Predictor:
         t2 = time.perf_counter()
         results = postprocess(outputs, self.info, boxes, self.conf_thres, self.iou_thres, self.max_det, self.classes,
                               self.agnostic, self.tasks, captions)
-        if "det" not in self.tasks and "inst" not in self.tasks:
-            for r in results:  # no detection results were asked for
-                r.boxes, r.scores, r.classes = r.boxes[:0], r.scores[:0], r.classes[:0]
         t3 = time.perf_counter()
         return results, {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
 

@@ -157,14 +157,12 @@ class LoadSource:
         for f in self.files:
             if is_video(f):
                 probe_video(f)
-
-    @property
-    def n_images(self) -> int:
-        return sum(is_image(f) for f in self.files)
-
-    @property
-    def n_videos(self) -> int:
-        return sum(is_video(f) for f in self.files)
+        self._cap = None
+        if self.stream:  # opened here, so an unreachable camera or URL fails before any work is done
+            self._cap = cv2.VideoCapture(int(self.source) if self.webcam else self.source)
+            if not self._cap.isOpened():
+                self._cap.release()
+                raise SourceError(f"cannot open {'webcam' if self.webcam else 'stream'} {self.source}")
 
     def __len__(self) -> int:
         """Number of files (0 for a webcam or stream)."""
@@ -179,7 +177,10 @@ class LoadSource:
 
     def __iter__(self) -> Iterator[Frame]:
         if self.stream:
-            yield from self._capture(int(self.source) if self.webcam else self.source, self.stream_name(), True)
+            cap, self._cap = self._cap, None
+            if cap is None:  # iterated a second time
+                cap = cv2.VideoCapture(int(self.source) if self.webcam else self.source)
+            yield from self._capture(cap, self.source, self.stream_name(), True)
             return
         for f in self.files:
             if is_image(f):
@@ -188,14 +189,13 @@ class LoadSource:
                     raise SourceError(f"cannot read image {f}: not a valid image file")
                 yield Frame(str(f), image, 0, None)
             else:
-                yield from self._capture(str(f), str(f), False)
+                yield from self._capture(cv2.VideoCapture(str(f)), str(f), str(f), False)
 
-    def _capture(self, target: str | int, name: str, stream: bool) -> Iterator[Frame]:
-        cap = cv2.VideoCapture(target)
+    def _capture(self, cap: cv2.VideoCapture, target: str, name: str, stream: bool) -> Iterator[Frame]:
+        """Frames of an opened capture (released at the end); ``target`` names it in errors."""
         try:
             if not cap.isOpened():
-                what = "webcam" if isinstance(target, int) else "stream" if stream else "video"
-                raise SourceError(f"cannot open {what} {target}")
+                raise SourceError(f"cannot open {'stream' if stream else 'video'} {target}")
             info = _video_info(cap, stream)
             index, read = 0, 0
             while True:

@@ -27,7 +27,7 @@ from utils.distributed import barrier, broadcast_object, cleanup, init_distribut
 from utils.ema import ModelEMA, unwrap
 from utils.evaluate import evaluate, fitness, to_float
 from utils.loss.multitask import MultiTaskLoss
-from utils.plots import plot_results
+from utils.loggers import RunLogger
 from utils.torch_utils import increment_path, select_device, set_seed
 from utils.vocab import Vocabulary
 
@@ -164,6 +164,9 @@ class Trainer:
             # unused: the caption decoder in batches without captions (its loss is masked out)
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.cuda else None, find_unused_parameters=True)
+        self.last_eval = None  # the latest validation (its predictions feed the curves drawn at the end)
+        self.logger = RunLogger(self.save_dir, self.data.names, self.data.semantic_names, enabled=self.dist.main,
+                                plots=getattr(opt, "plots", True))  # checkpoints from before --plots: on
         if self.dist.main:
             with open(self.save_dir / "opt.yaml", "w") as f:
                 yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, f, sort_keys=False)
@@ -285,6 +288,9 @@ class Trainer:
         warmup = max(round(hyp.get("warmup_epochs", 3) * nb), 100) if hyp.get("warmup_epochs", 3) > 0 else 0
         results_csv = self.save_dir / "results.csv"
         max_nonfinite, nonfinite_run = int(hyp.get("max_nonfinite", 10)), 0
+        if not (self.save_dir / "labels.jpg").is_file():
+            cap_words = int(hyp.get("cap_max_len", 24)) - 2 if self.vocab is not None else None  # <bos>, <eos>
+            self.logger.labels(self.train_set, self.vocab, cap_words)
         for epoch in range(self.start_epoch, opt.epochs):
             self.model.train()
             self.train_set.epoch = epoch
@@ -308,7 +314,10 @@ class Trainer:
                         if "momentum" in g:
                             g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))
                 x = to_float(batch.images, self.device)
-                head_inputs = {k: v.to(self.device) for k, v in self.loss.head_inputs(batch, ni).items()}
+                inputs = self.loss.head_inputs(batch, ni)
+                head_inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                if epoch == 0 and i < 3:  # label check: drawn in a background thread from this very batch
+                    self.logger.train_batch(i, batch, inputs.get("captions"), self.vocab, "cap" in self.model.tasks)
                 with torch.autocast(device_type=self.device.type, enabled=self.cuda):
                     out = self.net(x, **head_inputs)
                     loss, parts = self.loss(out, batch, head_inputs)
@@ -361,8 +370,10 @@ class Trainer:
                 for k in ("optimizer", "scheduler", "scaler", "rng"):
                     ckpt.pop(k, None)
                 save_checkpoint(ckpt, f)
-        if results_csv.is_file():
-            plot_results(results_csv)
+        # pictures that need the trained model or the whole run: once, after training, off the hot path
+        self.logger.finish(model=self.ema.ema, val_loader=self.val_loader, eval_result=self.last_eval,
+                           tasks=self.model.tasks, vocab=self.vocab, category_ids=self.data.category_ids,
+                           results_csv=results_csv, balance=opt.balance, epoch=opt.epochs - 1)
         print(f"results saved to {self.save_dir}")
         cleanup(self.dist)
         return self.save_dir
@@ -377,6 +388,7 @@ class Trainer:
                            loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
                            num_semantic=len(self.data.semantic_ids))
             row |= res.metrics
+            self.last_eval = res
         row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
         fit = fitness(row)
         if fit > self.best_fitness or self.best_fitness < 0:
@@ -386,6 +398,7 @@ class Trainer:
         if opt.save_period > 0 and (epoch + 1) % opt.save_period == 0:
             save_checkpoint(self.checkpoint(epoch), self.wdir / f"epoch{epoch + 1}.pt")
         write_results(results_csv, row)
+        self.logger.epoch(row, epoch)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                        if not k.startswith("lr/")))
         patience = getattr(opt, "patience", 0)
