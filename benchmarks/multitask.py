@@ -35,11 +35,15 @@ def main() -> None:
     p.add_argument("--data", default="data/shapes.yaml")
     p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml")
     p.add_argument("--balance", default="fixed")
+    p.add_argument("--hyp", default="data/hyps/hyp.scratch.yaml")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--project", default="runs/bench/multitask")
     p.add_argument("--only", default="", help="comma list of runs to (re)train; others are read from --project")
     opt = p.parse_args()
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
     only = set(opt.only.split(",")) if opt.only else set(RUNS)
     rows = {}
     for name, tasks in RUNS.items():
@@ -48,7 +52,7 @@ def main() -> None:
         if name in only or not (run / "results.csv").is_file():
             args = ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
                     "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers", str(opt.workers),
-                    "--tasks", tasks, "--balance", opt.balance, "--device", "cpu"]
+                    "--tasks", tasks, "--balance", opt.balance, "--device", "cpu", "--hyp", opt.hyp]
             run, minutes = run_training(args, Path(opt.project), name)
         results = read_results(run)
         model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt"))

@@ -27,14 +27,18 @@ def main() -> None:
     p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml")
     p.add_argument("--data", default="data/shapes.yaml")
     p.add_argument("--balance", default="fixed")
+    p.add_argument("--hyp", default="data/hyps/hyp.scratch.yaml")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--project", default="runs/bench")
     p.add_argument("--name", default="budget")
     opt = p.parse_args()
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
     args = ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
             "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers", str(opt.workers),
-            "--balance", opt.balance, "--device", "cpu"] + (["--tasks", opt.tasks] if opt.tasks else [])
+            "--balance", opt.balance, "--device", "cpu", "--hyp", opt.hyp] + (["--tasks", opt.tasks] if opt.tasks else [])
     run, minutes = run_training(args, Path(opt.project), opt.name)
     rows = read_results(run)
     cols = [c for c in SHOWN if c in rows[0]]

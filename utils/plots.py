@@ -569,6 +569,13 @@ def draw_mosaic(images: np.ndarray | torch.Tensor, tiles: list[TileLabels], name
     return canvas
 
 
+def imwrite(path: Path | str, image: np.ndarray) -> None:
+    """Writes a BGR picture (JPEG at quality 90: mosaics are photos, PNG would be ~5x larger)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if str(path).lower().endswith((".jpg", ".jpeg")) else []
+    if not cv2.imwrite(str(path), image, params):
+        raise OSError(f"cannot write {path}")
+
+
 def _targets_of(batch: "Batch", b: int) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
     """Boxes, classes and polygons of image ``b`` of a batch (``segments`` is aligned with ``targets``)."""
     t = batch.targets.cpu().numpy() if isinstance(batch.targets, torch.Tensor) else np.asarray(batch.targets)
@@ -616,8 +623,7 @@ def plot_train_batch(batch: "Batch", path: Path, names: list[str], semantic_name
             cap = captions[b] if b < len(captions) else None
             tl.text.append((f"cap: {cap}", WHITE) if cap else ("no caption (strong view)", GREY))
         tiles.append(tl)
-    canvas = draw_mosaic(batch.images, tiles, names, semantic_names, title=title)
-    cv2.imwrite(str(path), canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    imwrite(path, draw_mosaic(batch.images, tiles, names, semantic_names, title=title))
     return Path(path)
 
 
@@ -629,6 +635,8 @@ class BatchPredictions:
     masks: list[np.ndarray | None]
     semantic: list[np.ndarray | None]
     captions: list[str | None]
+    max_conf: list[float] = field(default_factory=list)  # best class score per image, kept or not
+    conf: float = 0.25
 
 
 @torch.no_grad()
@@ -646,7 +654,9 @@ def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf
     B, h, w = len(batch), *batch.images.shape[2:]
     dets: list[np.ndarray] = [np.zeros((0, 6), np.float32)] * B
     masks: list[np.ndarray | None] = [None] * B
+    max_conf = [0.0] * B
     if out.det is not None:
+        max_conf = out.det.pred[..., 4:].float().amax((1, 2)).tolist()
         d, idx = non_max_suppression(out.det.pred.float(), conf, iou, max_det=max_det, return_indices=True)
         dets = [x.cpu().numpy() for x in d]
         if out.inst is not None:
@@ -667,7 +677,7 @@ def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf
     caps: list[str | None] = [None] * B
     if out.cap is not None and vocab is not None and out.cap.tokens is not None:
         caps = vocab.decode_batch(out.cap.tokens)
-    return BatchPredictions(dets=dets, masks=masks, semantic=sem, captions=caps)
+    return BatchPredictions(dets=dets, masks=masks, semantic=sem, captions=caps, max_conf=max_conf, conf=conf)
 
 
 def plot_val_batch(batch: "Batch", preds: BatchPredictions, labels_path: Path, pred_path: Path, names: list[str],
@@ -685,8 +695,12 @@ def plot_val_batch(batch: "Batch", preds: BatchPredictions, labels_path: Path, p
         gt = TileLabels(boxes=boxes, classes=classes, polygons=polys,
                         semantic=batch.semantic[b].numpy() if sem_ok[b] else None, text=[ident])
         d = preds.dets[b]
+        # say how confident the model is at all: an empty tile of a young model is "nothing above conf"
+        best = preds.max_conf[b] if b < len(preds.max_conf) else float("nan")
+        count = (f"#{batch.image_ids[b]}  " if b < len(batch.image_ids) else "") + \
+            f"{len(d)} boxes > {conf:g} (best score {best:.2f})"
         pr = TileLabels(boxes=d[:, :4], classes=d[:, 5].astype(np.int64), scores=d[:, 4], masks=preds.masks[b],
-                        semantic=preds.semantic[b], text=[ident])
+                        semantic=preds.semantic[b], text=[(count, GREY)])
         if captions:
             gt.text.append((f"ref: {ref}" if ref else "ref: (none)", WHITE if ref else GREY))
             pred_cap = preds.captions[b] if b < len(preds.captions) else None
@@ -694,9 +708,7 @@ def plot_val_batch(batch: "Batch", preds: BatchPredictions, labels_path: Path, p
             pr.text.append((f"ref: {ref}" if ref else "ref: (none)", WHITE if ref else GREY))
         gt_tiles.append(gt)
         pred_tiles.append(pr)
-    cv2.imwrite(str(labels_path), draw_mosaic(batch.images, gt_tiles, names, semantic_names, title="labels"),
-                [cv2.IMWRITE_JPEG_QUALITY, 90])
-    cv2.imwrite(str(pred_path), draw_mosaic(batch.images, pred_tiles, names, semantic_names,
-                                            title=f"predictions (final EMA model, conf > {conf:g})"),
-                [cv2.IMWRITE_JPEG_QUALITY, 90])
+    imwrite(labels_path, draw_mosaic(batch.images, gt_tiles, names, semantic_names, title="labels"))
+    imwrite(pred_path, draw_mosaic(batch.images, pred_tiles, names, semantic_names,
+                                   title=f"predictions (final EMA model, conf > {conf:g})"))
     return Path(labels_path), Path(pred_path)

@@ -148,7 +148,7 @@ th {{ background: #f0f0f0; }} table.metrics td:nth-child(n+2) {{ text-align: rig
 .grid {{ display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }}
 .figs, .pair {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
 figure {{ margin: 0; }} figure img {{ max-width: 100%; border: 1px solid #ddd; }}
-.figs figure {{ max-width: 780px; }} .pair figure {{ max-width: calc(50% - 0.5em); }}
+.figs figure {{ max-width: 780px; }} .figs figure.wide {{ max-width: 100%; }} .pair figure {{ max-width: calc(50% - 0.5em); }}
 figcaption {{ font-size: 0.85em; color: #555; }}
 </style></head><body>
 {chr(10).join(parts)}
@@ -161,9 +161,14 @@ figcaption {{ font-size: 0.85em; color: #555; }}
     return out
 
 
+WIDE = {"results.png", "labels.jpg"}  # many panels: shown at the page width
+
+
 def _figure(file: str, caption: str) -> str:
     f = html.escape(file)
-    return f'<figure><a href="{f}"><img src="{f}" alt="{f}" loading="lazy"></a><figcaption>{html.escape(caption)}</figcaption></figure>'
+    cls = ' class="wide"' if file in WIDE else ""
+    return (f'<figure{cls}><a href="{f}"><img src="{f}" alt="{f}" loading="lazy"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def main(argv: list[str] | None = None) -> int:
