@@ -28,7 +28,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="alternate the two settings this many times")
     p.add_argument("--project", default="runs/bench")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier "
+                   "on a machine shared with other jobs")
     opt = p.parse_args()
+    if opt.threads > 0:
+        torch.set_num_threads(opt.threads)
     base = ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
             "--batch-size", str(opt.batch_size), "--workers", str(opt.workers), "--device", "cpu"]
     results: dict[str, list[tuple[float, float]]] = {"noplots": [], "plots": []}

@@ -396,7 +396,7 @@ class TileLabels:
     text: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
 
 
-WHITE, GREY, YELLOW, GREEN = (255, 255, 255), (170, 170, 170), (80, 230, 255), (120, 230, 120)
+WHITE, GREY, YELLOW = (255, 255, 255), (170, 170, 170), (80, 230, 255)  # BGR text colours
 
 
 def _wrap_text(text: str, width_px: int, fs: float, ft: int = 1) -> list[str]:

@@ -39,8 +39,10 @@ class MultiTaskLoss:
     def head_inputs(self, batch: Batch, step: int) -> dict:
         """Extra model inputs for this batch: the caption tokens for teacher forcing (one reference per
         image, rotating with ``step`` so every reference gets used)."""
-        if self.cap is None or not batch.task_present("cap").any():
+        if self.cap is None:
             return {}
+        # tokens even when no image of the batch has captions: the masked loss is then an exact zero
+        # that still reaches the decoder, so every batch has a loss (and DDP sees every parameter used)
         return {"captions": self.cap.targets(batch.captions, step)}
 
     def task_losses(self, out: Outputs, batch: Batch, head_inputs: dict | None = None
@@ -67,10 +69,14 @@ class MultiTaskLoss:
         if self.cap is not None and tokens is not None and out.cap.logits is not None:
             losses["cap"], p = self.cap(out.cap.logits, tokens, batch.task_present("cap").to(out.cap.logits.device))
             losses["cap"] = losses["cap"] * len(batch)
-            parts |= {f"cap_{k}": v for k, v in p.items()}
+            if batch.task_present("cap").any():  # an all-masked batch's zero is not a caption loss value
+                parts |= {f"cap_{k}": v for k, v in p.items()}
         return losses, parts
 
     def __call__(self, out: Outputs, batch: Batch, head_inputs: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         losses, parts = self.task_losses(out, batch, head_inputs)
-        parts |= {f"{t}_loss": float(v.detach()) / len(batch) for t, v in losses.items()}
+        parts |= {f"{t}_loss": float(v.detach()) / len(batch) for t, v in losses.items()
+                  if t != "cap" or "cap_ce" in parts}
+        if not losses:  # no head has labels in this batch: nothing to learn, an explicit zero step
+            return batch.images.new_zeros((), dtype=torch.float32, requires_grad=True), parts
         return self.balancer(losses), parts
