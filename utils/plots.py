@@ -276,6 +276,20 @@ def plot_labels(dataset: "CocoDataset", names: list[str], semantic_names: list[s
 # --------------------------------------------------------------------------------------------------
 # curves and confusion matrices
 # --------------------------------------------------------------------------------------------------
+def _save_unit_axes(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Common finish of the [0, 1] x [0, 1] curve plots: labels, limits, legend outside, save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
 def plot_pr_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
     """Precision-recall at IoU 0.5 per class (COCOeval's interpolated curve) and their mean (bold)."""
     fig, axes = _figure(9, 6)
@@ -289,16 +303,7 @@ def plot_pr_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
     if len(curves.names):
         ax.plot(curves.recall, curves.precision.mean(0), linewidth=3, color="blue",
                 label=f"all classes {curves.map50:.3f} mAP@0.5")
-    ax.set_xlabel("Recall")
-    ax.set_ylabel("Precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
-    ax.set_title(f"{kind} precision-recall (IoU 0.5)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return _save_unit_axes(fig, ax, "Recall", "Precision", f"{kind} precision-recall (IoU 0.5)", path)
 
 
 def plot_f1_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
@@ -316,16 +321,7 @@ def plot_f1_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
         ax.plot(curves.conf, mean, linewidth=3, color="blue",
                 label=f"all classes {mean[i]:.2f} at conf {curves.conf[i]:.3f}")
         ax.axvline(curves.conf[i], color="blue", linestyle=":", linewidth=1)
-    ax.set_xlabel("Confidence")
-    ax.set_ylabel("F1")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
-    ax.set_title(f"{kind} F1-confidence (IoU 0.5)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return _save_unit_axes(fig, ax, "Confidence", "F1", f"{kind} F1-confidence (IoU 0.5)", path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path, title: str,
