@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,19 @@ def test_mixed_partial_labels_train_with_dynamic_balancing(mixed_data, tmp_path,
             assert k in rows[-1]
     weights = [float(rows[-1][f"weight/{t}"]) for t in ("det", "inst", "sem", "cap")]
     assert len(set(weights)) > 1  # the rule moved the weights away from the fixed gains
+
+
+def test_single_task_caption_run_survives_batches_without_captions(tiny_data, tmp_path):
+    """--tasks cap: strong-view batches carry no caption at all; the step is an exact zero, not a crash."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_cfg()))
+    hyp_file = Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch.yaml"
+    hyp = yaml.safe_load(hyp_file.read_text()) | {"cap_view": 0.0}  # no batch has a caption
+    (tmp_path / "hyp.yaml").write_text(yaml.safe_dump(hyp))
+    args = ["--cfg", str(cfg), "--data", str(tiny_data), "--epochs", "1", "--img", "64", "--batch-size", "4",
+            "--workers", "0", "--project", str(tmp_path), "--name", "cap", "--no-progress", "--device", "cpu",
+            "--tasks", "cap", "--noplots", "--hyp", str(tmp_path / "hyp.yaml")]
+    assert train_script.main(args) == 0
+    with open(tmp_path / "cap/results.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert "cap_bleu4" in row and "box_map" not in row
