@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: run a training, read its results, count params and FLOPs."""
 from __future__ import annotations
 
+import argparse
 import csv
 import time
 from pathlib import Path
@@ -9,6 +10,31 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train as train_script
+
+
+def add_training_args(p: argparse.ArgumentParser, epochs: int, img: int, project: str) -> None:
+    """The training-budget flags every benchmark shares (passed through to train.py by :func:`train_args`)."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--img", type=int, default=img)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml")
+    p.add_argument("--data", default="data/shapes.yaml")
+    p.add_argument("--hyp", default="data/hyps/hyp.scratch.yaml")
+    p.add_argument("--balance", default="fixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--project", default=project)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier "
+                   "on a machine shared with other jobs")
+
+
+def train_args(opt: argparse.Namespace, tasks: str = "") -> list[str]:
+    """train.py arguments for the shared flags (and sets the torch thread count they ask for)."""
+    if opt.threads > 0:
+        torch.set_num_threads(opt.threads)
+    return ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
+            "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers", str(opt.workers),
+            "--balance", opt.balance, "--hyp", opt.hyp, "--device", "cpu"] + (["--tasks", tasks] if tasks else [])
 
 
 def run_training(args: list[str], project: Path, name: str) -> tuple[Path, float]:

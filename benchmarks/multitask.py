@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import params_and_gflops, read_results, run_training
+from benchmarks.common import add_training_args, params_and_gflops, read_results, run_training, train_args
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 
 RUNS = {"joint": "det,inst,sem,cap", "det": "det", "inst": "det,inst", "sem": "sem", "cap": "cap"}
@@ -29,30 +29,16 @@ def best_metrics(run: Path) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--img", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data", default="data/shapes.yaml")
-    p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml")
-    p.add_argument("--balance", default="fixed")
-    p.add_argument("--hyp", default="data/hyps/hyp.scratch.yaml")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--project", default="runs/bench/multitask")
+    add_training_args(p, epochs=10, img=224, project="runs/bench/multitask")
     p.add_argument("--only", default="", help="comma list of runs to (re)train; others are read from --project")
     opt = p.parse_args()
-    if opt.threads:
-        torch.set_num_threads(opt.threads)
     only = set(opt.only.split(",")) if opt.only else set(RUNS)
     rows = {}
     for name, tasks in RUNS.items():
         run = Path(opt.project) / name
         minutes = float("nan")
         if name in only or not (run / "results.csv").is_file():
-            args = ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
-                    "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers", str(opt.workers),
-                    "--tasks", tasks, "--balance", opt.balance, "--device", "cpu", "--hyp", opt.hyp]
+            args = train_args(opt, tasks)
             run, minutes = run_training(args, Path(opt.project), name)
         results = read_results(run)
         model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt"))

@@ -15,26 +15,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import read_results, run_training
+from benchmarks.common import add_training_args, read_results, run_training, train_args
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--img", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml")
-    p.add_argument("--data", default="data/shapes.yaml")
-    p.add_argument("--workers", type=int, default=1)
+    add_training_args(p, epochs=1, img=128, project="runs/bench")
     p.add_argument("--repeat", type=int, default=1, help="alternate the two settings this many times")
-    p.add_argument("--project", default="runs/bench")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier "
-                   "on a machine shared with other jobs")
     opt = p.parse_args()
-    if opt.threads > 0:
-        torch.set_num_threads(opt.threads)
-    base = ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
-            "--batch-size", str(opt.batch_size), "--workers", str(opt.workers), "--device", "cpu"]
+    base = train_args(opt)
     results: dict[str, list[tuple[float, float]]] = {"noplots": [], "plots": []}
     for r in range(opt.repeat):
         for name in ("noplots", "plots"):  # alternate, so drift in machine load hits both settings
