@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,9 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, img: int, project
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--project", default=project)
+    p.add_argument("--device", default="cpu", help="cuda device (0) or cpu, as train.py's --device")
+    p.add_argument("--noval", action="store_true", help="validate only after the last epoch (what the tables "
+                   "read); saves the per-epoch validation time")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier "
                    "on a machine shared with other jobs")
 
@@ -34,7 +40,8 @@ def train_args(opt: argparse.Namespace, tasks: str = "") -> list[str]:
         torch.set_num_threads(opt.threads)
     return ["--cfg", opt.cfg, "--data", opt.data, "--epochs", str(opt.epochs), "--img", str(opt.img),
             "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers", str(opt.workers),
-            "--balance", opt.balance, "--hyp", opt.hyp, "--device", "cpu"] + (["--tasks", tasks] if tasks else [])
+            "--balance", opt.balance, "--hyp", opt.hyp, "--device", str(opt.device)] + (["--tasks", tasks] if tasks else []) + \
+        (["--noval"] if opt.noval else [])
 
 
 def run_training(args: list[str], project: Path, name: str) -> tuple[Path, float]:
@@ -44,6 +51,41 @@ def run_training(args: list[str], project: Path, name: str) -> tuple[Path, float
     if rc != 0:
         raise SystemExit(f"training {name} failed (exit {rc})")
     return project / name, (time.time() - t0) / 60
+
+
+def run_trainings(runs: dict[str, list[str]], project: Path, jobs: int = 1, threads: int = 0) -> dict[str, float]:
+    """Trains each named run (``name -> train.py arguments``) into ``project/name``; returns minutes per run.
+
+    With ``jobs > 1`` up to that many trainings run at once, each in its own process with ``threads``
+    torch threads and its output in ``project/name.log`` (a GPU is shared; on a CPU, jobs x threads should
+    not exceed the cores, or every run slows down far more than proportionally).
+    """
+    if jobs <= 1:
+        return {name: run_training(args, project, name)[1] for name, args in runs.items()}
+    project.mkdir(parents=True, exist_ok=True)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})
+    pending, running, minutes = list(runs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, args = pending.pop(0)
+            log = open(project / f"{name}.log", "w")
+            cmd = [sys.executable, "train.py", *args, "--project", str(project), "--name", name, "--exist-ok",
+                   "--no-progress"]
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            print(f"started {name} (log {project / name}.log)", flush=True)
+        time.sleep(1.0)
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode != 0:
+                for other, _, _ in running.values():
+                    other.kill()
+                raise SystemExit(f"training {name} failed (exit {proc.returncode}); see {project / name}.log")
+            minutes[name] = (time.time() - t0) / 60
+            print(f"finished {name} in {minutes[name]:.1f} min", flush=True)
+    return minutes
 
 
 def read_results(run: Path) -> list[dict[str, float]]:

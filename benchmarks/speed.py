@@ -37,6 +37,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torchscript", action="store_true", help="also time a traced TorchScript module")
     p.add_argument("--flops-img", type=int, default=640, help="input size of the params/GFLOPs table")
     p.add_argument("--quick", action="store_true", help="sizes 256 320, 3 timed runs: a smoke-test run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda device (0, 1, ...)")
+    p.add_argument("--half", action="store_true", help="FP16 eager models (CUDA only)")
     opt = p.parse_args(argv)
     opt.sizes = opt.sizes or ([256, 320] if opt.quick else [256, 320, 640])
     opt.iters = opt.iters or (3 if opt.quick else 10)
@@ -57,14 +59,17 @@ def build_model(opt: argparse.Namespace):
     return model, f"{opt.cfg} (random weights, nc 80, 13 semantic classes, vocab 60)"
 
 
-def time_fn(fn, x, warmup: int, iters: int) -> float:
-    """Median seconds of one call (median: robust to a stray slow run on a shared machine)."""
+def time_fn(fn, x, warmup: int, iters: int, sync=lambda: None) -> float:
+    """Median seconds of one call (median: robust to a stray slow run on a shared machine); ``sync`` waits
+    for queued GPU work so that a CUDA call is timed to its end, not to its launch."""
     for _ in range(warmup):
         fn(x)
+    sync()
     times = []
     for _ in range(iters):
         t = time.perf_counter()
         fn(x)
+        sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -121,18 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     from models.model import format_counts, module_counts
     from utils.export import DeployModel, export_metadata, export_vision, quiet_export
     from utils.inference import ort_session
+    from utils.torch_utils import select_device
 
     if opt.threads > 0:
         torch.set_num_threads(opt.threads)
     threads = torch.get_num_threads()
+    device = select_device(opt.device)
+    if opt.half and device.type != "cuda":
+        raise SystemExit("--half needs a CUDA device")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = torch.float16 if opt.half else torch.float32
     model, desc = build_model(opt)
-    unfused = DeployModel(model)
-    fused_model = copy.deepcopy(model).fuse()
-    fused = DeployModel(fused_model)
+    fused_model = copy.deepcopy(model).fuse()  # fused on CPU in float32, then moved: as export.py does
+    unfused = DeployModel(copy.deepcopy(model).to(device, dtype))
+    fused = DeployModel(copy.deepcopy(fused_model).to(device, dtype))
     names = fused.output_names
     print(f"model: {desc}\n       {model.info()}")
     print(f"fuse:  {format_counts(module_counts(model))} -> {format_counts(module_counts(fused_model))}")
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {threads} thread(s); torch {torch.__version__}; "
+    gpu = f"GPU: {torch.cuda.get_device_name(device)}{' FP16' if opt.half else ''}; " if device.type == "cuda" else ""
+    print(f"{gpu}CPU: {cpu_name()}, {os.cpu_count()} cores, {threads} thread(s); torch {torch.__version__}; "
           f"{opt.warmup} warm-up + {opt.iters} timed runs per cell (median)")
 
     backends: dict[str, dict[int, object]] = {}  # name -> size -> callable(x: tensor)
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     def eager(deploy):
         def run(x):
             with torch.inference_mode():
-                deploy(x)
+                deploy(x.to(device, dtype))
         return run
 
     backends["eager unfused"] = {s: eager(unfused) for s in opt.sizes}
@@ -148,19 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speed.onnx"
         x0 = torch.rand(1, 3, opt.sizes[0], opt.sizes[0])
-        export_vision(fused, x0, path, 17, True, export_metadata(fused_model, (opt.sizes[0],) * 2, 1, None, True,
-                                                                 False, "speed"))
-        sess = ort_session(path, "cpu", threads)
+        export_vision(DeployModel(fused_model), x0, path, 17, True,
+                      export_metadata(fused_model, (opt.sizes[0],) * 2, 1, None, True, False, "speed"))
+        sess = ort_session(path, device, threads)  # CUDA provider when on a GPU and installed, else CPU
+        ort_label = f"onnxruntime {sess.get_providers()[0].replace('ExecutionProvider', '')}"
 
         def ort_run(x):
             sess.run(names, {"images": x.numpy()})
 
-        backends["onnxruntime"] = {s: ort_run for s in opt.sizes}
+        backends[ort_label] = {s: ort_run for s in opt.sizes}
         if opt.torchscript:
             ts = {}
             with quiet_export():
                 for s in opt.sizes:  # one trace per size: Python shape checks are frozen into a trace
-                    ts[s] = eager(torch.jit.trace(fused, (torch.rand(1, 3, s, s),), check_trace=False, strict=False))
+                    ts[s] = eager(torch.jit.trace(fused, (torch.rand(1, 3, s, s, device=device, dtype=dtype),),
+                                                  check_trace=False, strict=False))
             backends["torchscript"] = ts
 
         results: dict[tuple[str, int, int], float] = {}
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in opt.batches:
                 x = torch.rand(b, 3, s, s)
                 for name, fns in backends.items():
-                    results[name, s, b] = time_fn(fns[s], x, opt.warmup, opt.iters) / b  # seconds per image
+                    results[name, s, b] = time_fn(fns[s], x, opt.warmup, opt.iters, sync) / b  # seconds per image
 
     cols = list(backends)
     head = f"{'size':>5} {'batch':>5} |" + "|".join(f"{c:^21}" for c in cols)
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = "|".join(f"{1e3 * results[c, s, b]:>10.2f}{1 / results[c, s, b]:>10.1f} " for c in cols)
             print(f"{s:>5} {b:>5} |{cells}")
 
-    rows = flops_table(fused_model, fused, opt.flops_img)
+    rows = flops_table(fused_model, DeployModel(fused_model), opt.flops_img)
     print(f"\n{'part':<26}{'params':>12}{f'GFLOPs@{opt.flops_img}':>14}")
     for part, p, g in rows:
         print(f"{part:<26}{'-' if p is None else f'{p:,}':>12}{g:>14.3f}")
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     b_ref = 1 if 1 in opt.batches else opt.batches[0]
     r = {c: results[c, s_ref, b_ref] for c in cols}
     print(f"\nat batch {b_ref}, {s_ref} px: fused/unfused latency {r['eager fused'] / r['eager unfused']:.2f}x, "
-          f"ORT/fused {r['onnxruntime'] / r['eager fused']:.2f}x"
+          f"ORT/fused {r[ort_label] / r['eager fused']:.2f}x"
           + (f", TorchScript/fused {r['torchscript'] / r['eager fused']:.2f}x" if "torchscript" in r else "")
           + "  (< 1: faster)")
     return 0
