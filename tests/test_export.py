@@ -18,7 +18,7 @@ import train as train_script
 from tests.conftest import tiny_cfg
 from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.export import (NMS_OUTPUTS, RUNTIME_TOL, BatchedNMS, DeployModel, NMSConfig, compare_outputs, export_onnx,
-                          load_torchscript, run_deploy, verification_images)
+                          export_vision, load_torchscript, run_deploy, verification_images)
 from utils.inference import OnnxBackend, beam_search_decode, greedy_decode
 from utils.nms import non_max_suppression
 
@@ -174,6 +174,20 @@ def _clustered_predictions(b: int, a: int, nc: int, seed: int) -> torch.Tensor:
     c = centers.gather(1, pick[..., None].expand(-1, -1, 2)) + torch.randn(b, a, 2, generator=g) * 6
     wh = 20 + torch.rand(b, a, 2, generator=g) * 40
     return torch.cat((c - wh / 2, c + wh / 2, torch.rand(b, a, nc, generator=g)), 2)
+
+
+def test_fp16_graph_exports(fused, tmp_path):
+    """export --half traces an FP16 model; the TorchScript exporter cannot export an FP16 arange (the anchor
+    grid), which made --half fail on the GPU: the graph must build and type its outputs float16. (Runs on CPU:
+    the exporter's failure did not depend on the device; numerical parity of --half needs a GPU.)"""
+    import copy
+
+    model, _ = fused
+    deploy = DeployModel(copy.deepcopy(model).half())
+    path = export_vision(deploy, torch.rand(1, 3, IMG, IMG).half(), tmp_path / "half.onnx", 17, False, {})
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {o.name: o.type.tensor_type.elem_type for o in graph.output}["det_pred"] == onnx.TensorProto.FLOAT16
 
 
 @pytest.mark.parametrize("agnostic", [False, True])

@@ -13,12 +13,13 @@ def make_anchors(shapes: list[tuple[int, int]], strides: list[int], device: torc
     """
     points, stride = [], []
     for (h, w), s in zip(shapes, strides):
-        sy = torch.arange(h, device=device, dtype=dtype) + offset
-        sx = torch.arange(w, device=device, dtype=dtype) + offset
+        # arange in float32, cast after: the ONNX exporter cannot export an FP16 arange (export --half)
+        sy = torch.arange(h, device=device, dtype=torch.float32) + offset
+        sx = torch.arange(w, device=device, dtype=torch.float32) + offset
         yy, xx = torch.meshgrid(sy, sx, indexing="ij")
         points.append(torch.stack((xx, yy), -1).view(-1, 2))
-        stride.append(torch.full((h * w, 1), s, device=device, dtype=dtype))
-    return torch.cat(points), torch.cat(stride)
+        stride.append(torch.full((h * w, 1), s, device=device, dtype=torch.float32))
+    return torch.cat(points).to(dtype), torch.cat(stride).to(dtype)
 
 
 def dist2bbox(distance: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -292,6 +292,9 @@ class Trainer:
             cap_words = int(hyp.get("cap_max_len", 24)) - 2 if self.vocab is not None else None  # <bos>, <eos>
             self.logger.labels(self.train_set, self.vocab, cap_words)
         for epoch in range(self.start_epoch, opt.epochs):
+            # DataLoader workers are forked below: never while a plotting thread holds a lock (the forked
+            # worker would inherit it held and hang; seen once on a 16-core GPU machine)
+            self.logger.join()
             self.model.train()
             self.train_set.epoch = epoch
             # shuffle order and augmentation depend only on (seed, epoch): a resumed run sees the same data
@@ -384,6 +387,7 @@ class Trainer:
         opt = self.opt
         final = epoch + 1 == opt.epochs
         if not getattr(opt, "noval", False) or final:
+            self.logger.join()  # the val loader forks its workers: no plotting thread mid-lock (see run())
             res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
                            loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
                            num_semantic=len(self.data.semantic_ids))

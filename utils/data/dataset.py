@@ -14,6 +14,10 @@ from utils.data.coco import ImageRecord, LabelReport, load_split
 from utils.data.config import DataConfig, SplitSpec
 from utils.data.sample import IGNORE_INDEX, TASKS, Sample
 
+# OpenCV's own thread pool does not survive fork() into DataLoader workers (a worker can hang in its first
+# warpAffine); the workers are the parallelism here, as in YOLOv5
+cv2.setNumThreads(0)
+
 
 @dataclass
 class Batch:
