@@ -29,7 +29,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cos-lr", action="store_true", help="cosine LR schedule")
     p.add_argument("--optimizer", default="auto", choices=["SGD", "Adam", "AdamW", "auto"])
-    p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (<1: off)")
+    p.add_argument("--save-period", type=int, default=-1,
+                   help="every N training iterations (batches), refresh weights/last.pt with a mid-epoch checkpoint "
+                        "that --resume continues exactly (<1: off). Not YOLOv5's epochN.pt every N epochs")
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without improvement")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")

@@ -10,6 +10,7 @@ import yaml
 TINY_SCALE = {"depth_multiple": 0.33, "width_multiple": 0.125}
 # Sizes the trainer takes from the data (semantic classes, vocabulary); fixed small values in unit tests.
 HEAD_KW = {"sem": {"num_classes": 6}, "cap": {"vocab_size": 40, "max_len": 12}}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,47 @@ def tiny_cfg(**overrides) -> dict:
 @pytest.fixture
 def cfg_dict() -> dict:
     return tiny_cfg()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_file(tmp_path_factory) -> Path:
+    """``tiny_cfg()`` written to a yaml file, for train.py's ``--cfg``."""
+    f = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    f.write_text(yaml.safe_dump(tiny_cfg()))
+    return f
+
+
+def train_args(cfg: Path, data: Path, project: Path, epochs: int, name: str = "exp", *extra: str) -> list[str]:
+    """train.py arguments for a tiny CPU run (64 px, batch 8, no workers, no progress bars); ``extra`` last,
+    so it may override any of them."""
+    return ["--cfg", str(cfg), "--data", str(data), "--epochs", str(epochs), "--img", "64", "--batch-size", "8",
+            "--workers", "0", "--project", str(project), "--name", name, "--no-progress", "--device", "cpu", *extra]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints' model and EMA state_dicts are bit-identical."""
+    import torch
+
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys(), part
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+
+
+def results_rows(run: Path) -> list[dict[str, str]]:
+    """A run's results.csv rows without the timing columns (the only ones two identical runs differ in)."""
+    import csv
+
+    with open(run / "results.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in csv.DictReader(f)]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a training subprocess: the repository importable, one OpenMP thread (like in-process
+    tests, see ``one_torch_thread``)."""
+    import os
+
+    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session", autouse=True)

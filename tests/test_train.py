@@ -15,27 +15,13 @@ import yaml
 
 import test as test_script
 import train as train_script
-from tests.conftest import tiny_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg_file(tmp_path_factory) -> Path:
-    f = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    f.write_text(yaml.safe_dump(tiny_cfg()))
-    return f
-
-
-def _train_args(cfg: Path, data: Path, project: Path, epochs: int, name: str = "exp") -> list[str]:
-    return ["--cfg", str(cfg), "--data", str(data), "--epochs", str(epochs), "--img", "64", "--batch-size", "8",
-            "--workers", "0", "--project", str(project), "--name", name, "--no-progress", "--device", "cpu"]
+from tests.conftest import ROOT, assert_same_weights, subprocess_env, tiny_cfg, train_args
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_cfg_file, tiny_data, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("runs")
-    assert train_script.main(_train_args(tiny_cfg_file, tiny_data, project, 2)) == 0
+    assert train_script.main(train_args(tiny_cfg_file, tiny_data, project, 2)) == 0
     return project / "exp"
 
 
@@ -68,21 +54,21 @@ def test_test_py_writes_metrics_json(trained, tmp_path):
 def test_bad_config_is_one_clear_line(tiny_data, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(tiny_cfg() | {"backbone": [[-1, 1, "Nope", []]]}))
-    assert train_script.main(_train_args(bad, tiny_data, tmp_path, 1)) == 2
+    assert train_script.main(train_args(bad, tiny_data, tmp_path, 1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "row 0 (backbone): unknown module 'Nope'" in err[0]
-    assert train_script.main(_train_args(bad, tiny_data, tmp_path, 1) + ["--tasks", "depth"]) == 2
+    assert train_script.main(train_args(bad, tiny_data, tmp_path, 1) + ["--tasks", "depth"]) == 2
 
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg_file, tiny_data, tmp_path):
     """kill -9 during epoch 2 of 3, resume from last.pt: final weights equal an uninterrupted run."""
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     cmd = [sys.executable, str(ROOT / "train.py")]
-    full = subprocess.run(cmd + _train_args(tiny_cfg_file, tiny_data, tmp_path, 3, "full"), env=env, cwd=tmp_path,
+    full = subprocess.run(cmd + train_args(tiny_cfg_file, tiny_data, tmp_path, 3, "full"), env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen(cmd + _train_args(tiny_cfg_file, tiny_data, tmp_path, 3, "killed"), env=env, cwd=tmp_path,
+    proc = subprocess.Popen(cmd + train_args(tiny_cfg_file, tiny_data, tmp_path, 3, "killed"), env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     csv = tmp_path / "killed/results.csv"
     deadline = time.time() + 600
@@ -97,7 +83,4 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg_file, tiny_data, tm
     a = torch.load(tmp_path / "full/weights/last.pt", weights_only=True)
     b = torch.load(last, weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["ema"]:
-        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert_same_weights(a, b)

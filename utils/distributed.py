@@ -59,6 +59,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank (``[obj]`` when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Averages per-rank epoch statistics so every rank (and the balancer) sees the same numbers."""
     if not info.enabled or not values:

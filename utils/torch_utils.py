@@ -1,4 +1,4 @@
-"""Device selection, seeding and run-folder naming."""
+"""Device selection, seeding, RNG state and run-folder naming."""
 from __future__ import annotations
 
 import os
@@ -35,6 +35,25 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def rng_state(cuda: bool = False) -> dict:
+    """This process's torch, numpy, python (and CUDA) RNG states as tensors and plain values, so a checkpoint
+    holding them loads with weights_only=True."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": list(np_state[2:]), "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return state | ({"cuda": torch.cuda.get_rng_state_all()} if cuda else {})
+
+
+def set_rng_state(state: dict, cuda: bool = False) -> None:
+    """Restores what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_pos"]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if cuda and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def increment_path(path: str | Path, exist_ok: bool = False) -> Path:

@@ -5,7 +5,6 @@ import argparse
 import csv
 import dataclasses
 import math
-import random
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,6 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from models.implicit import Implicit
@@ -23,12 +21,12 @@ from models.model import Model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import DataConfig, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
-from utils.distributed import barrier, broadcast_object, cleanup, init_distributed, mean_across_ranks
+from utils.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, mean_across_ranks
 from utils.ema import ModelEMA, unwrap
 from utils.evaluate import evaluate, fitness, to_float
 from utils.loss.multitask import MultiTaskLoss
 from utils.loggers import RunLogger
-from utils.torch_utils import increment_path, select_device, set_seed
+from utils.torch_utils import increment_path, rng_state, select_device, set_rng_state, set_seed
 from utils.vocab import Vocabulary
 
 NOMINAL_BATCH = 64  # gradients are accumulated up to this batch, and weight decay scaled to it
@@ -79,6 +77,54 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after too many non-finite losses in a row."""
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """How far the loop is into one epoch: what a mid-epoch checkpoint stores to continue it exactly."""
+
+    batch: int = 0  # the first batch this process trains (a resumed epoch starts past the saved ones)
+    last_step: int = -1  # batch of the latest optimizer step; gradients accumulate from the batch after it
+    # logged loss parts summed over batches, and counted per part: a task absent from a batch is not
+    # averaged in as zero
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    start: float = dataclasses.field(default_factory=time.time)  # wall time the epoch began (moved back on resume)
+
+    def add(self, parts: dict[str, float]) -> None:
+        """Adds one batch's logged loss parts."""
+        self._merge(parts, dict.fromkeys(parts, 1))
+
+    def _merge(self, sums: dict[str, float], counts: dict[str, int]) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + counts[k]
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def elapsed(self) -> float:
+        """Training seconds of this epoch, including those before a resume."""
+        return time.time() - self.start
+
+    def rank_state(self) -> dict:
+        """This rank's loss sums (under DDP every rank's go into the checkpoint)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def state(self, ranks: list[dict], nonfinite_run: int) -> dict:
+        """The checkpoint's ``progress`` entry from every rank's ``rank_state()``: plain values only, so it
+        loads with weights_only=True."""
+        sums = [{"sums": r["sums"], "counts": r["counts"]} for r in ranks]
+        return {"last_step": self.last_step, "nonfinite_run": nonfinite_run, "train_s": self.elapsed(), "ranks": sums}
+
+    @classmethod
+    def restore(cls, state: dict, batch: int, rank: int, world: int) -> "EpochProgress":
+        """This rank's progress from a checkpoint continuing at ``batch``: its own loss sums when the world
+        size is the one saved (exact), else a share of the saved ranks' sums."""
+        progress = cls(batch=batch, last_step=int(state["last_step"]), start=time.time() - float(state["train_s"]))
+        for saved in state["ranks"][rank::world]:
+            progress._merge(saved["sums"], saved["counts"])
+        return progress
+
+
 class Trainer:
     """One training run. ``run()`` trains and returns the run folder."""
 
@@ -88,6 +134,7 @@ class Trainer:
         self.device = dist_device or select_device(opt.device)
         self.cuda = self.device.type == "cuda"
         self.on_step: list[Callable[["Trainer"], None]] = []  # callbacks after each optimizer step
+        self.mid_epoch_saves: list[tuple[int, int]] = []  # (epoch, next batch) of each mid-epoch last.pt written
         resume_ckpt = None
         if opt.resume:
             resume_ckpt = self._resume_opt()
@@ -157,6 +204,8 @@ class Trainer:
                                             "lr": self.lr0, "initial_lr": self.lr0})
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.start_epoch, self.best_fitness, self.best_epoch = 0, -1.0, 0
+        self.resume_progress: EpochProgress | None = None  # set when resuming a mid-epoch checkpoint
+        self.nonfinite_run = 0  # non-finite losses in a row (across epochs)
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
         self.net = self.model  # what the loop calls: under torchrun, the DDP wrapper
@@ -225,7 +274,9 @@ class Trainer:
         saved.resume, saved.save_dir = str(path), str(Path(path).parents[1])
         saved.device = self.opt.device or saved.device
         self.opt = saved
-        self.log(f"resuming {path} from epoch {ckpt['epoch'] + 1}")
+        batch = int(ckpt.get("batch", -1))
+        where = f"at epoch {ckpt['epoch'] + 1} after {batch} batches" if batch >= 0 else f"after epoch {ckpt['epoch'] + 1}"
+        self.log(f"resuming {path} {where}")
         return ckpt
 
     def _restore(self, ckpt: dict) -> None:
@@ -238,24 +289,31 @@ class Trainer:
             self.loss.balancer.load_state_dict(ckpt["balancer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch = int(ckpt["epoch"]) + 1
+        epoch, batch = int(ckpt["epoch"]), int(ckpt.get("batch", -1))
+        if batch >= 0:  # saved mid-epoch: continue that epoch where it stopped
+            self.start_epoch = epoch
+            self.resume_progress = EpochProgress.restore(ckpt["progress"], batch, self.dist.rank, self.dist.world)
+            self.nonfinite_run = int(ckpt["progress"]["nonfinite_run"])
+        else:
+            self.start_epoch = epoch + 1
         self.best_fitness = float(ckpt.get("best_fitness", -1.0))
         self.best_epoch = int(ckpt.get("best_epoch", ckpt["epoch"]))
         rng = ckpt.get("rng", {})
+        if len(ckpt.get("rank_rng", [])) == self.dist.world:  # each rank's own stream (else rank 0's for all)
+            rng = ckpt["rank_rng"][self.dist.rank]
         if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
-            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-            if self.cuda and "cuda" in rng:
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(rng, self.cuda)
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def checkpoint(self, epoch: int, final: bool = False) -> dict:
-        """Everything to resume, as tensors and plain Python values (loads with weights_only=True)."""
-        np_state = np.random.get_state()
-        py_state = random.getstate()
+    def checkpoint(self, epoch: int, final: bool = False, rank_rng: list[dict] | None = None) -> dict:
+        """Everything to resume after ``epoch``, as tensors and plain Python values (loads with weights_only=True).
+
+        ``rank_rng``: every rank's ``rng_state()`` under DDP (ranks draw different dropout masks, so their
+        streams differ); rank 0's is taken now.
+        """
         ckpt = {
             "epoch": epoch,
+            "batch": -1,  # saved at the end of `epoch`; a mid-epoch checkpoint has the next batch to train here
             "best_fitness": self.best_fitness,
             "best_epoch": self.best_epoch,
             "model": unwrap(self.model).state_dict(),
@@ -275,10 +333,10 @@ class Trainer:
                 "balancer": self.loss.balancer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.cuda else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-                        "numpy_pos": list(np_state[2:]), "python": [py_state[0], list(py_state[1]), py_state[2]]}
-                | ({"cuda": torch.cuda.get_rng_state_all()} if self.cuda else {}),
+                "rng": rng_state(self.cuda),
             }
+            if rank_rng and len(rank_rng) > 1:
+                ckpt["rank_rng"] = [ckpt["rng"], *rank_rng[1:]]
         return ckpt
 
     # --- the loop ------------------------------------------------------------------------------
@@ -287,7 +345,7 @@ class Trainer:
         nb = len(self.train_loader)
         warmup = max(round(hyp.get("warmup_epochs", 3) * nb), 100) if hyp.get("warmup_epochs", 3) > 0 else 0
         results_csv = self.save_dir / "results.csv"
-        max_nonfinite, nonfinite_run = int(hyp.get("max_nonfinite", 10)), 0
+        max_nonfinite = int(hyp.get("max_nonfinite", 10))
         if not (self.save_dir / "labels.jpg").is_file():
             cap_words = int(hyp.get("cap_max_len", 24)) - 2 if self.vocab is not None else None  # <bos>, <eos>
             self.logger.labels(self.train_set, self.vocab, cap_words)
@@ -295,19 +353,10 @@ class Trainer:
             # DataLoader workers are forked below: never while a plotting thread holds a lock (the forked
             # worker would inherit it held and hang; seen once on a 16-core GPU machine)
             self.logger.join()
-            self.model.train()
-            self.train_set.epoch = epoch
-            # shuffle order and augmentation depend only on (seed, epoch): a resumed run sees the same data
-            self.train_loader.generator.manual_seed(opt.seed + epoch)
-            if isinstance(self.train_loader.sampler, DistributedSampler):
-                self.train_loader.sampler.set_epoch(epoch)
-            t0 = time.time()
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}  # a task absent from a batch is not averaged in as zero
-            self.optimizer.zero_grad(set_to_none=True)
-            last_step = -1
-            pbar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{opt.epochs}",
-                        disable=not (opt.progress and self.dist.main))
+            progress = self._begin_epoch(epoch)
+            # i stays the true batch index after a mid-epoch resume (warmup and caption rotation use it)
+            pbar = tqdm(enumerate(self.train_loader, progress.batch), total=nb, initial=progress.batch,
+                        desc=f"epoch {epoch + 1}/{opt.epochs}", disable=not (opt.progress and self.dist.main))
             for i, batch in pbar:
                 ni = i + nb * epoch
                 if ni <= warmup:  # linear warmup of lr (bias lr from warmup_bias_lr) and momentum
@@ -327,40 +376,38 @@ class Trainer:
                     if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
                         loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
                 if not torch.isfinite(loss):
-                    nonfinite_run += 1
+                    self.nonfinite_run += 1
                     bad = [k for k, v in parts.items() if not math.isfinite(v)]
                     warnings.warn(f"non-finite loss at epoch {epoch} batch {i} in {bad or 'total'}; step skipped")
                     self.optimizer.zero_grad(set_to_none=True)
-                    if nonfinite_run >= max_nonfinite:
+                    if self.nonfinite_run >= max_nonfinite:
                         tasks = sorted({k.split("_")[0] for k in bad}) or ["total"]
-                        raise NonFiniteLossError(f"{nonfinite_run} non-finite losses in a row (last in {bad}) in task(s) "
+                        raise NonFiniteLossError(f"{self.nonfinite_run} non-finite losses in a row (last in {bad}) in task(s) "
                                                  f"{tasks}; stopping: lower lr0 or check that task's labels")
                     continue
-                nonfinite_run = 0
+                self.nonfinite_run = 0
                 self.scaler.scale(loss).backward()
-                if i - last_step >= self.accumulate or i == nb - 1:
+                progress.add(parts)  # before the step: a checkpoint written there includes this batch
+                if i - progress.last_step >= self.accumulate or i == nb - 1:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=hyp.get("grad_clip", 10.0))
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.ema.update(self.model)
-                    last_step = i
-                    for callback in self.on_step:
-                        callback(self)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-                pbar.set_postfix({k: f"{sums[k] / counts[k]:.3f}" for k in sums if k.endswith("_loss")})
+                    self._after_step(epoch, i, nb, progress)
+                pbar.set_postfix({k: f"{v:.3f}" for k, v in progress.means().items() if k.endswith("_loss")})
             self.scheduler.step()
-            train_time = time.time() - t0
-            means = mean_across_ranks({k: v / counts[k] for k, v in sums.items()}, self.dist)
+            train_time = progress.elapsed()
+            means = mean_across_ranks(progress.means(), self.dist)
             row = {"epoch": epoch + 1} | {f"train/{k}": v for k, v in means.items()}
             row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
             self.loss.balancer.end_epoch({t: means[f"{t}_loss"] for t in self.model.tasks if f"{t}_loss" in means})
             row |= {"time/train_s": train_time, "time/img_per_s": len(self.train_set) / max(train_time, 1e-9)}
-            # validation, checkpoints and logs happen once, on rank 0; every rank learns whether to stop
-            stop = self.finish_epoch(epoch, row, results_csv) if self.dist.main else False
+            # ranks' RNG streams differ (dropout), so each rank's goes into the checkpoints; validation,
+            # checkpoints and logs happen once, on rank 0; every rank learns whether to stop
+            rank_rng = gather_objects(rng_state(self.cuda), self.dist) if self.dist.enabled else None
+            stop = self.finish_epoch(epoch, row, results_csv, rank_rng) if self.dist.main else False
             if broadcast_object(stop, self.dist):
                 break
         if not self.dist.main:
@@ -370,7 +417,7 @@ class Trainer:
             f = self.wdir / name
             if f.is_file():
                 ckpt = load_checkpoint(f)
-                for k in ("optimizer", "scheduler", "scaler", "rng"):
+                for k in ("optimizer", "scheduler", "scaler", "rng", "rank_rng"):
                     ckpt.pop(k, None)
                 save_checkpoint(ckpt, f)
         # pictures that need the trained model or the whole run: once, after training, off the hot path
@@ -381,9 +428,44 @@ class Trainer:
         cleanup(self.dist)
         return self.save_dir
 
+    def _begin_epoch(self, epoch: int) -> EpochProgress:
+        """Seeds the epoch's data and returns where it starts: batch 0, or where a mid-epoch checkpoint
+        stopped (the batches before are dropped by the sampler, so their images are never loaded)."""
+        self.model.train()
+        self.train_set.epoch = epoch
+        # shuffle order and augmentation depend only on (seed, epoch): a resumed run sees the same data
+        self.train_loader.generator.manual_seed(self.opt.seed + epoch)
+        progress, self.resume_progress = self.resume_progress or EpochProgress(), None
+        sampler = self.train_loader.sampler  # a SkipSampler
+        sampler.set_epoch(epoch)
+        sampler.skip = progress.batch * self.train_loader.batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        return progress
 
-    def finish_epoch(self, epoch: int, row: dict, results_csv: Path) -> bool:
-        """Validates (unless --noval), saves last/best checkpoints and results.csv; True to stop early."""
+    def _after_step(self, epoch: int, i: int, nb: int, progress: EpochProgress) -> None:
+        """After the optimizer step at batch ``i``: a mid-epoch checkpoint at the first step at or after each
+        multiple of ``--save-period`` batches (counted over the run), then the ``on_step`` callbacks."""
+        period = getattr(self.opt, "save_period", -1)
+        before, done = nb * epoch + progress.last_step + 1, nb * epoch + i + 1  # batches trained so far
+        progress.last_step = i
+        if period > 0 and done // period > before // period:
+            self._save_mid_epoch(epoch, i + 1, progress)
+        for callback in self.on_step:
+            callback(self)
+
+    def _save_mid_epoch(self, epoch: int, batch: int, progress: EpochProgress) -> None:
+        """Refreshes last.pt with a checkpoint that continues ``epoch`` at ``batch``. Taken right after an
+        optimizer step, so there is no accumulated gradient to keep. Every rank sends its loss sums and RNG
+        state (a collective, so every rank calls this); rank 0 writes, atomically."""
+        ranks = gather_objects(progress.rank_state() | {"rng": rng_state(self.cuda)}, self.dist)
+        if self.dist.main:
+            mid = {"batch": batch, "progress": progress.state(ranks, self.nonfinite_run)}
+            save_checkpoint(self.checkpoint(epoch, rank_rng=[r["rng"] for r in ranks]) | mid, self.wdir / "last.pt")
+            self.mid_epoch_saves.append((epoch, batch))
+
+    def finish_epoch(self, epoch: int, row: dict, results_csv: Path, rank_rng: list[dict] | None = None) -> bool:
+        """Validates (unless --noval), saves last/best checkpoints and results.csv; True to stop early.
+        ``rank_rng``: every rank's RNG state under DDP, for the checkpoints."""
         opt = self.opt
         final = epoch + 1 == opt.epochs
         if not getattr(opt, "noval", False) or final:
@@ -397,10 +479,8 @@ class Trainer:
         fit = fitness(row)
         if fit > self.best_fitness or self.best_fitness < 0:
             self.best_fitness, self.best_epoch = fit, epoch
-            save_checkpoint(self.checkpoint(epoch), self.wdir / "best.pt")
-        save_checkpoint(self.checkpoint(epoch), self.wdir / "last.pt")
-        if opt.save_period > 0 and (epoch + 1) % opt.save_period == 0:
-            save_checkpoint(self.checkpoint(epoch), self.wdir / f"epoch{epoch + 1}.pt")
+            save_checkpoint(self.checkpoint(epoch, rank_rng=rank_rng), self.wdir / "best.pt")
+        save_checkpoint(self.checkpoint(epoch, rank_rng=rank_rng), self.wdir / "last.pt")
         write_results(results_csv, row)
         self.logger.epoch(row, epoch)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()

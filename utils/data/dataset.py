@@ -1,13 +1,15 @@
 """COCO-layout dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from utils.data import augment as A
 from utils.data.coco import ImageRecord, LabelReport, load_split
@@ -215,11 +217,39 @@ def collate(items: list[dict]) -> Batch:
     )
 
 
+class SkipSampler(Sampler[int]):
+    """Another sampler's indices minus the first ``skip`` of each pass.
+
+    A run resumed mid-epoch sets ``skip`` to the images its checkpoint had already trained on: the wrapped
+    sampler still draws the epoch's whole seeded permutation (indices only, no image is loaded), so the rest
+    of the epoch comes in the uninterrupted order. Under a ``DistributedSampler`` each rank skips its own
+    first ``skip`` indices, which together are the first ``skip * world`` of the shared permutation.
+    """
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwards to a ``DistributedSampler`` (its permutation is seeded by ``seed + epoch``)."""
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+
 def create_dataloader(dataset: CocoDataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
                       distributed: bool = False) -> DataLoader:
-    """A DataLoader with a seeded shuffle (and a DistributedSampler under torchrun)."""
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
+    """A DataLoader with a seeded shuffle (a DistributedSampler under torchrun), through a ``SkipSampler``."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+    if distributed:
+        base: Sampler[int] = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    else:  # what DataLoader(shuffle=...) would build, with the same generator: the same order as before
+        base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=SkipSampler(base),
                       num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
                       generator=generator, persistent_workers=False, drop_last=False)
