@@ -126,3 +126,26 @@ def test_coco_map_hand_checked():
     m = coco_map(gt, shifted, [7], [3])
     assert m["map50"] == pytest.approx(1.0) and m["map"] == pytest.approx(0.1)
     assert coco_map(gt, [], [7, 9], [3, 11])["map"] == 0.0
+
+
+def test_ground_truth_is_read_once_until_the_file_changes(tmp_path):
+    """Validation every epoch reuses the parsed instances JSON; an edited file is read again."""
+    import json
+    import os
+
+    from utils.metrics.detection import load_ground_truth
+
+    def write(n_boxes: int, mtime: int) -> None:
+        d = {"images": [{"id": 1, "width": 50, "height": 50, "file_name": "a.jpg"}],
+             "annotations": [{"image_id": 1, "category_id": 1, "bbox": [i, i, 5, 5]} for i in range(n_boxes)],
+             "categories": [{"id": 1, "name": "a"}]}
+        f.write_text(json.dumps(d))
+        os.utime(f, ns=(mtime, mtime))
+
+    f = tmp_path / "instances.json"
+    write(2, 10**18)
+    first = load_ground_truth([f])
+    assert load_ground_truth([f]) is first and len(first.getAnnIds()) == 2
+    write(3, 2 * 10**18)
+    again = load_ground_truth([f])
+    assert again is not first and len(again.getAnnIds()) == 3

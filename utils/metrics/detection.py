@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from pathlib import Path
 
@@ -11,9 +12,21 @@ from pycocotools.cocoeval import COCOeval
 
 
 def load_ground_truth(json_files: list[Path]) -> COCO:
-    """One COCO object over one or more instances JSON files (image ids are unique across COCO splits)."""
+    """One COCO object over one or more instances JSON files (image ids are unique across COCO splits).
+
+    Read once per process while the files are unchanged (keyed by path, size and mtime): training validates
+    every epoch, and parsing COCO's val JSON again each time costs about a second. COCOeval only adds
+    idempotent fields to the ground truth (RLE of polygons, ignore flags), so sharing it is safe.
+    """
+    key = tuple((str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in json_files)
+    return _load_ground_truth(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_ground_truth(key: tuple[tuple[str, int, int], ...]) -> COCO:
     import json
 
+    json_files = [Path(k[0]) for k in key]
     merged: dict = {"images": [], "annotations": [], "categories": []}
     for f in json_files:
         with open(f, "rb") as fh:
