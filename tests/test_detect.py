@@ -190,3 +190,45 @@ def test_sources_glob_list_and_stride(assets, tmp_path):
     assert len(list(LoadSource(str(assets["images"] / "*.jpg")))) == len(files)
     with pytest.raises(SourceError, match="no images or videos match"):
         LoadSource(str(tmp_path / "*.png"))
+
+
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """A local HTTP server over ``folder`` (what an http:// camera stream looks like to OpenCV's FFmpeg)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_stream_is_read_to_its_end_and_saved_as_a_video(assets, tmp_path):
+    """An http:// source goes through the stream path (opened up front, named from its URL) and every frame
+    it sends is detected and saved; an unreachable URL is a one-line error."""
+    with http_server(assets["video"].parent) as url:
+        rc, out, save = run_detect(["--weights", str(assets["pt"]), "--source", f"{url}/{assets['video'].name}",
+                                    "--conf-thres", CONF], tmp_path)
+    assert rc == 0, out
+    saved = list(save.glob("*.mp4"))
+    assert len(saved) == 1 and saved[0].name.startswith("127.0.0.1")
+    cap = cv2.VideoCapture(str(saved[0]))
+    try:
+        n = 0
+        while cap.read()[0]:
+            n += 1
+    finally:
+        cap.release()
+    assert n == 6 and out.count("ms pre,") == 6
+    with pytest.raises(SourceError, match="cannot open stream"):
+        LoadSource("http://127.0.0.1:9/nothing.mp4")  # port 9 (discard): refused at once
