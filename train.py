@@ -12,6 +12,8 @@ import sys
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    from utils.loss.balance import BALANCERS, DEFAULT_BALANCE
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml", help="model cfg yaml (yolor-mt-n.yaml = scale n)")
     p.add_argument("--data", default="data/shapes.yaml", help="data yaml (default: the embedded synthetic set)")
@@ -35,8 +37,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without improvement")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
-    p.add_argument("--balance", default="fixed", choices=["fixed", "uncertainty", "dwa", "mtcp"],
-                   help="task loss balancing (fixed = gains from the hyp file)")
+    p.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCERS),
+                   help="task loss balancing: dwa (default, measured best; see utils/loss/balance.py), fixed "
+                        "(gains from the hyp file only), uncertainty, mtcp")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun, CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     p.add_argument("--plots", dest="plots", action="store_true", default=True,

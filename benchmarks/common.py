@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train as train_script
+from utils.loss.balance import DEFAULT_BALANCE
 
 
 def add_training_args(p: argparse.ArgumentParser, epochs: int, img: int, project: str) -> None:
@@ -23,7 +24,7 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, img: int, project
     p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml")
     p.add_argument("--data", default="data/shapes.yaml")
     p.add_argument("--hyp", default="data/hyps/hyp.scratch.yaml")
-    p.add_argument("--balance", default="fixed")
+    p.add_argument("--balance", default=DEFAULT_BALANCE, help="task balancing rule (train.py's --balance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--project", default=project)

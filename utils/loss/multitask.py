@@ -5,7 +5,7 @@ import torch
 
 from models.model import Model, Outputs
 from utils.data.dataset import Batch
-from utils.loss.balance import build_balancer
+from utils.loss.balance import DEFAULT_BALANCE, build_balancer
 from utils.loss.caption import CaptionLoss
 from utils.loss.detection import DetectionLoss
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
@@ -20,10 +20,10 @@ class MultiTaskLoss:
         model: the network (its heads decide which losses exist).
         hyp: gains and options of every loss.
         vocab: caption vocabulary (needed when the model has a caption head).
-        balance: task balancing rule (``fixed``, ``uncertainty``, ``dwa``, ``mtcp``).
+        balance: task balancing rule (``dwa`` by default, ``fixed``, ``uncertainty``, ``mtcp``).
     """
 
-    def __init__(self, model: Model, hyp: dict, vocab: Vocabulary | None = None, balance: str = "fixed"):
+    def __init__(self, model: Model, hyp: dict, vocab: Vocabulary | None = None, balance: str = DEFAULT_BALANCE):
         self.tasks = model.tasks
         if "inst" in self.tasks and "det" not in self.tasks:
             raise ValueError("--tasks inst needs det too: masks are predicted for detected objects")
