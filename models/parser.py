@@ -258,9 +258,24 @@ def parse_model(d: dict, nc: int, tasks: set[str] | None = None, ch: int = 3,
         chans.append(c_out)
         strides.append(stride)
     check_implicit_placement(rows, name)
+    check_head_pairing(rows, name)
     if not any(r.task for r in rows if r.module is not None):
         raise CfgError(f"{name}: no head is built (tasks requested: {sorted(tasks or [])})")
     return rows
+
+
+def check_head_pairing(rows: list[Row], name: str) -> None:
+    """Refuses an instance head beside a detection head whose predictions are not one per anchor point.
+
+    The instance head predicts mask coefficients per anchor point and is trained with the anchor-free
+    assignment; an anchor-based head has ``na`` predictions per cell and its own matching.
+    """
+    built = {r.task: r for r in rows if r.task and r.module is not None}
+    det, inst = built.get("det"), built.get("inst")
+    if det is not None and inst is not None and not getattr(det.module, "anchor_free", True):
+        raise CfgError(f"{name} row {inst.index} ({inst.section}): {inst.name} needs an anchor-free detection head "
+                       f"(mask coefficients per anchor point, trained with its assignment), but row {det.index} is "
+                       f"{det.name}; use Detect, or drop the inst task (--tasks det,sem,cap)")
 
 
 def check_implicit_placement(rows: list[Row], name: str) -> None:

@@ -39,15 +39,23 @@ def test_forward_outputs_named_structure(cfg_dict):
 
 def _all_outputs(model: Model, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     out = model(x, captions=tokens)
-    return {"det_feats": torch.cat([f.flatten() for f in out.det.feats]), "det_pred_scores": out.det.pred[..., 4:],
-            "inst_coeffs": out.inst.coeffs, "inst_protos": out.inst.protos, "sem": out.sem.logits,
-            "cap_memory": out.cap.memory, "cap_logits": out.cap.logits}
+    res = {"det_feats": torch.cat([f.flatten() for f in out.det.feats]), "det_pred_scores": out.det.pred[..., 4:],
+           "sem": out.sem.logits, "cap_memory": out.cap.memory, "cap_logits": out.cap.logits}
+    if out.inst is not None:
+        res |= {"inst_coeffs": out.inst.coeffs, "inst_protos": out.inst.protos}
+    return res
 
 
+@pytest.mark.parametrize("det_head", ["Detect", "DetectAnchor"])
 @pytest.mark.parametrize("form", ["vector", "nn", "mf"])
-def test_fuse_is_exact_and_complete(form):
+def test_fuse_is_exact_and_complete(form, det_head):
     torch.manual_seed(0)
-    model = Model(tiny_cfg(implicit=form), nc=5, head_kwargs=HEAD_KW).eval()
+    d = tiny_cfg(implicit=form)
+    tasks = None
+    if det_head == "DetectAnchor":  # default anchors; the instance head needs the anchor-free one
+        d["heads"][0][2], tasks = det_head, ["det", "sem", "cap"]
+    model = Model(d, nc=5, tasks=tasks, head_kwargs=HEAD_KW).eval()
+    assert type(model.head("det")).__name__ == det_head
     randomize_bn_and_implicits(model)
     x = torch.rand(2, 3, 96, 96)
     tokens = torch.randint(4, 40, (2, 7))

@@ -25,8 +25,12 @@ class TaskInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.implicit(x)
 
-    def fold_into(self, consumers: list[Conv]) -> None:
-        """Folds the multiplier into every conv that reads this input, then removes it."""
+    def fold_into(self, consumers: list[Conv | RefinedConv]) -> None:
+        """Folds the multiplier into every conv that reads this input, then removes it.
+
+        A consumer is anything whose ``.conv`` (an ``nn.Conv2d``) reads this input first: a stem ``Conv``, or a
+        ``RefinedConv`` whose own refinement was fused already (its ``ImplicitA`` would otherwise sit between).
+        """
         if isinstance(self.implicit, ImplicitM):
             for conv in consumers:
                 conv.conv = fold_into_next_conv(self.implicit, conv.conv)

@@ -139,18 +139,26 @@ def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch
 def pad_targets(targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(M, 6)`` flat targets -> per-image padded ``cls (B, G)``, ``boxes (B, G, 4)``, ``mask (B, G)``."""
     device = targets.device
-    counts = torch.bincount(targets[:, 0].long(), minlength=batch_size) if len(targets) else torch.zeros(batch_size, dtype=torch.long, device=device)
-    g = int(counts.max()) if len(targets) else 0
+    img = targets[:, 0].long()
+    g = int(torch.bincount(img).max()) if len(targets) else 0
     cls = torch.full((batch_size, g), -1, dtype=torch.long, device=device)
     boxes = torch.zeros((batch_size, g, 4), device=device)
     mask = torch.zeros((batch_size, g), dtype=torch.bool, device=device)
     if g:
-        img = targets[:, 0].long()
-        order = torch.argsort(img, stable=True)
-        img = img[order]
-        start = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(img), device=device) - start[img]
-        cls[img, slot] = targets[order, 1].long()
-        boxes[img, slot] = targets[order, 2:6].float()
+        slot = image_slots(img)
+        cls[img, slot] = targets[:, 1].long()
+        boxes[img, slot] = targets[:, 2:6].float()
         mask[img, slot] = True
     return cls, boxes, mask
+
+
+def image_slots(img: torch.Tensor) -> torch.Tensor:
+    """Each target's index among its own image's targets (in the given order): its slot in :func:`pad_targets`."""
+    if not len(img):
+        return img.new_zeros(0)
+    order = torch.argsort(img, stable=True)
+    counts = torch.bincount(img)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(img)
+    slot[order] = torch.arange(len(img), device=img.device) - start[img[order]]
+    return slot

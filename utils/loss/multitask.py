@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import torch
 
+from models.heads.detect import Detect
+from models.heads.detect_anchor import DetectAnchor
 from models.model import Model, Outputs
 from utils.data.dataset import Batch
 from utils.loss.balance import DEFAULT_BALANCE, build_balancer
 from utils.loss.caption import CaptionLoss
 from utils.loss.detection import DetectionLoss
+from utils.loss.detection_anchor import AnchorDetectionLoss
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
 from utils.loss.semantic import SemanticLoss
 from utils.vocab import Vocabulary
+
+DET_LOSSES = {Detect: DetectionLoss, DetectAnchor: AnchorDetectionLoss}  # detection head type -> its loss
 
 
 class MultiTaskLoss:
@@ -27,7 +32,7 @@ class MultiTaskLoss:
         self.tasks = model.tasks
         if "inst" in self.tasks and "det" not in self.tasks:
             raise ValueError("--tasks inst needs det too: masks are predicted for detected objects")
-        self.det = DetectionLoss(model.head("det"), hyp) if "det" in self.tasks else None
+        self.det = DET_LOSSES[type(model.head("det"))](model.head("det"), hyp) if "det" in self.tasks else None
         self.inst = InstanceLoss(hyp, model.head("inst").nm) if "inst" in self.tasks else None
         self.proto_stride = float(getattr(model.head("inst"), "proto_stride", 4)) if self.inst else 4.0
         self.sem = SemanticLoss(hyp) if "sem" in self.tasks else None
