@@ -20,6 +20,7 @@ from models.heads.detect_anchor import COCO_ANCHORS, DetectAnchor
 from models.model import Model
 from models.parser import CfgError
 from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg
+from tests.test_detection import overfit_detection
 from utils.anchors import anchors_per_level, best_possible_recall, dataset_wh, kmeans_anchors
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.loss.detection_anchor import AnchorDetectionLoss
@@ -92,25 +93,8 @@ def test_eval_output_matches_detect_layout():
     assert default.anchors.view(3, -1).tolist() == [[float(v) for v in level] for level in COCO_ANCHORS]
 
 
-def _overfit(steps: int):
-    torch.manual_seed(0)
-    model = Model(anchor_cfg(), nc=3, tasks=["det"])
-    loss_fn = AnchorDetectionLoss(model.head("det"), {})
-    x = torch.rand(2, 3, 64, 64)
-    targets = torch.tensor([[0, 1, 8, 8, 40, 30], [1, 2, 20, 10, 60, 60], [1, 0, 2, 40, 20, 62]], dtype=torch.float32)
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    losses = []
-    for _ in range(steps):
-        loss, parts, _ = loss_fn(model(x).det.feats, targets, torch.tensor([True, True]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, x, losses, parts
-
-
 def test_loss_is_finite_and_decreases_when_overfitting():
-    model, x, losses, parts = _overfit(60)
+    model, x, losses, parts = overfit_detection(60, cfg=anchor_cfg(), loss_cls=AnchorDetectionLoss, hyp={})
     assert all(np.isfinite(losses)) and set(parts) == {"box", "obj", "cls"}
     assert losses[-1] < 0.5 * losses[0]
     with torch.no_grad():  # decode train-mode maps: 60 steps are too few for BatchNorm running stats

@@ -32,10 +32,13 @@ def test_assigner_picks_points_inside_the_object():
     assert (ts[0, fg[0], 1] > 0).all() and (ts[0, :, 0] == 0).all()
 
 
-def _overfit(steps: int, present: bool = True):
+def overfit_detection(steps: int, present: bool = True, cfg: dict | None = None, loss_cls=DetectionLoss,
+                      hyp: dict | None = None):
+    """Trains a det-only model on two fixed images (3 objects) for ``steps``; ``present`` flags image 0's labels.
+    Returns (model, images, losses, last parts); shared by the anchor-free and anchor-based head tests."""
     torch.manual_seed(0)
-    model = Model(tiny_cfg(), nc=3, tasks=["det"])
-    loss_fn = DetectionLoss(model.head("det"), {"box": 7.5, "cls": 0.5, "dfl": 1.5})
+    model = Model(cfg or tiny_cfg(), nc=3, tasks=["det"])
+    loss_fn = loss_cls(model.head("det"), {"box": 7.5, "cls": 0.5, "dfl": 1.5} if hyp is None else hyp)
     x = torch.rand(2, 3, 64, 64)
     targets = torch.tensor([[0, 1, 8, 8, 40, 30], [1, 2, 20, 10, 60, 60], [1, 0, 2, 40, 20, 62]], dtype=torch.float32)
     pres = torch.tensor([present, True])
@@ -51,7 +54,7 @@ def _overfit(steps: int, present: bool = True):
 
 
 def test_detection_loss_is_finite_and_decreases_when_overfitting():
-    model, x, losses, parts = _overfit(60)
+    model, x, losses, parts = overfit_detection(60)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert set(parts) == {"box", "cls", "dfl"}
     assert losses[-1] < 0.5 * losses[0]
