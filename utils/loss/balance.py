@@ -31,20 +31,25 @@ being trained; ``e-1`` and ``e-2`` are the last two finished ones.
     clamping and gains the weights average exactly 1 (``k = 0`` gives all ones); the clamp is applied
     after that normalisation and is not re-normalised. ``w_t = g_t`` until two epochs have finished.
 
-Default: ``dwa``, chosen by measurement (``benchmarks/multitask.py``: joint nano model per rule vs the four
-single-task models, same budget, seed 0; Δm = mean relative change of box mAP, mask mAP, mIoU, CIDEr-D):
+Default: ``dwa``, chosen by measurement (``benchmarks/multitask.py``: a joint nano model per rule vs the four
+single-task models at the same budget, seed 0; Δm = mean relative change of box mAP, mask mAP, mIoU and
+CIDEr-D; in brackets the worst single task's change, in percent)::
 
-=====================================================  =======  ===========  ======  ======
-budget                                                  fixed    uncertainty  dwa     mtcp
-=====================================================  =======  ===========  ======  ======
-H100, 9 epochs, 256 px, batch 32, hyp.scratch            -3.8%    -7.9%        +1.9%   +0.7%
-CPU, 8 epochs, 192 px, batch 16, hyp.short               -0.5%    see note     +0.0%   see note
-=====================================================  =======  ===========  ======  ======
+    budget                                      fixed            uncertainty      dwa              mtcp
+    H100, 9 epochs, 256 px, batch 32, scratch   -3.8% (-18 sem)  -7.9% (-35 sem)  +1.9% (-10 det)  +0.7% (-38 sem)
+    CPU, 8 epochs, 192 px, batch 16, short      -0.5% (-9 sem)   +8.1% (-9 sem)   +0.0% (-9 sem)   +1.0% (-9 sem)
 
-DWA was the best at both budgets and the only rule that kept the semantic head near its single-task mIoU
-on the GPU (-7% against -18% fixed, -35% uncertainty, -38% mtcp). Uncertainty weighting drives each task's
-contribution to ~1 and starved the tasks with small losses; MT-CP raised captions most (+44% CIDEr-D) at
-the semantic head's cost. One seed each, so differences of a point or two are within noise.
+from (the GPU run trains the eight models at once; every CPU model trains on 1 torch thread)::
+
+    python -m benchmarks.multitask --epochs 9 --img 256 --batch-size 32 --workers 2 --noval --device 0 --balance fixed,uncertainty,dwa,mtcp --jobs 8
+    python -m benchmarks.multitask --epochs 8 --img 192 --hyp data/hyps/hyp.short.yaml --threads 1 --balance fixed,uncertainty,dwa,mtcp
+
+The ranking is not the same at both budgets (one seed each: a point or two is noise). DWA has the best
+mean Δm over the two (+1.0%; mtcp +0.9%, uncertainty +0.1%, fixed -2.2%) and the smallest worst-task drop:
+one network should not buy a better average by giving a task up, and mtcp and uncertainty did that to the
+semantic head on the GPU (their gains there are CIDEr-D, the noisiest metric). Uncertainty weighting was
+the best rule on the CPU and the worst on the GPU: it drives each task's contribution to ~1 whatever its
+loss scale, which the longer, larger-batch run punished.
 
 For ``dwa`` and ``mtcp``, a task whose ratio is undefined (its loss was missing, non-finite or ~0 in one
 of the two epochs) is given the mean ratio of the other tasks, so it is treated as average (weight
