@@ -13,7 +13,7 @@ from utils.loss.detection import Assignment, image_slots
 
 # Gains and matching threshold of this loss, YOLOv5's values (hyp.scratch-low). Not ``box``/``cls``: those
 # are the anchor-free loss's gains for a differently normalised loss (7.5 vs 0.05 for the same CIoU term).
-# The hyp files can set these once utils/trainer.py's HYP_KEYS lists them; until then these defaults apply.
+# The hyp files set them (data/hyps/*.yaml); these defaults serve a hyp dict without them.
 ANCHOR_HYP = {"anchor_box": 0.05, "anchor_obj": 1.0, "anchor_cls": 0.5, "anchor_t": 4.0}
 # objectness weight per level, finest first: fine levels have many more (mostly background) cells
 BALANCE = {3: [4.0, 1.0, 0.4]}
