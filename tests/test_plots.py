@@ -230,3 +230,32 @@ def test_tensorboard_is_optional_and_logs_scalars_and_images(tmp_path, monkeypat
     assert ("image", "results", (8, 8, 3), "HWC") in calls
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: silently off
     assert RunLogger(tmp_path, ["a"], []).tb is None
+
+
+def test_plotting_thread_stays_alive_between_pictures_and_ends_at_close(tmp_path):
+    """A thread that exits runs OpenCV's thread-local cleanup under a mutex; a DataLoader worker forked at that
+    moment hangs in cv2.imread (seen). So all pictures share one thread that does not exit before close()."""
+    import threading
+
+    from utils.loggers import RunLogger
+
+    def plot_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("plot")]
+
+    log = RunLogger(tmp_path, ["a"], [], plots=True, tensorboard=False)
+    drawn: list[str] = []
+
+    def draw(i: int) -> None:
+        cv2.imencode(".png", np.full((4, 4, 3), i, np.uint8))  # an OpenCV call in the plotting thread
+        drawn.append(f"p{i}")
+
+    for i in range(3):
+        log._background(f"p{i}", draw, i)
+        log.join()  # what the trainer does before every fork
+        assert drawn[-1] == f"p{i}"
+        alive = plot_threads()
+        assert len(alive) == 1 and alive[0].is_alive()  # the same thread, idle, not exiting
+        first = first if i else alive[0]
+        assert alive[0] is first
+    log.close()
+    assert not first.is_alive() and drawn == ["p0", "p1", "p2"]

@@ -1,7 +1,7 @@
 """What a run writes besides checkpoints and results.csv: pictures, optional TensorBoard, report.html.
 
-Kept off the training hot path: ``labels.jpg`` and the three ``train_batch*.jpg`` are drawn in background
-threads from batches the loop already loaded, and everything that needs a model (validation pictures, PR
+Kept off the training hot path: ``labels.jpg`` and the three ``train_batch*.jpg`` are drawn in a background
+thread from batches the loop already loaded, and everything that needs a model (validation pictures, PR
 curves, confusion matrices) is drawn once, after the last epoch, from the final EMA model and the last
 validation's predictions. Plotting never fails a run: an error in a picture is a warning.
 """
@@ -13,6 +13,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -53,7 +54,8 @@ class RunLogger:
         self.names, self.semantic_names = list(names), list(semantic_names)
         self.enabled = enabled
         self.plots = enabled and plots
-        self.threads: list[threading.Thread] = []
+        self._pool: ThreadPoolExecutor | None = None  # the one plotting thread, alive until close()
+        self._pending: list[Future] = []
         self.tb = open_tensorboard(self.save_dir) if enabled and tensorboard else None
         self.timings: dict[str, float] = {}  # seconds per picture group, for the report and the benchmark
         self._lock = threading.Lock()
@@ -72,15 +74,26 @@ class RunLogger:
                 self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def _background(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
-        t = threading.Thread(target=self._safe, args=(name, fn, *args), name=f"plot-{name}", daemon=True)
-        t.start()
-        self.threads.append(t)
+        # One long-lived thread rather than one per picture. A thread that exits runs OpenCV's thread-local
+        # cleanup under an OpenCV mutex; a DataLoader worker forked in that instant inherits the mutex locked
+        # and hangs forever in its first cv2.imread (seen on CPU and on GPU, even right after join()). An
+        # idle live thread holds no lock, so forking is safe once join() has returned.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
+        self._pending.append(self._pool.submit(self._safe, name, fn, *args))
 
     def join(self) -> None:
-        """Waits for the background pictures."""
-        for t in self.threads:
-            t.join()
-        self.threads.clear()
+        """Waits for the background pictures; the plotting thread stays, idle (see ``_background``)."""
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Ends the plotting thread: call after the run's last DataLoader has forked its workers."""
+        self.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # --- during training -------------------------------------------------------------------------
     def labels(self, dataset, vocab, max_caption_words: int | None = None) -> None:
@@ -148,6 +161,7 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        self.close()
 
     def val_batches(self, model, val_loader, vocab, captions: bool) -> None:
         """val_batch{0,1,2}_labels.jpg and _pred.jpg: the first validation batches, labels next to predictions."""

@@ -350,8 +350,8 @@ class Trainer:
             cap_words = int(hyp.get("cap_max_len", 24)) - 2 if self.vocab is not None else None  # <bos>, <eos>
             self.logger.labels(self.train_set, self.vocab, cap_words)
         for epoch in range(self.start_epoch, opt.epochs):
-            # DataLoader workers are forked below: never while a plotting thread holds a lock (the forked
-            # worker would inherit it held and hang; seen once on a 16-core GPU machine)
+            # DataLoader workers are forked below: not while a picture is being drawn (a forked worker would
+            # inherit a lock the plotting thread holds, and hang); see RunLogger._background
             self.logger.join()
             progress = self._begin_epoch(epoch)
             # i stays the true batch index after a mid-epoch resume (warmup and caption rotation use it)
@@ -469,7 +469,7 @@ class Trainer:
         opt = self.opt
         final = epoch + 1 == opt.epochs
         if not getattr(opt, "noval", False) or final:
-            self.logger.join()  # the val loader forks its workers: no plotting thread mid-lock (see run())
+            self.logger.join()  # the val loader forks its workers: no picture mid-draw (see run())
             res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
                            loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
                            num_semantic=len(self.data.semantic_ids))
