@@ -51,9 +51,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from utils.cli import run_cli
+    from utils.data.dataset import LoaderStalledError
     from utils.trainer import NonFiniteLossError, Trainer
 
-    return run_cli(lambda opt: Trainer(opt).run(), parse_opt(argv), extra=(NonFiniteLossError,))
+    return run_cli(lambda opt: Trainer(opt).run(), parse_opt(argv), extra=(NonFiniteLossError, LoaderStalledError))
 
 
 if __name__ == "__main__":

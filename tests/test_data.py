@@ -12,7 +12,7 @@ import yaml
 
 from utils.data.coco import LabelReport, load_split
 from utils.data.config import DataError, load_data_config
-from utils.data.dataset import CocoDataset, collate, create_dataloader
+from utils.data.dataset import CocoDataset, LoaderStalledError, collate, create_dataloader, stall_guard
 from utils.data.sample import IGNORE_INDEX, TASKS
 
 
@@ -189,3 +189,33 @@ def test_collate_without_semantic():
               "ratio_pad": (1.0, (0.0, 0.0))} for _ in range(2)]
     batch = collate(items)
     assert batch.semantic is None and batch.targets.shape == (0, 6)
+
+
+def _hang_in_worker(index: int):
+    """Stands in for a worker stuck on a lock or a dead mount (only in a worker: the test process is safe)."""
+    import time
+
+    time.sleep(30)
+
+
+def test_a_hung_worker_stops_with_a_clear_error_not_forever(tiny_data, monkeypatch):
+    """With workers, a batch that never comes raises LoaderStalledError after the timeout (train.py prints it
+    as one line and exits 2) instead of leaving the run waiting for ever."""
+    import time
+
+    d = load_data_config(tiny_data)
+    ds = CocoDataset(d, d.train, 64, augment=False, hyp={}, seed=0)
+    monkeypatch.setattr(ds, "load", _hang_in_worker)  # pickled into the forked worker with the dataset
+    loader = create_dataloader(ds, 2, False, workers=1, timeout=2)
+    t0 = time.time()
+    with pytest.raises(LoaderStalledError, match="no batch from the data loader workers for 2 s.*--resume"):
+        next(iter(stall_guard(loader)))
+    assert time.time() - t0 < 20
+    other = RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="something else"):  # other errors pass through unchanged
+        next(iter(stall_guard(_raise(other))))
+
+
+def _raise(error: Exception):
+    raise error
+    yield  # a generator

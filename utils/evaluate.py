@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from models.model import Model
 from utils.boxes import scale_boxes, xyxy2xywh
-from utils.data.dataset import Batch, CocoDataset
+from utils.data.dataset import Batch, CocoDataset, stall_guard
 from utils.masks import encode_rle, masks_to_original, process_masks
 from utils.metrics.caption import caption_scores
 from utils.metrics.detection import coco_map, load_ground_truth
@@ -91,7 +91,7 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
     sem_meter = SemanticMeter(num_semantic) if "sem" in model.tasks and num_semantic else None
     cap_pred: dict[int, str] = {}
     cap_refs: dict[int, list[str]] = {}
-    for batch in tqdm(loader, desc="val", disable=not progress, leave=False):
+    for batch in tqdm(stall_guard(loader), total=len(loader), desc="val", disable=not progress, leave=False):
         t0 = time.perf_counter()
         x = to_float(batch.images, device, half)
         t1 = time.perf_counter()

@@ -20,7 +20,7 @@ from models.implicit import Implicit
 from models.model import Model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import DataConfig, load_data_config
-from utils.data.dataset import CocoDataset, create_dataloader
+from utils.data.dataset import CocoDataset, create_dataloader, stall_guard
 from utils.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, mean_across_ranks
 from utils.ema import ModelEMA, unwrap
 from utils.evaluate import evaluate, fitness, to_float
@@ -355,7 +355,7 @@ class Trainer:
             self.logger.join()
             progress = self._begin_epoch(epoch)
             # i stays the true batch index after a mid-epoch resume (warmup and caption rotation use it)
-            pbar = tqdm(enumerate(self.train_loader, progress.batch), total=nb, initial=progress.batch,
+            pbar = tqdm(enumerate(stall_guard(self.train_loader), progress.batch), total=nb, initial=progress.batch,
                         desc=f"epoch {epoch + 1}/{opt.epochs}", disable=not (opt.progress and self.dist.main))
             for i, batch in pbar:
                 ni = i + nb * epoch

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import cv2
@@ -242,9 +242,33 @@ class SkipSampler(Sampler[int]):
             self.sampler.set_epoch(epoch)
 
 
+# Seconds a worker may take for one batch before the loader gives up: a hung worker (a deadlock inherited
+# through fork, a dead network mount) then stops the run with a clear error instead of holding a GPU idle.
+WORKER_TIMEOUT_S = 600.0
+
+
+class LoaderStalledError(RuntimeError):
+    """No batch arrived from the DataLoader workers within their timeout."""
+
+
+def stall_guard(batches: Iterable) -> Iterator:
+    """Yields from ``batches`` (a DataLoader); torch's ``DataLoader timed out`` becomes a
+    :class:`LoaderStalledError` that says what to do."""
+    try:
+        yield from batches
+    except RuntimeError as e:
+        if "DataLoader timed out" not in str(e):
+            raise
+        timeout = getattr(batches, "timeout", 0)
+        raise LoaderStalledError(f"no batch from the data loader workers for {timeout:.0f} s (a hung worker or "
+                                 "unreachable storage); check the data, then continue with --resume "
+                                 "(--save-period N keeps mid-epoch checkpoints)") from None
+
+
 def create_dataloader(dataset: CocoDataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
-                      distributed: bool = False) -> DataLoader:
-    """A DataLoader with a seeded shuffle (a DistributedSampler under torchrun), through a ``SkipSampler``."""
+                      distributed: bool = False, timeout: float = WORKER_TIMEOUT_S) -> DataLoader:
+    """A DataLoader with a seeded shuffle (a DistributedSampler under torchrun), through a ``SkipSampler``;
+    with workers, a batch that takes over ``timeout`` seconds raises (see :func:`stall_guard`)."""
     generator = torch.Generator().manual_seed(seed)
     if distributed:
         base: Sampler[int] = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
@@ -252,4 +276,5 @@ def create_dataloader(dataset: CocoDataset, batch_size: int, shuffle: bool, work
         base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=SkipSampler(base),
                       num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                      generator=generator, persistent_workers=False, drop_last=False)
+                      generator=generator, persistent_workers=False, drop_last=False,
+                      timeout=timeout if workers > 0 else 0)
