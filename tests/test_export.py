@@ -18,7 +18,7 @@ import train as train_script
 from tests.conftest import tiny_cfg
 from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.export import (NMS_OUTPUTS, RUNTIME_TOL, BatchedNMS, DeployModel, NMSConfig, compare_outputs, export_onnx,
-                          export_vision, load_torchscript, run_deploy, verification_images)
+                          export_vision, failures, load_torchscript, run_deploy, verification_images)
 from utils.inference import OnnxBackend, beam_search_decode, greedy_decode
 from utils.nms import non_max_suppression
 
@@ -176,18 +176,27 @@ def _clustered_predictions(b: int, a: int, nc: int, seed: int) -> torch.Tensor:
     return torch.cat((c - wh / 2, c + wh / 2, torch.rand(b, a, nc, generator=g)), 2)
 
 
-def test_fp16_graph_exports(fused, tmp_path):
+def test_fp16_graph_exports_and_matches_fp32(fused, tmp_path):
     """export --half traces an FP16 model; the TorchScript exporter cannot export an FP16 arange (the anchor
-    grid), which made --half fail on the GPU: the graph must build and type its outputs float16. (Runs on CPU:
-    the exporter's failure did not depend on the device; numerical parity of --half needs a GPU.)"""
+    grid), which made --half fail on the GPU. The FP16 graph must build, type its input and outputs float16,
+    and agree with the FP32 model on real images within export.py's FP16 tolerance (1e-2, normalized) when
+    onnxruntime runs it (on CPU here: the exporter's failure did not depend on the device)."""
     import copy
 
-    model, _ = fused
+    from utils.inference import ort_session
+
+    model, data = fused
     deploy = DeployModel(copy.deepcopy(model).half())
     path = export_vision(deploy, torch.rand(1, 3, IMG, IMG).half(), tmp_path / "half.onnx", 17, False, {})
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert {o.name: o.type.tensor_type.elem_type for o in graph.output}["det_pred"] == onnx.TensorProto.FLOAT16
+    x = verification_images(data, (IMG, IMG), 1).float() / 255.0
+    ref = run_deploy(DeployModel(model), deploy.output_names, x)
+    outs = ort_session(path).run(deploy.output_names, {"images": x.half().numpy()})
+    diffs = compare_outputs(ref, {n: o.astype(np.float32) for n, o in zip(deploy.output_names, outs)}, (IMG, IMG))
+    assert failures(diffs, 1e-2) == [], diffs
+    assert max(d.normalized for d in diffs) > 0  # really FP16 arithmetic, not an FP32 graph in disguise
 
 
 @pytest.mark.parametrize("agnostic", [False, True])
