@@ -477,10 +477,13 @@ class Trainer:
             self.last_eval = res
         row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
         fit = fitness(row)
-        if fit > self.best_fitness or self.best_fitness < 0:
+        best = fit > self.best_fitness or self.best_fitness < 0
+        if best:
             self.best_fitness, self.best_epoch = fit, epoch
-            save_checkpoint(self.checkpoint(epoch, rank_rng=rank_rng), self.wdir / "best.pt")
-        save_checkpoint(self.checkpoint(epoch, rank_rng=rank_rng), self.wdir / "last.pt")
+        ckpt = self.checkpoint(epoch, rank_rng=rank_rng)  # one state for both files
+        if best:
+            save_checkpoint(ckpt, self.wdir / "best.pt")
+        save_checkpoint(ckpt, self.wdir / "last.pt")
         write_results(results_csv, row)
         self.logger.epoch(row, epoch)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
