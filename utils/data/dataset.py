@@ -16,8 +16,8 @@ from utils.data.coco import ImageRecord, LabelReport, load_split
 from utils.data.config import DataConfig, SplitSpec
 from utils.data.sample import IGNORE_INDEX, TASKS, Sample
 
-# OpenCV's own thread pool does not survive fork() into DataLoader workers (a worker can hang in its first
-# warpAffine); the workers are the parallelism here, as in YOLOv5
+# OpenCV's own thread pool is not fork-safe, and DataLoader workers are forked: the workers are the
+# parallelism here, as in YOLOv5 (the hang actually seen had another cause: see RunLogger._background)
 cv2.setNumThreads(0)
 
 
