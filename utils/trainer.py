@@ -21,7 +21,7 @@ from models.model import Model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import DataConfig, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader, stall_guard
-from utils.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, mean_across_ranks
+from utils.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed, sum_across_ranks
 from utils.ema import ModelEMA, unwrap
 from utils.evaluate import evaluate, fitness, to_float
 from utils.loss.multitask import MultiTaskLoss
@@ -101,6 +101,12 @@ class EpochProgress:
     def means(self) -> dict[str, float]:
         return {k: v / self.counts[k] for k, v in self.sums.items()}
 
+    def global_means(self, dist: DistInfo) -> dict[str, float]:
+        """The epoch means over every rank's batches: sums and counts reduced over the union of the ranks'
+        keys (a task may have no labels in one rank's share), then divided; ``means()`` on one process."""
+        sums, counts = sum_across_ranks(self.sums, dist), sum_across_ranks(self.counts, dist)
+        return {k: v / counts[k] for k, v in sums.items() if counts[k] > 0}
+
     def elapsed(self) -> float:
         """Training seconds of this epoch, including those before a resume."""
         return time.time() - self.start
@@ -135,6 +141,7 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.on_step: list[Callable[["Trainer"], None]] = []  # callbacks after each optimizer step
         self.mid_epoch_saves: list[tuple[int, int]] = []  # (epoch, next batch) of each mid-epoch last.pt written
+        self.skipped_steps: list[tuple[int, int]] = []  # (epoch, batch) of each batch skipped for a non-finite loss
         resume_ckpt = None
         if opt.resume:
             resume_ckpt = self._resume_opt()
@@ -372,13 +379,17 @@ class Trainer:
                     self.logger.train_batch(i, batch, inputs.get("captions"), self.vocab, "cap" in self.model.tasks)
                 with torch.autocast(device_type=self.device.type, enabled=self.cuda):
                     out = self.net(x, **head_inputs)
-                    loss, parts = self.loss(out, batch, head_inputs)
+                    loss, parts = self.loss(out, batch, head_inputs, self.dist)
                     if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
                         loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
-                if not torch.isfinite(loss):
+                # every rank skips together: one rank skipping backward() alone would leave the others
+                # waiting in DDP's gradient all-reduce for ever
+                if not self.dist.all_true(bool(torch.isfinite(loss))):
                     self.nonfinite_run += 1
+                    self.skipped_steps.append((epoch, i))
                     bad = [k for k, v in parts.items() if not math.isfinite(v)]
-                    warnings.warn(f"non-finite loss at epoch {epoch} batch {i} in {bad or 'total'}; step skipped")
+                    where = (bad or "total") if not torch.isfinite(loss) else "another rank's batch"
+                    warnings.warn(f"non-finite loss at epoch {epoch} batch {i} in {where}; step skipped")
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.nonfinite_run >= max_nonfinite:
                         tasks = sorted({k.split("_")[0] for k in bad}) or ["total"]
@@ -389,6 +400,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 progress.add(parts)  # before the step: a checkpoint written there includes this batch
                 if i - progress.last_step >= self.accumulate or i == nb - 1:
+                    self.dist.average_gradients(self.loss.balancer.parameters())  # not inside DDP's module
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=hyp.get("grad_clip", 10.0))
                     self.scaler.step(self.optimizer)
@@ -399,7 +411,7 @@ class Trainer:
                 pbar.set_postfix({k: f"{v:.3f}" for k, v in progress.means().items() if k.endswith("_loss")})
             self.scheduler.step()
             train_time = progress.elapsed()
-            means = mean_across_ranks(progress.means(), self.dist)
+            means = progress.global_means(self.dist)
             row = {"epoch": epoch + 1} | {f"train/{k}": v for k, v in means.items()}
             row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
             self.loss.balancer.end_epoch({t: means[f"{t}_loss"] for t in self.model.tasks if f"{t}_loss" in means})

@@ -1,7 +1,7 @@
 """Captioning loss: label-smoothed token cross-entropy under teacher forcing, per image, masked by presence.
 
 COCO has ~5 reference captions per image; each step trains on ONE of them per image. The choice is a pure
-function of a seed and the image's position in the batch (or of a passed ``torch.Generator``), so a run and
+function of a seed and the image's id (or position in the batch; or of a passed ``torch.Generator``), so a run and
 its resumed copy see the same targets.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from utils.distributed import LOCAL, DistInfo
 from utils.vocab import PAD, Vocabulary
 
 
@@ -26,15 +27,19 @@ class CaptionLoss:
         self.label_smoothing = float(hyp.get("label_smoothing", 0.1))
         self.max_len = int(hyp.get("cap_max_len", 24))
 
-    def targets(self, captions: list[list[str]], seed: int | torch.Generator = 0) -> torch.Tensor:
+    def targets(self, captions: list[list[str]], seed: int | torch.Generator = 0,
+                keys: list[int] | None = None) -> torch.Tensor:
         """``(B, T)`` ids of one reference caption per image, padded with ``<pad>``.
 
-        ``seed``: an int picks reference ``(seed + i) % len(refs)`` for image ``i`` (pass e.g. the global step
-        so every reference gets used over training); a ``torch.Generator`` draws the index from it instead.
+        ``seed``: an int picks reference ``(seed + key_i) % len(refs)`` for image ``i`` (pass e.g. the global
+        step so every reference gets used over training); ``keys`` default to the positions in the batch,
+        the trainer passes the image ids so the choice does not depend on how images are split into batches
+        (one process or many). A ``torch.Generator`` draws the index from it instead.
         An image without captions gets ``[<bos>, <eos>]`` (mask it out with ``present``).
         """
         chosen = []
-        for i, refs in enumerate(captions):
+        keys = list(range(len(captions))) if keys is None else keys
+        for i, refs in zip(keys, captions):
             if not refs:
                 chosen.append("")
                 continue
@@ -45,12 +50,13 @@ class CaptionLoss:
             chosen.append(refs[j])
         return self.vocab.encode_batch(chosen, self.max_len)
 
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor,
-                 present: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor,
+                 sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float]]:
         """Args:
             logits: ``(B, T-1, V)`` teacher-forced logits (``CaptionOutput.logits``).
             tokens: ``(B, T)`` the ids the logits were computed from; ``tokens[:, 1:]`` are the targets.
             present: ``(B,)`` bool, whether the image has captions.
+            sync: under DDP the number of captioned images that normalises the loss is the mean over ranks.
         Returns: the mean over present images of each image's mean token loss (pads ignored), and its value
             as ``{"ce": float}``. With no image present: a zero that still has a graph to ``logits``.
         """
@@ -65,5 +71,6 @@ class CaptionLoss:
         per_image = ce.sum(1) / n_tok  # each image weighs the same, whatever its caption length
         keep = present.to(device=logits.device, dtype=per_image.dtype)
         # masked sum (not indexing) keeps the graph and a finite zero when nothing is present
-        loss = (per_image * keep).sum() / keep.sum().clamp(min=1.0)
+        images = sync.mean(keep.sum()).clamp(min=1.0 / sync.world).to(keep.device)  # one process: max(n, 1)
+        loss = (per_image * keep).sum() / images
         return loss, {"ce": float(loss.detach())}

@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import box_iou, complete_box_iou_loss
 
 from utils.boxes import bbox2dist, dist2bbox, make_anchors
+from utils.distributed import LOCAL, DistInfo
 
 
 class TaskAlignedAssigner(nn.Module):
@@ -90,11 +91,12 @@ class DetectionLoss:
         self.gains = (hyp.get("box", 7.5), hyp.get("cls", 0.5), hyp.get("dfl", 1.5))
         self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0)
 
-    def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor,
-                 present: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], Assignment]:
+    def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor, present: torch.Tensor,
+                 sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float], Assignment]:
         """Returns (loss scaled by batch size, {'box','cls','dfl'} detached parts, the assignment).
 
         targets: ``(M, 6)`` ``[image index, class, x1, y1, x2, y2]`` in input pixels; present ``(B,)`` bool.
+        sync: under DDP, the normaliser (the target-score sum) is the mean over ranks (see ``DistInfo.mean``).
         """
         device, b = feats[0].device, feats[0].shape[0]
         x = torch.cat([f.view(b, 4 * self.reg_max + self.nc, -1) for f in feats], 2).transpose(1, 2).float()
@@ -108,7 +110,8 @@ class DetectionLoss:
             cls_logits.detach().sigmoid(), (pred_boxes.detach() * stride).to(gt_boxes.dtype),
             points * stride, gt_cls, gt_boxes, gt_mask)
         keep = present.to(device).float()[:, None, None]
-        score_sum = max((target_scores * keep).sum(), 1.0)
+        # max(global sum, 1) / world: on one process max(sum, 1), as before
+        score_sum = sync.mean((target_scores * keep).sum()).clamp(min=1.0 / sync.world).to(device)
         cls_loss = (F.binary_cross_entropy_with_logits(cls_logits, target_scores, reduction="none") * keep).sum() / score_sum
 
         fg = fg & present.to(device)[:, None]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, complete_box_iou_loss
 
 from models.heads.detect_anchor import DetectAnchor, decode_boxes
+from utils.distributed import LOCAL, DistInfo
 from utils.loss.detection import Assignment, image_slots
 
 # Gains and matching threshold of this loss, YOLOv5's values (hyp.scratch-low). Not ``box``/``cls``: those
@@ -81,11 +82,12 @@ class AnchorDetectionLoss:
                                     gi=gij[:, 0].clamp(0, w - 1), box=g[t], cls=targets[t, 1].long(), target=t))
         return out
 
-    def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor,
-                 present: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], Assignment]:
+    def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor, present: torch.Tensor,
+                 sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float], Assignment]:
         """Returns (loss scaled by batch size, {'box','obj','cls'} detached parts, the assignment).
 
         targets: ``(M, 6)`` ``[image index, class, x1, y1, x2, y2]`` in input pixels; present ``(B,)`` bool.
+        sync: under DDP the normalisers (matches per level, labelled images) are means over ranks.
         """
         device, b = feats[0].device, feats[0].shape[0]
         present = present.to(device)
@@ -99,6 +101,7 @@ class AnchorDetectionLoss:
         gain_box, gain_obj, gain_cls = self.gains[0], self.gains[1] * (img / 640) ** 2, self.gains[2] * self.nc / 80
 
         keep = present.float()
+        images = sync.mean(keep.sum()).clamp(min=1.0 / sync.world).to(device)  # one process: max(n, 1)
         zero = feats[0].sum() * 0.0  # keeps a graph when a term has nothing to learn from
         box_loss = obj_loss = cls_loss = zero
         fg = torch.zeros((b, sum(self.na * h * w for h, w in shapes)), dtype=torch.bool, device=device)
@@ -109,23 +112,24 @@ class AnchorDetectionLoss:
         for i, (f, m, s, (h, w)) in enumerate(zip(feats, matches, self.strides, shapes)):
             p = self.level_view(f).float()  # (B, na, H, W, 5 + nc)
             tobj = torch.zeros(p.shape[:4], device=device)
+            matched = sync.mean(len(m.image)).to(device)  # every rank joins, matches or not
             if len(m.image):
                 ps = p[m.image, m.anchor, m.gj, m.gi]
                 cells = torch.stack((m.gi, m.gj), 1).float()
                 pbox = decode_boxes(ps[:, :4], cells, anchors[i, m.anchor] / s)
                 ciou_loss = complete_box_iou_loss(box_convert(pbox, "cxcywh", "xyxy"),
                                                   box_convert(m.box, "cxcywh", "xyxy"), reduction="none")
-                box_loss = box_loss + ciou_loss.mean()
+                box_loss = box_loss + ciou_loss.sum() / matched
                 tobj[m.image, m.anchor, m.gj, m.gi] = (1.0 - ciou_loss.detach()).clamp(0)  # objectness aims at the CIoU
                 if self.nc > 1:  # one class: objectness alone says it
                     cls_loss = cls_loss + F.binary_cross_entropy_with_logits(
-                        ps[:, 5:], F.one_hot(m.cls, self.nc).float())
+                        ps[:, 5:], F.one_hot(m.cls, self.nc).float(), reduction="sum") / (matched * self.nc)
                 idx = start + (m.anchor * h + m.gj) * w + m.gi
                 fg[m.image, idx] = True
                 target_gt[m.image, idx] = slots[m.target]
                 target_boxes[m.image, idx] = targets[m.target, 2:6].float()
             obj = F.binary_cross_entropy_with_logits(p[..., 4], tobj, reduction="none").mean((1, 2, 3))
-            obj_loss = obj_loss + (obj * keep).sum() / keep.sum().clamp(min=1) * self.balance[i]
+            obj_loss = obj_loss + (obj * keep).sum() / images * self.balance[i]
             start += self.na * h * w
         parts = torch.stack((box_loss * gain_box, obj_loss * gain_obj, cls_loss * gain_cls))
         loss = parts.sum() * b

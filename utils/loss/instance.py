@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.heads.instance import InstOutput
+from utils.distributed import LOCAL, DistInfo
 from utils.masks import box_mask, rasterize_polygons
 
 
@@ -27,8 +28,8 @@ class InstanceLoss:
         self.nm = int(nm)
 
     def __call__(self, out: InstOutput, fg: torch.Tensor, target_gt: torch.Tensor, target_boxes: torch.Tensor,
-                 gt_masks: list[torch.Tensor], present: torch.Tensor, stride: float = 4.0
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 gt_masks: list[torch.Tensor], present: torch.Tensor, stride: float = 4.0,
+                 sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns (loss scaled by batch size, like ``DetectionLoss``; ``{"mask": gained mean loss}``).
 
         Args:
@@ -42,6 +43,7 @@ class InstanceLoss:
                 teach an empty mask inside a real object's box.
             present: ``(B,)`` bool, whether the image has instance labels; other images contribute nothing.
             stride: input pixels per prototype pixel.
+            sync: under DDP the object count that normalises the loss is the mean over ranks.
         """
         coeffs, protos = out.coeffs, out.protos
         b, nm, h, w = protos.shape
@@ -77,11 +79,12 @@ class InstanceLoss:
             # mean over the box's own pixels: small objects weigh as much as large ones
             total = total + ((bce * inside).sum((1, 2)) / inside.sum((1, 2)).clamp(min=1.0)).sum()
             count += idx.numel()
+        count = sync.mean(count).to(device)  # before any return: every rank joins the collective
+        # zero that still reaches every output, so DDP / unused-parameter checks stay happy
+        zero = (coeffs.sum() + protos.sum()).float() * 0.0
         if count == 0:
-            # zero that still reaches every output, so DDP / unused-parameter checks stay happy
-            loss = (coeffs.sum() + protos.sum()).float() * 0.0
-            return loss, {"mask": 0.0}
-        mean = total / count * self.gain
+            return zero, {"mask": 0.0}
+        mean = (total + zero) / count * self.gain
         return mean * b, {"mask": float(mean.detach())}
 
 

@@ -7,6 +7,8 @@ from models.heads.detect import Detect
 from models.heads.detect_anchor import DetectAnchor
 from models.model import Model, Outputs
 from utils.data.dataset import Batch
+from utils.data.sample import IGNORE_INDEX
+from utils.distributed import LOCAL, DistInfo
 from utils.loss.balance import DEFAULT_BALANCE, build_balancer
 from utils.loss.caption import CaptionLoss
 from utils.loss.detection import DetectionLoss
@@ -48,40 +50,56 @@ class MultiTaskLoss:
             return {}
         # tokens even when no image of the batch has captions: the masked loss is then an exact zero
         # that still reaches the decoder, so every batch has a loss (and DDP sees every parameter used)
-        return {"captions": self.cap.targets(batch.captions, step)}
+        return {"captions": self.cap.targets(batch.captions, step, keys=[int(i) for i in batch.image_ids])}
 
-    def task_losses(self, out: Outputs, batch: Batch, head_inputs: dict | None = None
+    def task_losses(self, out: Outputs, batch: Batch, head_inputs: dict | None = None, sync: DistInfo = LOCAL
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Unweighted loss per task (only tasks with labels in this batch) plus the logged parts."""
+        """Unweighted loss per task (only tasks with labels in this batch) plus the logged parts.
+
+        ``sync``: under DDP (training only), every loss normalises by the mean over ranks of its normaliser,
+        so each rank's loss is its share of the loss of the whole batch; every rank calls every loss, in the
+        same order, whatever labels its own images have (the normalisers are collectives).
+        """
         losses, parts = {}, {}
         assignment = None
         if self.det is not None:
-            losses["det"], p, assignment = self.det(out.det.feats, batch.targets, batch.task_present("det"))
+            losses["det"], p, assignment = self.det(out.det.feats, batch.targets, batch.task_present("det"), sync)
             parts |= {f"det_{k}": v for k, v in p.items()}
         if self.inst is not None and assignment is not None:
             h, w = batch.images.shape[2:]
             masks = gt_masks_from_batch(batch.segments, batch.targets, len(batch), (h, w), int(self.proto_stride),
                                         device=out.inst.protos.device)
             losses["inst"], p = self.inst(out.inst, assignment.fg, assignment.target_gt, assignment.target_boxes,
-                                          masks, batch.task_present("inst").to(out.inst.protos.device), self.proto_stride)
+                                          masks, batch.task_present("inst").to(out.inst.protos.device), self.proto_stride,
+                                          sync)
             parts |= {f"inst_{k}": v for k, v in p.items()}
-        if self.sem is not None and batch.semantic is not None:
+        if self.sem is not None and (batch.semantic is not None or sync.enabled):
             logits = out.sem.logits
-            losses["sem"], p = self.sem(logits, batch.semantic.to(logits.device), batch.task_present("sem").to(logits.device))
-            losses["sem"] = losses["sem"] * len(batch)  # same batch-size scaling as the box and mask losses
-            parts |= {f"sem_{k}": v for k, v in p.items()}
+            target = batch.semantic
+            if target is None:  # only under DDP: this rank has no map, others may (the normaliser is shared)
+                target = torch.full((len(batch), *batch.images.shape[2:]), IGNORE_INDEX, dtype=torch.uint8)
+            loss, p = self.sem(logits, target.to(logits.device), batch.task_present("sem").to(logits.device), sync)
+            if batch.semantic is not None:
+                losses["sem"] = loss * len(batch)  # same batch-size scaling as the box and mask losses
+                parts |= {f"sem_{k}": v for k, v in p.items()}
         tokens = (head_inputs or {}).get("captions")
         if self.cap is not None and tokens is not None and out.cap.logits is not None:
-            losses["cap"], p = self.cap(out.cap.logits, tokens, batch.task_present("cap").to(out.cap.logits.device))
+            losses["cap"], p = self.cap(out.cap.logits, tokens, batch.task_present("cap").to(out.cap.logits.device), sync)
             losses["cap"] = losses["cap"] * len(batch)
             if batch.task_present("cap").any():  # an all-masked batch's zero is not a caption loss value
                 parts |= {f"cap_{k}": v for k, v in p.items()}
         return losses, parts
 
-    def __call__(self, out: Outputs, batch: Batch, head_inputs: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, parts = self.task_losses(out, batch, head_inputs)
+    def __call__(self, out: Outputs, batch: Batch, head_inputs: dict | None = None, sync: DistInfo = LOCAL
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to back-propagate and the logged parts. ``sync`` (training under DDP only; validation
+        runs on one rank): the task losses are scaled by the world size, because DDP *averages* gradients
+        over ranks while each rank's loss is its share of the whole batch's; with the normalisers shared
+        (see :meth:`task_losses`) N processes x B/N images then give one process x B images' gradient.
+        The scale is applied before balancing, so the uncertainty rule's regulariser is not multiplied."""
+        losses, parts = self.task_losses(out, batch, head_inputs, sync)
         parts |= {f"{t}_loss": float(v.detach()) / len(batch) for t, v in losses.items()
                   if t != "cap" or "cap_ce" in parts}
         if not losses:  # no head has labels in this batch: nothing to learn, an explicit zero step
             return batch.images.new_zeros((), dtype=torch.float32, requires_grad=True), parts
-        return self.balancer(losses), parts
+        return self.balancer({t: v * sync.world for t, v in losses.items()}), parts

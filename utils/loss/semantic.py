@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data.sample import IGNORE_INDEX
+from utils.distributed import LOCAL, DistInfo
 
 
 class SemanticLoss:
@@ -23,12 +24,14 @@ class SemanticLoss:
         self.dice_gain = float(hyp.get("sem_dice", 0.0))
         self.eps = 1.0  # dice smoothing: keeps classes with few pixels from giving a 0/0-ish gradient
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
+                 sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float]]:
         """Args:
             logits: ``(B, K, h, w)`` raw scores (any stride; bilinearly upsampled to the target size).
             target: ``(B, H, W)`` uint8 or integer class indices, 255 = ignore.
             present: ``(B,)`` bool, whether image ``b`` has semantic labels.
+            sync: under DDP the labelled-pixel count that normalises the cross-entropy is the mean over ranks
+                (the dice term, a ratio over the batch, stays per rank).
         Returns:
             The scalar loss ``ce + sem_dice * dice`` (a differentiable zero when nothing is labelled) and the
             logged parts as floats.
@@ -38,16 +41,14 @@ class SemanticLoss:
                              f"{tuple(logits.shape)} and {tuple(target.shape)}")
         zero = logits.sum() * 0.0  # keeps the graph (and DDP's used-parameter check) intact
         keep = present.to(device=logits.device, dtype=torch.bool).reshape(-1)
-        if not bool(keep.any()):
-            return zero, {"ce": 0.0, "dice": 0.0}
-        # select present images before upsampling: full-resolution logits are the memory peak
-        logits = logits[keep].float()  # fp32: softmax/CE over many pixels under AMP
-        target = target.to(logits.device)[keep].long()
         k = logits.shape[1]
+        # select present images before upsampling: full-resolution logits are the memory peak
+        target = target.to(logits.device)[keep].long()
         valid = (target >= 0) & (target < k)  # 255 and unknown ids alike
-        n_valid = int(valid.sum())
-        if n_valid == 0:
+        n_valid = float(sync.mean(valid.sum()))  # before any return: every rank joins the collective
+        if n_valid == 0 or not bool(valid.any()):
             return zero, {"ce": 0.0, "dice": 0.0}
+        logits = logits[keep].float()  # fp32: softmax/CE over many pixels under AMP
         target = torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
 
