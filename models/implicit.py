@@ -8,9 +8,11 @@ be folded into an adjacent ``nn.Conv2d`` for deployment, so inference pays nothi
 The vector can be modelled in three forms (YOLOR Sec. 3.2), picked by a cfg string:
 
 * ``"vector"``: a plain learned vector ``z`` of shape ``(C,)``.
-* ``"nn"``:     ``W z``  - a learned latent ``z`` (``dim``) mapped by ``nn.Linear(dim, C)``.
+* ``"nn"``:     ``W z``  - a learned latent ``z`` (``dim``) mapped by a bias-free
+  ``nn.Linear(dim, C)``, plus a fixed offset (1 for multiply, 0 otherwise).  A learned bias
+  would itself be a free ``(C,)`` vector, collapsing the form into ``"vector"``.
 * ``"mf"``:     ``Z^T c`` - matrix factorisation with learned ``Z`` (``dim x C``) and
-  ``c`` (``dim``), plus a fixed offset (1 for multiply, 0 otherwise).
+  ``c`` (``dim``), plus the same fixed offset.
 
 Folding rules (``fold_error`` says *why* when a fold is not exact):
 
@@ -83,15 +85,16 @@ class Implicit(nn.Module):
         self.form = form
         self.dim = dim
         self.init_mean = _INIT_MEAN[self.op]
-        # "mf" has no learnable bias, so the mean (1 for mul) comes from a fixed offset; a plain
-        # float keeps it out of the state dict and follows the parameters' dtype automatically.
-        self.offset = self.init_mean if form == "mf" else 0.0
+        # "nn" and "mf" have no learnable bias (one would make them a plain learned vector), so the
+        # mean (1 for mul) comes from a fixed offset; a plain float keeps it out of the state dict
+        # and follows the parameters' dtype automatically.
+        self.offset = 0.0 if form == "vector" else self.init_mean
 
         if form == "vector":
             self.implicit = nn.Parameter(torch.empty(channels))
         elif form == "nn":
             self.z = nn.Parameter(torch.empty(dim))
-            self.linear = nn.Linear(dim, channels)
+            self.linear = nn.Linear(dim, channels, bias=False)
         else:  # "mf"
             self.Z = nn.Parameter(torch.empty(dim, channels))
             self.c = nn.Parameter(torch.empty(dim))
@@ -104,11 +107,10 @@ class Implicit(nn.Module):
         if self.form == "vector":
             nn.init.normal_(self.implicit, mean, std)
         elif self.form == "nn":
-            # A unit-norm latent makes W z ~ N(0, std^2) exactly when W ~ N(0, std^2); the
-            # bias then carries the mean.  A random direction keeps z from being degenerate.
+            # A unit-norm latent makes W z ~ N(0, std^2) exactly when W ~ N(0, std^2); the fixed
+            # offset then carries the mean.  A random direction keeps z from being degenerate.
             self.z.copy_(_unit_vector(self.dim, self.z))
             nn.init.normal_(self.linear.weight, 0.0, std)
-            nn.init.constant_(self.linear.bias, mean)
         else:
             # Same argument as "nn": Z^T c ~ N(0, std^2) for unit-norm c; offset carries the mean.
             self.c.copy_(_unit_vector(self.dim, self.c))
@@ -119,8 +121,25 @@ class Implicit(nn.Module):
         if self.form == "vector":
             return self.implicit
         if self.form == "nn":
-            return self.linear(self.z)
+            return self.linear(self.z) + self.offset
         return torch.mv(self.Z.t(), self.c) + self.offset
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # Before the nn form lost its bias, its state dict held a learned ``linear.bias``; dropping
+        # it would silently change the model.  It could be folded into W (W += (b - mean) z^T/|z|^2),
+        # but the nn form is not the default (cfg: implicit: vector) and such checkpoints' optimizer
+        # state would not match anyway, so refuse clearly.  load_state_dict raises on error_msgs
+        # whether strict or not.
+        if self.form == "nn" and prefix + "linear.bias" in state_dict:
+            error_msgs.append(
+                f"{type(self).__name__} at {prefix[:-1] or '<root>'!r}: the checkpoint has "
+                f"{prefix}linear.bias from the old 'nn' implicit form (W z + learned bias); the "
+                "'nn' form is now W z + a fixed mean with no bias, so these weights cannot be "
+                "loaded exactly; retrain the model (the vector and mf forms are unaffected)."
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _broadcast_value(self, x: torch.Tensor) -> torch.Tensor:
         # Cast to the feature dtype so fp16/AMP activations are not promoted to fp32.

@@ -109,7 +109,7 @@ def test_parameters_receive_gradients(op: str, form: str) -> None:
 def test_forms_and_validation() -> None:
     assert {n for n, _ in ImplicitA(4, "vector").named_parameters()} == {"implicit"}
     assert dict((n, p.shape) for n, p in ImplicitM(4, "nn", dim=3).named_parameters()) == {
-        "z": (3,), "linear.weight": (4, 3), "linear.bias": (4,)}
+        "z": (3,), "linear.weight": (4, 3)}
     assert dict((n, p.shape) for n, p in ImplicitC(4, "mf").named_parameters()) == {"Z": (16, 4), "c": (16,)}
     assert ImplicitA(4, " NN ").form == "nn"  # cfg strings are forgiving about case/space
     with pytest.raises(ValueError, match="unknown implicit form 'bogus'.*vector, nn, mf"):
@@ -120,6 +120,96 @@ def test_forms_and_validation() -> None:
         ImplicitC(4, "mf", dim=0)
     with pytest.raises(TypeError):
         Implicit(4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nn_form_is_w_z_plus_fixed_mean(op: str) -> None:
+    layer = make_implicit(op, "nn", C_IN)
+    mean = 1.0 if op == "mul" else 0.0
+    assert layer.linear.bias is None
+    assert "bias" not in " ".join(layer.state_dict())  # the mean is a fixed offset, not a tensor
+    with torch.no_grad():
+        torch.testing.assert_close(layer.value(), layer.linear.weight @ layer.z + mean, rtol=0, atol=1e-6)
+        # A learned bias would make the form a plain vector; without one it depends on z ...
+        v = layer.value().clone()
+        layer.z.add_(1.0)
+        assert (layer.value() - v).abs().min() > 1e-3
+        # ... and W z alone carries everything learned: W = 0 leaves exactly the mean.
+        layer.linear.weight.zero_()
+        assert torch.equal(layer.value(), torch.full((C_IN,), mean))
+
+
+def test_old_nn_checkpoint_with_bias_is_refused() -> None:
+    layer = ImplicitM(C_IN, "nn")
+    old = layer.state_dict() | {"linear.bias": torch.ones(C_IN)}  # the pre-fix nn form's extra tensor
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"linear\.bias from the old 'nn' implicit form.*retrain"):
+            layer.load_state_dict(old, strict=strict)
+    nested = nn.Sequential(nn.Identity(), ImplicitA(C_IN, "nn"))
+    old = {f"1.{k}": t for k, t in nested[1].state_dict().items()} | {"1.linear.bias": torch.zeros(C_IN)}
+    with pytest.raises(RuntimeError, match=r"ImplicitA at '1'"):
+        nested.load_state_dict(old, strict=False)
+    layer.load_state_dict(ImplicitM(C_IN, "nn").state_dict())  # a current one still loads
+
+
+# ------------------------------------------------------------------------------ weight decay
+
+
+def _decay_by_param(opt: torch.optim.Optimizer, model: nn.Module) -> dict[int, float]:
+    """id(param) -> its group's weight decay, after checking every model parameter is in exactly one group."""
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)), "a parameter is in more than one group"
+    assert set(ids) == {id(p) for p in model.parameters()}, "a parameter is missing from the optimizer"
+    return {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+
+
+def _assert_decay_rules(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    wd = _decay_by_param(opt, model)
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    implicit = {id(p) for m in model.modules() if isinstance(m, Implicit) for p in m.parameters()}
+    assert implicit
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            where = f"{mname}.{pname}"
+            if id(p) in implicit or isinstance(m, norms) or "bias" in pname.split("_"):
+                assert wd[id(p)] == 0.0, where
+            elif isinstance(m, (nn.Conv2d, nn.Linear)) and pname == "weight":
+                assert wd[id(p)] > 0.0, where
+    assert opt.param_groups[0]["weight_decay"] == 0.0  # the warmup treats group 0 as the bias group
+    assert all(id(p) not in implicit for p in opt.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_no_weight_decay_on_implicits_biases_and_norms(form: str) -> None:
+    from models.model import Model
+    from tests.conftest import HEAD_KW, tiny_cfg
+    from utils.trainer import build_optimizer
+
+    model = Model(tiny_cfg(implicit=form), nc=2, head_kwargs=HEAD_KW)
+    assert model.tasks == ["det", "inst", "sem", "cap"]
+    names = dict(model.named_parameters())
+    assert any(n.endswith("in_proj_bias") for n in names)  # the caption decoder's attention
+    if form == "nn":
+        assert any(n.endswith("linear.weight") for n in names)  # W, reached as an nn.Linear
+    _assert_decay_rules(model, build_optimizer(model, "SGD", 0.01, 0.9, 5e-4))
+
+
+def test_weight_decay_groups_cover_every_norm_and_bias_kind() -> None:
+    from utils.trainer import build_optimizer
+
+    conv = nn.Conv2d(4, 4, 1)
+    model = nn.ModuleDict({
+        "conv": conv, "gn": nn.GroupNorm(2, 4), "sync": nn.SyncBatchNorm(4), "inorm": nn.InstanceNorm2d(4, affine=True),
+        "attn": nn.MultiheadAttention(4, 2, add_bias_kv=True),
+        "wrapped": nn.Sequential(ImplicitM(4, "nn")), "mf": ImplicitA(4, "mf"),
+        "tied": nn.ModuleList([conv]),  # a module reached twice must not give its parameters twice
+    })
+    for name in ("Adam", "AdamW", "SGD"):
+        opt = build_optimizer(model, name, 0.01, 0.9, 5e-4)
+        _assert_decay_rules(model, opt)
+        biases = {id(p) for p in opt.param_groups[0]["params"]}
+        attn = model["attn"]
+        assert {id(attn.in_proj_bias), id(attn.bias_k), id(attn.bias_v), id(conv.bias)} <= biases
 
 
 # ------------------------------------------------------------------------------ fold: next conv

@@ -51,13 +51,30 @@ def load_hyp(path: str | Path) -> dict:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, decay: float) -> torch.optim.Optimizer:
-    """Three groups, as YOLOv5: decayed weights; BatchNorm and implicit tensors (no decay); biases (no decay)."""
+    """Three groups, as YOLOv5: 0 biases (no decay; the warmup ramps its lr from warmup_bias_lr), 1 decayed
+    weights, 2 no decay: every parameter anywhere inside an Implicit module (any form, including the nn form's
+    Linear weight) and normalisation weights.
+
+    A bias is any parameter whose name has "bias" as an underscore-separated word (bias, and
+    MultiheadAttention's in_proj_bias, bias_k and bias_v).  Each parameter lands in exactly one group, the first time it is met (shared ones are not repeated).
+    """
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # _NormBase: BatchNorm*, SyncBN, InstanceNorm
     decayed, undecayed, biases = [], [], []
-    for module in model.modules():
+    seen: set[int] = set()
+    # named_modules() visits a parent before its children, so the Implicit modules a module is nested
+    # in are known when its own parameters are met: their prefixes mark the whole subtree as implicit.
+    implicit_prefixes: list[str] = []
+    for mname, module in model.named_modules():
+        if isinstance(module, Implicit):
+            implicit_prefixes.append(mname + "." if mname else "")
+        in_implicit = any((mname + ".").startswith(pre) for pre in implicit_prefixes)
         for pname, p in module.named_parameters(recurse=False):
-            if isinstance(module, Implicit) or isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
-                undecayed.append(p)
-            elif pname == "bias":
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if in_implicit or isinstance(module, norms):
+                undecayed.append(p)  # implicit knowledge and norm scales are not shrunk toward 0
+            elif "bias" in pname.split("_"):  # bias, in_proj_bias, bias_k, bias_v
                 biases.append(p)
             else:
                 decayed.append(p)
