@@ -10,7 +10,7 @@ train:                                  # one split, or a list of splits
 val: {images: images/val2017, instances: ..., semantic: ..., captions: ...}
 semantic_categories: annotations/stuff_val2017.json   # stuff categories, merged by id with the things
 ```
-COCO-Stuff's category 183 'other' is dropped from the semantic classes: its maps hold those pixels as 255.
+COCO-Stuff's category 183 'other' is dropped from the semantic classes: its maps never hold it (value 182).
 A missing task key means the split has no labels of that task. Class names come from the JSON categories;
 contiguous indices are used inside the model, original category ids in everything written out.
 """
@@ -29,8 +29,9 @@ from utils.data.sample import IGNORE_INDEX
 ROOT = Path(__file__).resolve().parents[2]
 DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download"}
 SPLIT_KEYS = {"images", "instances", "semantic", "captions"}
-# COCO-Stuff lists category 183 'other' in stuff_*.json, but its stuffthingmaps merge those pixels into 255
-# (unlabeled): as a class it would never see a pixel, so COCO's semantic head has 80 + 91 = 171 classes.
+# COCO-Stuff lists category 183 'other' in stuff_*.json, where it marks the thing pixels of the stuff-only
+# annotations; its stuffthingmaps never hold 'other' (value 182): those pixels carry their thing's id, or
+# 255 (unlabeled). As a class it would never see a pixel, so COCO's semantic head has 80 + 91 = 171 classes.
 COCO_STUFF_OTHER = (183, "other")
 
 
