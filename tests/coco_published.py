@@ -243,7 +243,8 @@ def write_coco_published(root: Path, seed: int = 0) -> Path:
                 "semantic": f"stuffthingmaps_trainval2017/{split}", "captions": f"annotations/captions_{split}.json"}
 
     data = {"path": str(root.resolve()), "train": full("train2017"),
-            "val": [full("val2017"), {"images": f"images/{cap_split}", "captions": f"annotations/captions_{cap_split}.json"}],
+            "val": [full("val2017"),  # and a caption-only split
+                    {"images": f"images/{cap_split}", "captions": f"annotations/captions_{cap_split}.json"}],
             "semantic_categories": "annotations/stuff_val2017.json"}
     yaml_path = root / "coco_published.yaml"
     yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -94,7 +94,7 @@ def cache_key(split: SplitSpec, category_ids: list[int], semantic_ids: list[int]
     return h.hexdigest()
 
 
-def _hash_listing(h, folder: Path, prefix: str) -> None:
+def _hash_listing(h: hashlib.blake2b, folder: Path, prefix: str) -> None:
     """Adds ``folder``'s files (recursively, sorted) with sizes and mtimes to ``h``; a missing one is empty."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
