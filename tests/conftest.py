@@ -115,3 +115,12 @@ def randomize_bn_and_implicits(model, seed: int = 0) -> None:
             if isinstance(m, Implicit):
                 for p in m.parameters(recurse=True):
                     p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def coco_published(tmp_path_factory) -> Path:
+    """A data yaml over a tiny dataset with the real COCO files' quirks (see ``tests/coco_published.py``):
+    8 train images, and a val list of a full 4-image split and a 4-image caption-only split."""
+    from tests.coco_published import write_coco_published
+
+    return write_coco_published(tmp_path_factory.mktemp("coco_published"))

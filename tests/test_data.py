@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -219,3 +220,193 @@ def test_a_hung_worker_stops_with_a_clear_error_not_forever(tiny_data, monkeypat
 def _raise(error: Exception):
     raise error
     yield  # a generator
+
+
+# --- COCO as published (tests/coco_published.py) -------------------------------------------------------
+
+def _copy_data(data_yaml: Path, dest: Path) -> Path:
+    """A copy of ``data_yaml``'s dataset in ``dest`` (label caches left behind), and a yaml pointing at it."""
+    d = yaml.safe_load(data_yaml.read_text())
+    root = load_data_config(data_yaml).root
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("*.cache"))
+    f = dest / "copy.yaml"
+    f.write_text(yaml.safe_dump(d | {"path": str(dest)}))
+    return f
+
+
+def test_published_coco_is_read_as_written(coco_published):
+    data = load_data_config(coco_published)
+    inst = json.loads(data.train[0].instances.read_text())
+    assert data.names == [c["name"] for c in inst["categories"]] and data.category_ids == [1, 3, 18, 44]
+    assert [s.tasks for s in data.val] == [{"det", "inst", "sem", "cap"}, {"cap"}]
+    ds = CocoDataset(data, data.train, 64)
+    assert ds.labels_summary() == "no label problems"
+    by_id = {rec.image_id: rec for _, rec in ds.items}
+    assert sorted(by_id) == sorted(i["id"] for i in inst["images"]) != list(range(len(by_id)))
+    for c in json.loads(data.train[0].captions.read_text())["annotations"]:
+        assert " ".join(c["caption"].split()) in by_id[c["image_id"]].captions  # capitals, punctuation kept
+    assert all(len(r.captions) == 5 for r in by_id.values())
+    val = CocoDataset(data, data.val, 64)
+    cap_only = [i for i, (s, _) in enumerate(val.items) if s.instances is None]
+    assert len(val) == 8 and len(cap_only) == 4
+    s = val.load(cap_only[0])
+    assert s.present == {"det": False, "inst": False, "sem": False, "cap": True} and len(s.captions) == 5
+    assert {r.image_id for s, r in val.items if s.instances is None}.isdisjoint(
+        {r.image_id for s, r in val.items if s.instances is not None})
+
+
+def test_published_crowd_rle_is_no_instance_but_keeps_its_semantic_pixels(coco_published):
+    """COCO's crowd regions (uncompressed RLE) are not boxes or polygons (YOLOv5 and COCOeval ignore them);
+    their pixels stay labelled in the semantic map."""
+    from pycocotools import mask as mask_utils
+
+    data = load_data_config(coco_published)
+    inst = json.loads(data.train[0].instances.read_text())
+    crowd = [a for a in inst["annotations"] if a["iscrowd"]]
+    assert crowd and all(isinstance(a["segmentation"]["counts"], list) for a in crowd)  # uncompressed, as COCO's
+    report = LabelReport()
+    recs = {r.image_id: r for r in load_split(data.train[0], data.category_ids, report, use_cache=False)}
+    assert report.summary() == "no label problems"  # a crowd RLE is not a "degenerate polygon"
+    for a in crowd:
+        rec = recs[a["image_id"]]
+        own = [b for b in inst["annotations"] if b["image_id"] == a["image_id"] and not b["iscrowd"]]
+        assert len(rec.boxes) == len(rec.segments) == len(own)
+        assert all(len(polys) for polys in rec.segments)
+        x, y, w, h = a["bbox"]
+        assert not np.any(np.all(np.isclose(rec.boxes, [x, y, x + w, y + h], atol=1), axis=1))
+        mask = mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], rec.height, rec.width))
+        assert mask.sum() == a["area"] > 0
+        ds = CocoDataset(data, data.train, 64)
+        i = next(i for i, (_, r) in enumerate(ds.items) if r.image_id == a["image_id"])
+        sem = ds.load(i).semantic
+        assert (sem[mask > 0] == data.semantic_ids.index(a["category_id"])).all()
+
+
+def test_coco_stuff_other_is_not_a_semantic_class(coco_published):
+    """Item 5: 'other' (183) is listed in stuff_*.json but never in the maps; it is no class."""
+    from utils.data.config import read_categories
+
+    data = load_data_config(coco_published)
+    stuff = read_categories(data.root / "annotations/stuff_val2017.json")
+    assert {"id": 183, "name": "other", "supercategory": "other"} in stuff  # the published quirk is there
+    assert 183 not in data.semantic_ids and "other" not in data.semantic_names
+    assert data.semantic_ids == sorted(data.category_ids + [c["id"] for c in stuff if c["id"] != 183])
+    assert len(data.semantic_ids) == data.nc + len(stuff) - 1
+    assert data.semantic_lut()[182] == IGNORE_INDEX
+
+
+def test_coco_category_lists_give_171_semantic_classes(tmp_path):
+    """Real COCO: 80 thing ids in 1..90 and COCO-Stuff's 92..183 make 80 + 91 classes, 'other' dropped."""
+    missing = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # the ids COCO 2017 skips
+    things = [{"supercategory": "x", "id": i, "name": f"thing{i}"} for i in range(1, 91) if i not in missing]
+    stuff = [{"supercategory": "x", "id": i, "name": f"stuff{i}"} for i in range(92, 183)]
+    stuff.append({"supercategory": "other", "id": 183, "name": "other"})
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    (ann / "instances.json").write_text(json.dumps({"images": [], "annotations": [], "categories": things}))
+    (ann / "stuff.json").write_text(json.dumps({"images": [], "annotations": [], "categories": stuff}))
+    split = {"images": "images", "instances": "annotations/instances.json", "semantic": "maps"}
+    f = tmp_path / "coco.yaml"
+    f.write_text(yaml.safe_dump({"path": str(tmp_path), "train": split, "val": split,
+                                 "semantic_categories": "annotations/stuff.json"}))
+    data = load_data_config(f, ensure=False)
+    assert data.nc == 80 and len(data.semantic_ids) == 171 and max(data.semantic_ids) == 182
+
+
+def test_semantic_classes_without_training_pixels_are_warned_once(coco_published, monkeypatch):
+    """Item 5, generalised: a listed class no training map has a pixel of is named in one warning, from the
+    values stored in the label cache (a second start decodes no map)."""
+    import utils.data.coco as coco
+
+    data = load_data_config(coco_published)
+    ds = CocoDataset(data, data.train, 64)
+    with pytest.warns(UserWarning) as caught:
+        absent = ds.warn_absent_semantic_classes()
+    assert absent == ["playingfield"]  # listed in stuff_val2017.json, drawn in val maps only
+    assert len(caught) == 1 and f"1 of {len(data.semantic_ids)} semantic classes" in str(caught[0].message)
+    assert "playingfield" in str(caught[0].message)
+    assert CocoDataset(data, data.val[:1], 64).absent_semantic_classes() == []  # the val maps have it
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the label cache should have been used")
+
+    monkeypatch.setattr(coco, "parse_split", not_again)
+    monkeypatch.setattr(coco, "read_semantic_map", not_again)
+    assert CocoDataset(data, data.train, 64).absent_semantic_classes() == ["playingfield"]
+
+
+def test_semantic_values_of_no_category_are_counted_by_file(coco_published, tmp_path):
+    """Item 11: map values the LUT sends to 255 are named with the file; also after the ids change."""
+    f = _copy_data(coco_published, tmp_path / "copy")
+    data = load_data_config(f)
+    maps = sorted(data.train[0].semantic.iterdir())
+    m = cv2.imread(str(maps[0]), cv2.IMREAD_UNCHANGED)
+    m[:4, :4], m[4:8, :4] = 182, 200  # 'other' written as a value, and a value of no category at all
+    cv2.imwrite(str(maps[0]), m)
+    summary = CocoDataset(data, data.train, 64).labels_summary()
+    assert f"1 semantic maps with values of no category (ignored): {maps[0].name}:182,200" in summary
+    # fewer semantic classes (the stuff JSON edited): the cache is rebuilt and 'sea' maps are reported
+    stuff_file = data.root / "annotations/stuff_val2017.json"
+    stuff = json.loads(stuff_file.read_text())
+    stuff["categories"] = [c for c in stuff["categories"] if c["name"] != "sea"]
+    stuff_file.write_text(json.dumps(stuff))
+    data = load_data_config(f)
+    has_sea = [p.name for p in maps if (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) == 154).any()]
+    summary = CocoDataset(data, data.train, 64).labels_summary()
+    assert has_sea and f"{len(has_sea) + (maps[0].name not in has_sea)} semantic maps with values" in summary
+    assert all(f"{name}:154" in summary for name in has_sea if name != maps[0].name)
+
+
+# --- the label cache: keyed on everything it stores (item 7) ---------------------------------------------
+
+def test_label_cache_is_reused_for_an_unchanged_tree(coco_published, tmp_path, monkeypatch):
+    import utils.data.coco as coco
+
+    data = load_data_config(_copy_data(coco_published, tmp_path / "copy"))
+    first = CocoDataset(data, data.train, 64)
+    monkeypatch.setattr(coco, "parse_split", lambda *a, **k: pytest.fail("parsed again"))
+    second = CocoDataset(data, data.train, 64)
+    assert [r.image_id for _, r in second.items] == [r.image_id for _, r in first.items]
+    assert second.labels_summary() == first.labels_summary()
+
+
+def test_label_cache_is_rebuilt_when_a_semantic_map_changes(coco_published, tmp_path):
+    data = load_data_config(_copy_data(coco_published, tmp_path / "copy"))
+    before = CocoDataset(data, data.train, 64)
+    png = sorted(data.train[0].semantic.iterdir())[0]
+    m = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    m[-8:] = data.semantic_ids[data.semantic_names.index("playingfield")] - 1
+    cv2.imwrite(str(png), m[:, :-2])  # new values, and the wrong size
+    ds = CocoDataset(data, data.train, 64)
+    assert f"1 semantic maps of the wrong size (resized): {png.name}" in ds.labels_summary()
+    assert before.absent_semantic_classes() == ["playingfield"] and ds.absent_semantic_classes() == []
+
+
+def test_label_cache_is_rebuilt_when_an_image_is_truncated(coco_published, tmp_path):
+    data = load_data_config(_copy_data(coco_published, tmp_path / "copy"))
+    n = len(CocoDataset(data, data.train, 64))
+    jpg = sorted(data.train[0].images.iterdir())[3]
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    ds = CocoDataset(data, data.train, 64)
+    assert len(ds) == n - 1 and f"1 truncated JPEGs: {jpg.name}" in ds.labels_summary()
+
+
+def test_label_cache_is_rebuilt_when_a_caption_changes_in_place(coco_published, tmp_path):
+    """Same size, same mtime: the JSON's content decides."""
+    import os
+
+    data = load_data_config(_copy_data(coco_published, tmp_path / "copy"))
+    CocoDataset(data, data.train, 64)
+    f = data.train[0].captions
+    st = f.stat()
+    d = json.loads(f.read_text())
+    old = d["annotations"][0]["caption"]
+    new = old.swapcase()
+    assert new != old and len(new.encode()) == len(old.encode())
+    d["annotations"][0]["caption"] = new
+    f.write_text(json.dumps(d))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    ds = CocoDataset(data, data.train, 64)
+    rec = next(r for _, r in ds.items if r.image_id == d["annotations"][0]["image_id"])
+    assert " ".join(new.split()) in rec.captions and " ".join(old.split()) not in rec.captions

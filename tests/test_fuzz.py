@@ -2,7 +2,8 @@
 
 The damage covers what real COCO-layout datasets contain: broken, empty and missing image files, odd but
 valid encodings (grey, RGBA, 16-bit, EXIF-rotated), bad labels (unknown ids, boxes off the image,
-degenerate polygons), empty and non-UTF-8 captions, semantic maps of the wrong size, malformed entries.
+degenerate polygons), empty and non-UTF-8 captions, semantic maps of the wrong size or with values of no
+category, malformed entries.
 Malformed JSON is the one thing that must stop a run: at once, naming the file, line and column.
 """
 from __future__ import annotations
@@ -147,6 +148,12 @@ def make_hostile(root: Path) -> Hostile:
     cv2.imwrite(str(m), cv2.resize(sem, (sem.shape[1] // 2, sem.shape[0] // 2), interpolation=cv2.INTER_NEAREST))
     damaged("semantic maps of the wrong size (resized)", m.name)
     h.kept["small map"] = images[rest[8]]["file_name"]
+    # -- a semantic map with values of no category (another id convention, a stray 'other'): ignored, counted
+    m = sem_dir / (images[rest[9]]["file_name"].rsplit(".", 1)[0] + ".png")
+    sem = cv2.imread(str(m), cv2.IMREAD_UNCHANGED)
+    sem[:3, :3], sem[-3:, -3:] = 182, 200  # 183 'other' and 201 are no semantic class here
+    cv2.imwrite(str(m), sem)
+    damaged("semantic maps with values of no category (ignored)", f"{m.name}:182,200")
     h.kept["bad caption"] = images[rest[7]]["file_name"]
 
     (ann_dir / "instances_train2017.json").write_text(json.dumps(inst))
@@ -199,6 +206,16 @@ def test_hostile_copy_trains_to_the_end_with_one_summary(hostile, cfg_file, tmp_
     for what in ("grey", "rgba", "16bit"):  # valid files are neither skipped nor reported
         assert hostile.kept[what] not in summary, what
     assert (tmp_path / "exp/weights/last.pt").is_file()
+
+
+def test_summary_names_every_damaged_file(hostile):
+    """The summary the trainer prints, without training: every kind counted, every file named."""
+    data = load_data_config(hostile.yaml)
+    summary = CocoDataset(data, data.train, 64, use_cache=False).labels_summary()
+    for kind, names in hostile.damaged.items():
+        assert f"{len(names)} {kind}: " in summary, kind
+        for name in names:
+            assert name in summary, (kind, name)
 
 
 def test_odd_encodings_load_as_8bit_bgr_in_the_labels_frame(hostile):

@@ -1,7 +1,9 @@
-"""Reads a COCO-layout split into compact per-image label records, with a cache keyed by file hashes.
+"""Reads a COCO-layout split into compact per-image label records, with a cache keyed on its inputs.
 
-Parsing instances_train2017.json (450 MB) takes tens of seconds; the parsed labels are cached next to
-the images folder (``<images>.cache``) and reused while the JSON files hash the same.
+Parsing instances_train2017.json (450 MB) takes tens of seconds and scanning 118k semantic maps minutes;
+the parsed labels are cached next to the images folder (``<images>.cache``) and reused while everything
+they were built from is unchanged: the JSON files' contents, the image and semantic-map folders' listings
+(names, sizes, mtimes) and the category ids.
 """
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from utils.data.config import DataError, SplitSpec, read_json
+from utils.data.config import DataError, SplitSpec, read_json, semantic_lut
+from utils.data.sample import IGNORE_INDEX
 
-CACHE_VERSION = 4  # 4: image/map headers checked (sizes, EXIF orientation), non-UTF-8 captions
+# 4: image/map headers checked (sizes, EXIF orientation), non-UTF-8 captions; 5: semantic-map values scanned,
+# key covers the folders' listings and the semantic ids
+CACHE_VERSION = 5
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames
@@ -37,6 +43,8 @@ class ImageRecord:
     classes: np.ndarray            # (N,) int64 contiguous indices
     segments: list[list[np.ndarray]]  # per instance, polygons (K, 2) float32
     captions: list[str] = field(default_factory=list)
+    # sorted uint8 PNG values present in the semantic map; None when the split has none or it is unreadable
+    semantic_values: np.ndarray | None = None
 
 
 @dataclass
@@ -62,17 +70,45 @@ class LabelReport:
         return "; ".join(parts)
 
 
-def file_hash(files: list[Path | None]) -> str:
-    """Content hash of the annotation files (and their names), the cache key."""
+def cache_key(split: SplitSpec, category_ids: list[int], semantic_ids: list[int] | None) -> str:
+    """The label cache's key: a hash of everything :func:`load_split` stores.
+
+    The annotation JSONs by content (an edit that keeps size and mtime still counts); the image and
+    semantic-map folders by listing (name, size, mtime of every file), which decides the missing/corrupt
+    images, the map checks and the map values without reading 118k files; and the ids, which decide the
+    class indices and which map values have no category.
+    """
     h = hashlib.blake2b(digest_size=16)
     h.update(str(CACHE_VERSION).encode())
-    for f in files:
+    for f in (split.instances, split.captions):
         h.update(str(f).encode())
         if f is not None and f.is_file():
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
                     h.update(chunk)
+    for folder in (split.images, split.semantic):
+        h.update(f"\0{folder}\0".encode())
+        if folder is not None:
+            _hash_listing(h, folder, "")
+    h.update(repr((list(category_ids), semantic_ids)).encode())
     return h.hexdigest()
+
+
+def _hash_listing(h: hashlib.blake2b, folder: Path, prefix: str) -> None:
+    """Adds ``folder``'s files (recursively, sorted) with sizes and mtimes to ``h``; a missing one is empty."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        try:
+            if e.is_dir(follow_symlinks=False):
+                _hash_listing(h, Path(e.path), prefix + e.name + "/")
+                continue
+            st = e.stat()  # follows a symlinked image: its target's size and mtime are what matter
+            h.update(f"{prefix}{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a dangling link: listed, so that fixing it changes the key
+            h.update(f"{prefix}{e.name}\0?\n".encode())
 
 
 @dataclass(frozen=True)
@@ -185,11 +221,34 @@ def image_frame(rec: ImageRecord, header: ImageHeader) -> tuple[int, int]:
     return w, h
 
 
+def semantic_path(split: SplitSpec, rec: ImageRecord) -> Path:
+    """The semantic map of ``rec``: the image's name with ``.png``, in the split's semantic folder."""
+    return split.semantic / (rec.file.rsplit(".", 1)[0] + ".png")
+
+
+def read_semantic_map(png: Path) -> np.ndarray | None:
+    """A semantic map as one uint8 channel of PNG values; ``None`` if it cannot be read.
+
+    A colour map keeps its first channel and a 16-bit one is clipped to 0..255 (values above 254 mean
+    unlabeled either way), so a map saved with the wrong options still lines up with the category ids.
+    """
+    m = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    if m is None:
+        return None
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.dtype != np.uint8:
+        m = m.clip(0, 255).astype(np.uint8)
+    return m
+
+
 def check_geometry(split: SplitSpec, rec: ImageRecord, header: ImageHeader | None, report: LabelReport) -> None:
-    """Counts what :meth:`CocoDataset.load` will repair for this image, from file headers only.
+    """Counts what :meth:`CocoDataset.load` will repair for this image, and scans its semantic map.
 
     Done while the label cache is built so that load-time repairs, which happen in DataLoader worker
-    processes, still appear in the one summary printed before training.
+    processes, still appear in the one summary printed before training. The image is checked from its
+    header only; the semantic map is decoded once, to store the values it holds in ``rec.semantic_values``
+    (which classes have pixels at all, and which values have no category: see :func:`load_split`).
     """
     if header is not None:
         frame: tuple[int, int] | None = image_frame(rec, header)
@@ -201,14 +260,34 @@ def check_geometry(split: SplitSpec, rec: ImageRecord, header: ImageHeader | Non
         frame = (rec.width, rec.height) if rec.width else None
     if split.semantic is None or frame is None:
         return
-    png = split.semantic / (rec.file.rsplit(".", 1)[0] + ".png")
-    problem, map_header = inspect_image(png)
+    png = semantic_path(split, rec)
+    problem, _ = inspect_image(png)
     if problem == "missing image":
         report.add("missing semantic maps (no semantic labels)", png.name)
-    elif problem is not None:
+        return
+    m = read_semantic_map(png) if problem is None else None
+    if m is None:  # a bad header, or one that passed but whose data does not decode
         report.add("unreadable semantic maps (no semantic labels)", png.name)
-    elif map_header is not None and (map_header.width, map_header.height) != frame:
+        return
+    if (m.shape[1], m.shape[0]) != frame:
         report.add("semantic maps of the wrong size (resized)", png.name)
+    rec.semantic_values = np.flatnonzero(np.bincount(m.ravel(), minlength=256)).astype(np.uint8)
+
+
+def check_semantic_values(records: list[ImageRecord], semantic_ids: list[int], report: LabelReport) -> None:
+    """Counts the maps holding values that map to no semantic class (the loader's LUT sends them to 255).
+
+    Each is named with its values, ``file.png:200,201``: a map written with another id convention (index
+    instead of ``category_id - 1``, say) shows here instead of silently training on nothing.
+    """
+    unknown = semantic_lut(semantic_ids) == IGNORE_INDEX
+    unknown[IGNORE_INDEX] = False  # 255 is unlabeled by convention, not a fault
+    for rec in records:
+        if rec.semantic_values is not None:
+            bad = rec.semantic_values[unknown[rec.semantic_values]]
+            if len(bad):
+                name = rec.file.rsplit(".", 1)[0] + ".png"
+                report.add("semantic maps with values of no category (ignored)", f"{name}:{','.join(map(str, bad))}")
 
 
 def _load_json_coco(path: Path, report: LabelReport):
@@ -345,10 +424,14 @@ def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) 
     return list(records.values())
 
 
-def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, use_cache: bool = True) -> list[ImageRecord]:
-    """Records of one split, from the cache when the annotation files hash the same, images checked."""
+def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, use_cache: bool = True,
+               semantic_ids: list[int] | None = None) -> list[ImageRecord]:
+    """Records of one split, images and semantic maps checked; from the cache when its key is unchanged.
+
+    ``semantic_ids`` (the data's semantic classes) also counts map values of no class; ``None`` skips that.
+    """
     cache = Path(str(split.images).rstrip("/") + ".cache")
-    key = file_hash([split.instances, split.captions]) + str(category_ids)
+    key = cache_key(split, category_ids, semantic_ids)
     if use_cache and cache.is_file():
         try:
             with open(cache, "rb") as f:
@@ -368,6 +451,8 @@ def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, u
             continue
         check_geometry(split, rec, header, local)
         good.append(rec)
+    if semantic_ids is not None:
+        check_semantic_values(good, semantic_ids, local)
     report.merge(local)
     if use_cache:
         tmp = cache.with_suffix(".cache.tmp")

@@ -10,6 +10,7 @@ train:                                  # one split, or a list of splits
 val: {images: images/val2017, instances: ..., semantic: ..., captions: ...}
 semantic_categories: annotations/stuff_val2017.json   # stuff categories, merged by id with the things
 ```
+COCO-Stuff's category 183 'other' is dropped from the semantic classes: its maps never hold it (value 182).
 A missing task key means the split has no labels of that task. Class names come from the JSON categories;
 contiguous indices are used inside the model, original category ids in everything written out.
 """
@@ -28,6 +29,10 @@ from utils.data.sample import IGNORE_INDEX
 ROOT = Path(__file__).resolve().parents[2]
 DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download"}
 SPLIT_KEYS = {"images", "instances", "semantic", "captions"}
+# COCO-Stuff lists category 183 'other' in stuff_*.json, where it marks the thing pixels of the stuff-only
+# annotations; its stuffthingmaps never hold 'other' (value 182): those pixels carry their thing's id, or
+# 255 (unlabeled). As a class it would never see a pixel, so COCO's semantic head has 80 + 91 = 171 classes.
+COCO_STUFF_OTHER = (183, "other")
 
 
 class DataError(ValueError):
@@ -82,16 +87,21 @@ class DataConfig:
 
     def semantic_lut(self) -> np.ndarray:
         """256-entry table: PNG value (category_id - 1) -> semantic index, IGNORE_INDEX if unknown."""
-        lut = np.full(256, IGNORE_INDEX, np.uint8)
-        for idx, cid in enumerate(self.semantic_ids):
-            if 0 <= cid - 1 < 255:
-                lut[cid - 1] = idx
-        return lut
+        return semantic_lut(self.semantic_ids)
 
     def to_meta(self) -> dict:
         """Plain metadata stored in checkpoints (so test/detect need not re-read the JSON)."""
         return {"names": self.names, "category_ids": self.category_ids,
                 "semantic_names": self.semantic_names, "semantic_ids": self.semantic_ids}
+
+
+def semantic_lut(semantic_ids: list[int]) -> np.ndarray:
+    """256-entry table: PNG value (category_id - 1) -> index in ``semantic_ids``, IGNORE_INDEX if unknown."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for idx, cid in enumerate(semantic_ids):
+        if 0 <= cid - 1 < 255:
+            lut[cid - 1] = idx
+    return lut
 
 
 def resolve_root(path_value: str | None, yaml_file: Path) -> Path:
@@ -209,7 +219,9 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
     sem_cats = dict(zip(ids, names))
     if d.get("semantic_categories"):
         for c in read_categories(root / d["semantic_categories"]):
-            sem_cats.setdefault(int(c["id"]), str(c.get("name", c["id"])))
+            cid, name = int(c["id"]), str(c.get("name", c["id"]))
+            if (cid, name) != COCO_STUFF_OTHER:  # a dead class: see COCO_STUFF_OTHER
+                sem_cats.setdefault(cid, name)
     has_sem = any(s.semantic for s in train + val)
     sem_ids = sorted(sem_cats) if has_sem else []
     return DataConfig(file=file, root=root, train=train, val=val, names=names, category_ids=ids,

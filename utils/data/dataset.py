@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from utils.data import augment as A
-from utils.data.coco import ImageRecord, LabelReport, load_split
+from utils.data.coco import ImageRecord, LabelReport, load_split, read_semantic_map, semantic_path
 from utils.data.config import DataConfig, SplitSpec
 from utils.data.sample import IGNORE_INDEX, TASKS, Sample
 
@@ -73,9 +73,10 @@ class CocoDataset(Dataset):
         self.epoch = 0
         self.report = LabelReport()
         self.lut = data.semantic_lut()
+        self.semantic_ids, self.semantic_names = list(data.semantic_ids), list(data.semantic_names)
         self.items: list[tuple[SplitSpec, ImageRecord]] = []
         for split in splits:
-            for rec in load_split(split, data.category_ids, self.report, use_cache):
+            for rec in load_split(split, data.category_ids, self.report, use_cache, data.semantic_ids):
                 self.items.append((split, rec))
         if not self.items:
             raise ValueError(f"no usable images in {[str(s.images) for s in splits]} ({self.report.summary()})")
@@ -86,6 +87,36 @@ class CocoDataset(Dataset):
 
     def labels_summary(self) -> str:
         return self.report.summary()
+
+    def absent_semantic_classes(self) -> list[str]:
+        """Names of the semantic classes with no pixel in any of this dataset's maps (from the label cache).
+
+        Empty when no split has semantic maps: then no class is expected anywhere.
+        """
+        present = np.zeros(256, bool)
+        scanned = False
+        for split, rec in self.items:
+            if split.semantic is not None:
+                scanned = True
+                if rec.semantic_values is not None:
+                    present[rec.semantic_values] = True
+        if not scanned:
+            return []
+        return [name for cid, name in zip(self.semantic_ids, self.semantic_names)
+                if not (0 <= cid - 1 < 255 and present[cid - 1])]
+
+    def warn_absent_semantic_classes(self) -> list[str]:
+        """Warns once, naming them, about training classes no map has a pixel of; returns their names.
+
+        Such a class can only learn to be absent (a category listed in the JSON but never drawn, or a map
+        convention that writes it as 255); the run goes on, as the class may be wanted for other data.
+        """
+        absent = self.absent_semantic_classes()
+        if absent:
+            shown = ", ".join(absent[:10]) + (f", ... (+{len(absent) - 10})" if len(absent) > 10 else "")
+            warnings.warn(f"{len(absent)} of {len(self.semantic_ids)} semantic classes have no pixel in any "
+                          f"training map: {shown}", stacklevel=2)
+        return absent
 
     def load(self, index: int) -> Sample | None:
         """Reads image ``index`` with its labels at original size; ``None`` if the image is unreadable."""
@@ -116,14 +147,9 @@ class CocoDataset(Dataset):
                       present=present)
 
     def _load_semantic(self, split: SplitSpec, rec: ImageRecord, shape: tuple[int, int]) -> np.ndarray | None:
-        png = split.semantic / (rec.file.rsplit(".", 1)[0] + ".png")
-        m = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        m = read_semantic_map(semantic_path(split, rec))
         if m is None:
             return None  # no map for this image: semantic labels absent, not an error
-        if m.ndim == 3:
-            m = m[..., 0]
-        if m.dtype != np.uint8:
-            m = m.clip(0, 255).astype(np.uint8)
         if m.shape != shape:  # repaired, never silently misaligned: nearest keeps ids valid
             m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
         return self.lut[m]
