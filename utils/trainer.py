@@ -177,7 +177,8 @@ class Trainer:
         cap_view = self.hyp.get("cap_view", 0.5) if "cap" in tasks else 0.0
         self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed,
                                      caption_view=cap_view)
-        self.train_set.warn_absent_semantic_classes()  # a listed class no training map has a pixel of
+        if self.dist.main and "sem" in tasks:  # a listed class no training map has a pixel of: said once
+            self.train_set.warn_absent_semantic_classes()
         self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
         if self.dist.main:
             barrier(self.dist)
