@@ -25,6 +25,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
     p.add_argument("--beam", type=int, default=1, help="caption beam width (1 = greedy)")
+    p.add_argument("--sem-input-res", action="store_true",
+                   help="faster mIoU at network input resolution on the letterboxed map (default: predictions "
+                        "resized to each original image and compared with its original PNG, as COCO-Stuff reports)")
     p.add_argument("--save-json", action="store_true", help="write COCO-format predictions")
     p.add_argument("--project", default="runs/test")
     p.add_argument("--name", default="exp")
@@ -64,7 +67,8 @@ def run(opt: argparse.Namespace) -> dict:
     print(f"{weights}: {model.info()}\n{opt.task}: {len(dataset)} images ({dataset.labels_summary()})")
     vocab = Vocabulary.from_list(meta["vocab"]) if meta.get("vocab") else None
     res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det,
-                   opt.half, vocab=vocab, beam=opt.beam, num_semantic=len(meta.get("semantic_ids", [])))
+                   opt.half, vocab=vocab, beam=opt.beam, num_semantic=len(meta.get("semantic_ids", [])),
+                   semantic_at="input" if opt.sem_input_res else "original")
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     save_dir.mkdir(parents=True, exist_ok=True)
     print_report(res, data)

@@ -11,7 +11,7 @@ from models.heads.caption import CaptionHead, CaptionOutput
 from models.implicit import Implicit
 from utils.loss.caption import CaptionLoss
 from utils.metrics.caption import caption_scores
-from utils.vocab import BOS, EOS, PAD, UNK, Vocabulary, tokenize
+from utils.vocab import BOS, EOS, PAD, UNK, UNK_WORD, Vocabulary, tokenize
 
 CAPS = [["a red circle on the left side"], ["two blue squares near the bottom"]]
 CH, STRIDES = [16, 32], [8.0, 16.0]
@@ -71,6 +71,51 @@ def test_tokenize_strips_punctuation_and_lowercases():
     assert tokenize("  ...  ") == []
 
 
+# Hand-checked against Stanford PTBTokenizer 3.4.1 (-lowerCase -preserveLines) + pycocoevalcap's PUNCTUATIONS
+PTB_CASES = {
+    "A man riding a wave on top of a surfboard.": "a man riding a wave on top of a surfboard",
+    "A MAN'S DOG DOESN'T BARK": "a man 's dog does n't bark",
+    "I don't know, won't you? I'm here; they're there: we've he'll she'd.":
+        "i do n't know wo n't you i 'm here they 're there we 've he 'll she 'd",
+    "A black-and-white photo of a man's bicycle (old) near the U.S. Capitol building.":
+        "a black-and-white photo of a man 's bicycle -lrb- old -rrb- near the u.s. capitol building",
+    "A plate of food: rice, broccoli & chicken -- delicious!": "a plate of food rice broccoli & chicken delicious",
+    "Mr. Smith at 2:30 with 1,000 people; 4.5 $5 50% cannot gonna": "mr. smith at 2:30 with 1,000 people 4.5 $ 5 50 % can not gon na",
+    "The cat's toy is on the dogs' bed; it\u2019s \"cute\"... Wow!!": "the cat 's toy is on the dogs bed it 's cute wow !!",
+}
+
+
+def test_tokenize_follows_coco_ptb_tokenizer():
+    for text, expect in PTB_CASES.items():
+        assert " ".join(tokenize(text)) == expect, text
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="the reference PTBTokenizer needs java")
+def test_tokenize_agrees_with_pycocoevalcap_ptb_tokenizer(capfd):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    texts = list(PTB_CASES) + [r for refs in REFS.values() for r in refs] + ["Two giraffes, eating leaves."]
+    ref = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    for i, t in enumerate(texts):
+        assert " ".join(tokenize(t)) == ref[i][0], t
+
+
+def test_predicted_unk_is_a_wrong_word():
+    v = Vocabulary.build(["a cat sleeps on a sofa"], min_count=1)
+    ids = [BOS] + [v.stoi[w] for w in "a cat sleeps on a".split()] + [UNK, v.stoi["sofa"], EOS]
+    pred = v.decode(ids)
+    assert pred == f"a cat sleeps on a {UNK_WORD} sofa"
+    refs = {1: ["A cat sleeps on a sofa."]}
+    s = caption_scores({1: pred}, refs)
+    # 7 words, 6 match (the reference has 6: no brevity penalty); bigrams: 4 of 6 match
+    assert s["bleu1"] == pytest.approx(6 / 7, abs=1e-6)
+    assert s["bleu2"] == pytest.approx(math.sqrt(6 / 7 * 4 / 6), abs=1e-6)
+    dropped = caption_scores({1: "a cat sleeps on a sofa"}, refs)  # the same caption without the <unk>
+    assert dropped["bleu4"] == pytest.approx(1.0) and s["bleu4"] < 0.9 * dropped["bleu4"]
+    # a reference that literally says "<unk>" is the 4 tokens "a < unk >": only "a" of the 2 matches
+    assert caption_scores({1: f"a {UNK_WORD}"}, {1: ["a <unk>"]})["bleu1"] == pytest.approx(0.5 * math.exp(1 - 4 / 2))
+
+
 def test_vocab_round_trip_and_specials(vocab):
     assert vocab.to_list()[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert (PAD, BOS, EOS, UNK) == (0, 1, 2, 3)
@@ -85,7 +130,7 @@ def test_vocab_min_count_and_unk():
     v = Vocabulary.build(["a dog runs", "a dog sits", "a cat"], min_count=2)
     assert v.to_list()[4:] == ["a", "dog"]  # by count then alphabetically
     assert v.encode("a cat runs", 10) == [BOS, v.stoi["a"], UNK, UNK, EOS]
-    assert v.decode(v.encode("a cat runs", 10)) == "a"  # specials (unk included) are skipped
+    assert v.decode(v.encode("a cat runs", 10)) == "a <unk> <unk>"  # <unk> is a word; <bos>/<eos> are not
 
 
 def test_encode_truncates_but_keeps_eos_and_batch_pads(vocab):

@@ -205,3 +205,53 @@ def test_ce_matches_reference_and_dice() -> None:
     good = F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 50
     loss, parts = SemanticLoss({"sem_dice": 1.0})(good, target, present)
     assert parts["ce"] < 1e-6 and parts["dice"] < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+
+
+class _OneMap:
+    """The part of CocoDataset that evaluation at original resolution reads: the original map by index."""
+
+    def __init__(self, target: np.ndarray):
+        self.target = target
+
+    def semantic_target(self, index: int, shape: tuple[int, int]) -> np.ndarray:
+        assert index == 0 and shape == self.target.shape
+        return self.target
+
+
+def test_miou_at_original_resolution_differs_from_letterboxed_and_matches_numpy() -> None:
+    from utils.data.augment import letterbox
+    from utils.data.dataset import Batch
+    from utils.data.sample import Sample
+    from utils.evaluate import update_semantic
+
+    # original 8 x 16 map with 1-px stripes of class 1 on odd columns; letterboxed to 8 x 8 (ratio 0.5,
+    # 2 rows of padding above and below) the stripes cannot survive the nearest-neighbour downscale
+    orig = np.zeros((8, 16), np.uint8)
+    orig[:, 1::2] = 1
+    sample, ratio, pad = letterbox(Sample(image=np.zeros((8, 16, 3), np.uint8), semantic=orig), 8)
+    assert (ratio, pad) == (0.5, (0.0, 2.0)) and set(np.unique(sample.semantic[2:6])) != {0, 1}
+    # logits: the image's left half class 0, right half class 1; the padding says class 2, which must not leak
+    logits = torch.zeros(1, 3, 8, 8)
+    logits[0, 0, 2:6, :4] = logits[0, 1, 2:6, 4:] = 5.0
+    logits[0, 2, :2] = logits[0, 2, 6:] = 10.0
+    batch = Batch(images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), targets=torch.zeros(0, 6), segments=[],
+                  semantic=torch.from_numpy(sample.semantic)[None], captions=[[]],
+                  present=torch.tensor([[False, False, True, False]]), image_ids=[1], paths=["a.jpg"],
+                  orig_shapes=[(8, 16)], ratio_pad=[(ratio, pad)])
+    results = {}
+    for at in ("input", "original"):
+        meter = SemanticMeter(3)
+        update_semantic(meter, logits, batch, _OneMap(orig), {"a.jpg": 0}, at)
+        results[at] = meter.compute()
+    # by hand: bilinear x2 of a step between input columns 3 and 4 puts it between original columns 7 and 8
+    pred = np.zeros((8, 16), np.int64)
+    pred[:, 8:] = 1
+    ious = [((pred == c) & (orig == c)).sum() / ((pred == c) | (orig == c)).sum() for c in (0, 1)]
+    assert ious == [1 / 3, 1 / 3]  # per row: 4 of the 12 pixels in either map are right, for both classes
+    assert results["original"]["miou"] == pytest.approx(np.mean(ious), abs=1e-12)
+    assert results["original"]["pixel_acc"] == pytest.approx((pred == orig).mean(), abs=1e-12)
+    assert results["original"]["pixels"] == orig.size
+    assert results["input"]["pixels"] == 4 * 8 and results["input"]["miou"] != pytest.approx(1 / 3)

@@ -9,11 +9,12 @@ from tqdm import tqdm
 
 from models.model import Model
 from utils.boxes import scale_boxes, xyxy2xywh
+from utils.data.config import DataError, SplitSpec
 from utils.data.dataset import Batch, CocoDataset, stall_guard
 from utils.masks import encode_rle, masks_to_original, process_masks
 from utils.metrics.caption import caption_scores
 from utils.metrics.detection import coco_map, load_ground_truth
-from utils.metrics.semantic import SemanticMeter
+from utils.metrics.semantic import SemanticMeter, logits_to_original
 from utils.nms import non_max_suppression
 from utils.vocab import Vocabulary
 
@@ -24,6 +25,8 @@ class EvalResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     per_class: dict[str, dict[int, float]] = field(default_factory=dict)
+    # COCO results on the images whose split has instance labels (all of them when no split has any,
+    # e.g. an unlabelled test split written out with --save-json)
     detections: list[dict] = field(default_factory=list)
     masks: list[dict] = field(default_factory=list)
     captions: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (image id, predicted, references)
@@ -31,6 +34,7 @@ class EvalResult:
     speed_ms: dict[str, float] = field(default_factory=dict)
     images: int = 0
     image_ids: list[int] = field(default_factory=list)  # every evaluated image, with or without detections
+    scored_images: dict[str, int] = field(default_factory=dict)  # "box" / "sem" / "cap" -> images scored
     ground_truth: object = None  # the pycocotools COCO of the boxes/masks scored (reused by the PR curves)
 
 
@@ -71,18 +75,49 @@ def masks_to_coco(dets: list[torch.Tensor], idx: list[torch.Tensor], inst, batch
     return out
 
 
+SEMANTIC_AT = ("original", "input")
+
+
+def image_splits(dataset: CocoDataset) -> dict[int, SplitSpec]:
+    """Image id -> the split it belongs to, over the splits ``dataset`` evaluates.
+
+    Raises :class:`DataError` when two splits hold the same image id: COCOeval, the caption scorers and
+    the predictions key everything by image id, so one of the two images would be scored against the
+    other's labels.
+    """
+    owner: dict[int, SplitSpec] = {}
+    for split, rec in dataset.items:
+        first = owner.setdefault(int(rec.image_id), split)
+        if first is not split:
+            raise DataError(f"image id {rec.image_id} is in two evaluated splits, {first.images} and {split.images}: "
+                            "image ids must be unique across the splits evaluated together (renumber one split, "
+                            "or evaluate the splits separately)")
+    return owner
+
+
 @torch.no_grad()
 def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int], device: torch.device,
              conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, half: bool = False,
              loss_fn=None, progress: bool = True, vocab: Vocabulary | None = None, beam: int = 1,
-             num_semantic: int = 0) -> EvalResult:
+             num_semantic: int = 0, semantic_at: str = "original") -> EvalResult:
     """Runs ``model`` over ``loader`` and scores every task it has (and the data labels).
 
-    Boxes and masks: COCOeval on original coordinates and ids. Semantic: mIoU / pixel accuracy at network
-    input resolution over the letterboxed map (padding is ignore). Captions: BLEU / ROUGE-L / CIDEr-D of
-    greedy (``beam`` 1) or beam-search captions against all references.
+    Each task is scored on the images that carry its labels, so ``dataset`` may join splits with
+    different tasks (a ``val:`` list); image ids must be unique across them (:func:`image_splits`).
+    Boxes and masks: COCOeval on original coordinates and ids, over the images of splits with
+    ``instances``. Semantic: mIoU / pixel accuracy over images with a semantic map; with ``semantic_at``
+    ``"original"`` (the default, the COCO-Stuff / ADE20K / Cityscapes protocol) the logits are mapped back
+    through the letterbox, resized bilinearly to the original image and compared with the original PNG;
+    ``"input"`` is a faster approximation at network input resolution on the letterboxed map (padding
+    ignored). Captions: BLEU / ROUGE-L / CIDEr-D of greedy (``beam`` 1) or beam-search captions against
+    all references of the images that have references.
     ``loss_fn(outputs, batch) -> (loss, parts)`` adds validation losses as ``val/<part>`` keys when given.
     """
+    if semantic_at not in SEMANTIC_AT:
+        raise ValueError(f"semantic_at must be one of {SEMANTIC_AT}, got {semantic_at!r}")
+    owner = image_splits(dataset)
+    # batches carry paths, not dataset indices: the original semantic map is found by path
+    index_of = {str(split.images / rec.file): i for i, (split, rec) in enumerate(dataset.items)}
     model.eval()
     result = EvalResult()
     seen: list[int] = []
@@ -91,6 +126,7 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
     sem_meter = SemanticMeter(num_semantic) if "sem" in model.tasks and num_semantic else None
     cap_pred: dict[int, str] = {}
     cap_refs: dict[int, list[str]] = {}
+    sem_images = 0
     for batch in tqdm(stall_guard(loader), total=len(loader), desc="val", disable=not progress, leave=False):
         t0 = time.perf_counter()
         x = to_float(batch.images, device, half)
@@ -111,9 +147,9 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
                 result.masks += masks_to_coco(dets, idx, out.inst, batch, category_ids)
         t3 = time.perf_counter()
         if sem_meter is not None and batch.semantic is not None:
-            pred = out.sem.upsample(batch.images.shape[2:]).argmax(1).cpu()
-            valid = batch.task_present("sem")[:, None, None].expand_as(pred)
-            sem_meter.update(pred, batch.semantic.long(), valid)
+            sem_images += int(batch.task_present("sem").sum())
+            update_semantic(sem_meter, out.sem.upsample(batch.images.shape[2:]), batch, dataset, index_of,
+                            semantic_at)
         if out.cap is not None and vocab is not None:
             head = model.head("cap")
             tokens = out.cap.tokens if beam <= 1 else head.beam_search(out.cap.memory, beam=beam)
@@ -131,25 +167,57 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
     result.metrics.update({f"val/{k}": v / n for k, v in loss_sums.items()})
     inst_files = [s.instances for s in {id(s): s for s, _ in dataset.items}.values() if s.instances]
     if "det" in model.tasks and inst_files:
+        # only images with instance labels are scored, and only their predictions may reach loadRes (it
+        # refuses results on images its ground truth does not have)
+        box_ids = sorted({i for i in result.image_ids if owner[i].instances})
+        keep = set(box_ids)
+        result.detections = [d for d in result.detections if d["image_id"] in keep]
+        result.masks = [m for m in result.masks if m["image_id"] in keep]
+        result.scored_images["box"] = len(box_ids)
         gt = load_ground_truth(inst_files)
         result.ground_truth = gt
-        box = coco_map(gt, result.detections, seen, category_ids, "bbox")
+        box = coco_map(gt, result.detections, box_ids, category_ids, "bbox")
         result.metrics.update({"box_map": box["map"], "box_map50": box["map50"], "box_map75": box["map75"]})
         result.per_class["box"] = box["per_class"]
         if "inst" in model.tasks:
-            mask = coco_map(gt, result.masks, seen, category_ids, "segm")
+            mask = coco_map(gt, result.masks, box_ids, category_ids, "segm")
             result.metrics.update({"mask_map": mask["map"], "mask_map50": mask["map50"]})
             result.per_class["mask"] = mask["per_class"]
     if sem_meter is not None and sem_meter.confusion.sum() > 0:
         sem = sem_meter.compute()
+        result.scored_images["sem"] = sem_images
         result.metrics.update({"sem_miou": sem["miou"], "sem_pixacc": sem["pixel_acc"]})
         result.per_class["sem_iou"] = dict(enumerate(sem["per_class_iou"]))
         result.semantic_confusion = sem["confusion"]
     if cap_refs:
+        result.scored_images["cap"] = len(cap_refs)
         scores = caption_scores({k: v for k, v in cap_pred.items() if k in cap_refs}, cap_refs)
         result.metrics.update({f"cap_{k}": v for k, v in scores.items()})
     result.captions = [(k, cap_pred[k], cap_refs.get(k, [])) for k in list(cap_pred)[:8]]
     return result
+
+
+def update_semantic(meter: SemanticMeter, logits: torch.Tensor, batch: Batch, dataset: CocoDataset,
+                    index_of: dict[str, int], at: str = "original") -> None:
+    """Adds one batch's semantic predictions to ``meter``, counting only images with a semantic map.
+
+    ``logits``: ``(B, K, H, W)`` at network input resolution. ``at="original"`` maps each image's logits
+    back to its original size (:func:`logits_to_original`) and compares the argmax with the original map
+    (``dataset.semantic_target``, found through ``index_of``: path -> dataset index); ``"input"`` compares
+    with the letterboxed map of ``batch``.
+    """
+    present = batch.task_present("sem")
+    if at == "input":
+        pred = logits.argmax(1).cpu()
+        meter.update(pred, batch.semantic.long(), present[:, None, None].expand_as(pred))
+        return
+    for b in present.nonzero()[:, 0].tolist():
+        target = dataset.semantic_target(index_of[batch.paths[b]], batch.orig_shapes[b])
+        if target is None:
+            continue
+        ratio, pad = batch.ratio_pad[b]
+        pred = logits_to_original(logits[b], ratio, pad, batch.orig_shapes[b]).argmax(0).cpu()
+        meter.update(pred[None], torch.from_numpy(target)[None].long())
 
 
 FITNESS_TERMS = {  # metric -> weight inside its task's score (each task scores in [0, 1])

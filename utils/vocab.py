@@ -16,15 +16,52 @@ import torch
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # fixed ids: the head and the loss rely on them without a Vocabulary at hand
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+UNK_WORD = SPECIALS[UNK]  # what decode writes for a predicted <unk>: a word the scorers count as wrong
 
-# PTB-style: English clitics become their own token ("dog's" -> "dog 's", "don't" -> "do n't"), everything
-# else is a run of letters/digits; punctuation is dropped, as pycocoevalcap's PTBTokenizer output is.
-_TOKEN = re.compile(r"[a-z0-9]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+")
+# A pure-Python reproduction of what the COCO caption evaluation does to a sentence: Stanford's PTBTokenizer
+# (3.4.1, ``-lowerCase -preserveLines``, which needs Java) followed by pycocoevalcap's removal of the tokens
+# in PUNCTUATIONS. Checked token for token against the Java tokenizer on ordinary captions (see
+# tests/test_caption.py): clitics split ("man's" -> "man 's", "don't" -> "do n't", "cannot" -> "can not"),
+# hyphenated words, numbers ("1,000", "4.5", "2:30"), acronyms ("u.s.") and common abbreviations ("mr.")
+# kept whole, brackets escaped to -lrb- etc. (which survive: the list holds them upper-case, the tokens are
+# lower-case), "!!" kept, other symbols ("$", "%", "&", "+") their own tokens. One deliberate difference:
+# "<" and ">" are always split off, so the token "<unk>" can never come out of a reference (see UNK_WORD).
+PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                          ".", "?", "!", ",", ":", "-", "--", "...", ";"])  # pycocoevalcap's list, verbatim
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_ABBREVIATIONS = "mr|mrs|ms|dr|st|jr|sr|vs|etc|prof|mt|ave|inc|ltd|co"  # kept with their period, as PTB does
+_PTB_TOKEN = re.compile(
+    r"\.\.\.+|--+|[!?]+"                      # runs PTB keeps as one token ("...", "--", "!!", "?!")
+    rf"|\b(?:{_ABBREVIATIONS})\.|(?:[^\W\d_]\.){{2,}}"  # "mr.", "u.s.", "a.m.", "e.g."
+    r"|'\d+s?\b"                              # "'90s"
+    r"|\w+(?:[-/.,:']\w+)*"                   # words, inner hyphens/slashes/periods/apostrophes, "1,000", "2:30"
+    r"|``|''|\S")                             # quotes, then any other symbol alone
+_CLITIC = re.compile(r"(?<=\w)('(?:s|re|ve|ll|d|m)|n't)$")
+_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"],
+                "wanna": ["wan", "na"], "gimme": ["gim", "me"], "lemme": ["lem", "me"]}
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def _ptb_tokens(text: str) -> list[str]:
+    """PTBTokenizer's tokens of ``text`` (lower-cased), punctuation still included."""
+    out: list[str] = []
+    for tok in _PTB_TOKEN.findall(text.lower().translate(_QUOTES)):
+        if tok in _BRACKETS:
+            out.append(_BRACKETS[tok])
+        elif tok == '"':  # PTB turns a double quote into `` or '': removed either way
+            out.append("''")
+        elif tok in _SPLIT_WORDS:
+            out += _SPLIT_WORDS[tok]
+        else:
+            m = _CLITIC.search(tok)
+            out += [tok[: m.start()], m.group(1)] if m else [tok]
+    return out
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words of ``text`` with punctuation removed (a Java-free stand-in for PTBTokenizer)."""
-    return _TOKEN.findall(text.lower().replace("\u2019", "'"))
+    """The words of ``text`` as the COCO caption evaluation sees them: PTB tokens, lower-cased, with
+    pycocoevalcap's ``PUNCTUATIONS`` removed (a Java-free reproduction of its PTBTokenizer step)."""
+    return [t for t in _ptb_tokens(text) if t not in PUNCTUATIONS]
 
 
 class Vocabulary:
@@ -95,7 +132,11 @@ class Vocabulary:
         return out
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Words of ``ids`` joined by spaces: stops at the first ``<eos>``, skips the other specials."""
+        """Words of ``ids`` joined by spaces: stops at the first ``<eos>``, skips ``<pad>``/``<bos>``.
+
+        A predicted ``<unk>`` is written as :data:`UNK_WORD`, not dropped: dropping it would hide a word the
+        model failed to produce and inflate BLEU precision (the caption metrics score it as a wrong word).
+        """
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         words = []
@@ -103,7 +144,7 @@ class Vocabulary:
             i = int(i)
             if i == EOS:
                 break
-            if i >= len(SPECIALS) and i < len(self.itos):
+            if i == UNK or len(SPECIALS) <= i < len(self.itos):
                 words.append(self.itos[i])
         return " ".join(words)
 

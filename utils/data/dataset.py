@@ -210,6 +210,12 @@ class CocoDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(sample.image[..., ::-1].transpose(2, 0, 1)))
         return {"image": image, "sample": sample, "ratio_pad": (ratio, pad)}
 
+    def semantic_target(self, index: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """Item ``index``'s semantic map in semantic indices at the original image size ``shape`` (h, w),
+        as :meth:`load` reads it; ``None`` without one. For scoring at original resolution."""
+        split, rec = self.items[index]
+        return self._load_semantic(split, rec, shape) if split.semantic is not None else None
+
 
 def collate(items: list[dict]) -> Batch:
     """Stacks items into a :class:`Batch`."""

@@ -1,22 +1,37 @@
-"""Caption metrics (BLEU-1..4, ROUGE-L, CIDEr) with pycocoevalcap's scorers and a pure-Python tokenizer.
+"""Caption metrics (BLEU-1..4, ROUGE-L, CIDEr-D) with pycocoevalcap's scorers and a pure-Python tokenizer.
 
-The standard COCO caption evaluation tokenizes with Stanford's PTBTokenizer, which needs Java. Here
-:func:`utils.vocab.tokenize` (lower-case, punctuation removed, clitics split as PTB does) stands in, so
-scores are close to, not bit-identical with, the official ones. CIDEr is the COCO ``Cider`` scorer; it is
-corpus-relative (its IDF comes from the references of all scored images), so a single image scores 0.
+The standard COCO caption evaluation tokenizes with Stanford's PTBTokenizer, which needs Java, then drops
+its ``PUNCTUATIONS``. :func:`utils.vocab.tokenize` reproduces both steps (it agrees token for token with the
+Java tokenizer on ordinary captions), so the scores are the official ones for such captions.
+
+``Cider`` in pycocoevalcap is CIDEr-D: tf-idf weighted 1..4-gram vectors, the candidate's weights clipped
+to the reference's, a Gaussian length penalty (sigma 6), cosine averaged over n and over the references,
+times 10. Its document frequencies come from the references of the scored images only, so the figure
+depends on which images are scored (a single image scores 0).
+
+A predicted ``<unk>`` (:data:`utils.vocab.UNK_WORD`, which :meth:`Vocabulary.decode` writes) is kept as a
+word that matches no reference word: it costs precision and length like any wrong word.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 
-from utils.vocab import tokenize
+from utils.vocab import UNK_WORD, tokenize
 
 KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougel", "cider")
 
 
 def _tok(text: str) -> str:
+    """A reference, as the scorers take it: tokens joined by spaces."""
     return " ".join(tokenize(text))
+
+
+def _tok_prediction(text: str) -> str:
+    """Like :func:`_tok`, with every ``<unk>`` kept as the token ``<unk>``. The tokenizer splits ``<`` and
+    ``>`` off, so no tokenized reference contains that token: it always counts as a wrong word."""
+    parts = [tokenize(part) for part in text.split(UNK_WORD)]
+    return " ".join(parts[0] + [w for part in parts[1:] for w in (UNK_WORD, *part)])
 
 
 def caption_scores(predictions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float]:
@@ -34,7 +49,7 @@ def caption_scores(predictions: dict[int, str], references: dict[int, list[str]]
     ids = [i for i in predictions if references.get(i)]
     if not ids:
         return out
-    res = {i: [_tok(predictions[i])] for i in ids}
+    res = {i: [_tok_prediction(predictions[i])] for i in ids}
     gts = {i: [_tok(r) for r in references[i]] for i in ids}
     with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its counts
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
