@@ -101,7 +101,9 @@ def test_two_ranks_step_equals_one_process_step(tiny_cfg_file, tiny_data, tmp_pa
     """SGD (what --optimizer auto picks for COCO-length runs): the learning rate is where a missing
     world-size factor shows; before the fix the 2-rank gradient was about half the 1-process one."""
     hyp = yaml.safe_load((Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch.yaml").read_text())
-    hyp |= {"warmup_epochs": 0}  # the step uses the scheduled lr for every group (warmup starts weights at 0)
+    # the step uses the scheduled lr for every group (warmup starts weights at 0); no clipping: clipping both
+    # gradients to norm 10 would hide a scale error (on the code before the fix: 0.30x the norm, cosine 0.90)
+    hyp |= {"warmup_epochs": 0, "grad_clip": 1e9}
     for world in (1, 2):
         argv = train_args(tiny_cfg_file, tiny_data, tmp_path / f"runs{world}", 1, "exp", "--batch-size",
                           str(TRAIN_IMAGES), "--optimizer", "SGD", "--balance", "uncertainty", "--noval", "--noplots")
@@ -122,16 +124,20 @@ def test_two_ranks_step_equals_one_process_step(tiny_cfg_file, tiny_data, tmp_pa
 
 def _assert_close(what: str, got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     """All tensors as one vector within 1e-5 relative (float32 sums in another order differ by ~1e-7), and
-    each tensor within 1e-3 of its own norm (a per-rank normaliser left in one head shows as ~1e-2 there),
-    except tensors whose norm is round-off of the whole (a level with no positives: ~1e-11)."""
+    each tensor within 1e-4 of its own norm (a per-rank normaliser left in one head shows as ~1e-2 there;
+    the worst float32 sum here, the semantic logits' bias over ~10^5 pixels, ~2e-5), except tensors under
+    1e-4 of the whole, which are round-off or weight decay alone (a level with no positives: ~1e-12)."""
     keys = list(ref)
     a, b = torch.cat([got[k].flatten() for k in keys]), torch.cat([ref[k].flatten() for k in keys])
     err = _relative_error(a, b)
     assert err < 1e-5, f"{what}s of 2 ranks vs 1 process: relative error {err:.2e} (all parameters)"
+    checked = 0
     for k in keys:
-        if ref[k].norm() > 1e-6 * b.norm():
+        if ref[k].norm() > 1e-4 * b.norm():
             err = _relative_error(got[k], ref[k])
-            assert err < 1e-3, f"{what} of {k}: relative error {err:.2e} against one process"
+            assert err < 1e-4, f"{what} of {k}: relative error {err:.2e} against one process"
+            checked += 1
+    assert checked > 30, f"only {checked} {what} tensors compared one by one"
 
 
 def _nan_worker(rank: int, world: int, port: int, argv: list[str], nan_rank: int, nan_call: int, out: str) -> None:

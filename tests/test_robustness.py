@@ -116,11 +116,11 @@ def _nan_semantic(monkeypatch, times: int | None) -> None:
     real = SemanticLoss.__call__
     calls = {"n": 0}
 
-    def fake(self, logits, target, present):
+    def fake(self, logits, target, present, *sync):
         calls["n"] += 1
         if times is None or calls["n"] <= times:
             return logits.sum() * float("nan"), {"ce": float("nan"), "dice": 0.0}
-        return real(self, logits, target, present)
+        return real(self, logits, target, present, *sync)
 
     monkeypatch.setattr(SemanticLoss, "__call__", fake)
 
