@@ -7,7 +7,7 @@
 
 Annotated images and videos (boxes, instance masks, semantic overlay, caption banner) are written to
 runs/detect/exp*/ under the source's name. A demo video to try this on:
-    python -m utils.sources --demo-video video.mp4 --data data/shapes.yaml
+    python -m utils.data.sources --demo-video video.mp4 --data data/shapes.yaml
 """
 from __future__ import annotations
 
@@ -75,10 +75,10 @@ def run(opt: argparse.Namespace) -> Path:
     """Runs detection over ``opt.source``; returns the folder results were saved to."""
     import cv2
 
-    from utils.draw import annotate
-    from utils.inference import Predictor, coco_results, load_backend, semantic_png, summarize, yolo_lines
-    from utils.sources import LoadSource
-    from utils.torch_utils import increment_path, latest_run
+    from utils.viz.draw import annotate
+    from utils.deploy.inference import Predictor, coco_results, load_backend, semantic_png, summarize, yolo_lines
+    from utils.data.sources import LoadSource
+    from utils.engine.torch_utils import increment_path, latest_run
 
     weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
@@ -197,7 +197,7 @@ def _show(name: str, image) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.cli import run_cli
+    from utils.engine.cli import run_cli
 
     return run_cli(run, parse_opt(argv))
 

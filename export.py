@@ -9,7 +9,7 @@ the heads the model has: ``det_pred`` (or with ``--nms``: ``det_boxes det_scores
 det_count``), ``inst_coeffs inst_protos``, ``sem_logits``, ``cap_memory``. Caption models also get
 ``<stem>_cap_decoder.onnx``: ``memory, tokens -> logits`` of the next token. Every export is checked: the ONNX
 checker, then fused vs unfused PyTorch and onnxruntime vs PyTorch on val images of the checkpoint's data yaml
-(see utils/export.py for the tolerances); any failure exits with ``error: ...`` and code 2.
+(see utils/deploy/export.py for the tolerances); any failure exits with ``error: ...`` and code 2.
 """
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ def run(opt: argparse.Namespace) -> dict[str, Path]:
     import torch
 
     from models.model import format_counts, module_counts
-    from utils.checkpoint import build_from_checkpoint, load_checkpoint
-    from utils.export import (FUSE_TOL, RUNTIME_TOL, DeployModel, NMSConfig, compare_outputs, export_caption_decoder,
+    from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.deploy.export import (FUSE_TOL, RUNTIME_TOL, DeployModel, NMSConfig, compare_outputs, export_caption_decoder,
                               export_metadata, export_torchscript, export_vision, failures, format_parity,
                               load_torchscript, run_deploy, verification_images)
-    from utils.inference import check_img_size
-    from utils.torch_utils import latest_run, select_device
+    from utils.deploy.inference import check_img_size
+    from utils.engine.torch_utils import latest_run, select_device
 
     weights = Path(opt.weights) if opt.weights else latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
@@ -170,9 +170,9 @@ def _verify_onnx(path: Path, model, ref: dict, x, img_hw: tuple[int, int], devic
     import numpy as np
     import torch
 
-    from utils.export import compare_outputs
-    from utils.inference import OnnxBackend
-    from utils.vocab import Vocabulary
+    from utils.deploy.export import compare_outputs
+    from utils.deploy.inference import OnnxBackend
+    from utils.data.vocab import Vocabulary
 
     backend = OnnxBackend(path, device)
     out = backend(x.cpu().numpy())
@@ -211,7 +211,7 @@ def _simplify(files: dict[str, Path], model, ref: dict, x, img_hw, device, tol: 
 
     Returns the problems (empty = the simplified graphs were kept).
     """
-    from utils.export import failures, simplify_onnx
+    from utils.deploy.export import failures, simplify_onnx
 
     with tempfile.TemporaryDirectory(dir=files["onnx"].parent) as tmp:
         slim = {}
@@ -233,7 +233,7 @@ def _simplify(files: dict[str, Path], model, ref: dict, x, img_hw, device, tol: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.cli import run_cli
+    from utils.engine.cli import run_cli
 
     return run_cli(run, parse_opt(argv))
 

@@ -36,12 +36,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(opt: argparse.Namespace) -> dict:
-    from utils.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
     from utils.data.config import load_data_config
     from utils.data.dataset import CocoDataset, create_dataloader
-    from utils.evaluate import evaluate
-    from utils.torch_utils import increment_path, latest_run, select_device
-    from utils.vocab import Vocabulary
+    from utils.eval.evaluate import evaluate
+    from utils.engine.torch_utils import increment_path, latest_run, select_device
+    from utils.data.vocab import Vocabulary
 
     weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
@@ -102,7 +102,7 @@ def print_report(res, data) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.cli import run_cli
+    from utils.engine.cli import run_cli
 
     return run_cli(run, parse_opt(argv))
 

@@ -50,9 +50,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.cli import run_cli
+    from utils.engine.cli import run_cli
     from utils.data.dataset import LoaderStalledError
-    from utils.trainer import NonFiniteLossError, Trainer
+    from utils.engine.trainer import NonFiniteLossError, Trainer
 
     return run_cli(lambda opt: Trainer(opt).run(), parse_opt(argv), extra=(NonFiniteLossError, LoaderStalledError))
 

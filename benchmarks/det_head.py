@@ -4,7 +4,7 @@
 
 Both runs train ``--cfg`` with ``--tasks det`` on the same data, epochs, image size, batch and seed. The
 anchor-based run's cfg is ``--cfg`` with its ``Detect`` row swapped for ``DetectAnchor`` and anchors
-k-means-fitted to the training boxes at ``--img`` (:mod:`utils.anchors`), so neither head starts from
+k-means-fitted to the training boxes at ``--img`` (:mod:`utils.ops.anchors`), so neither head starts from
 another dataset's statistics; it is written into its run folder as ``cfg.yaml``. Prints box mAP50-95 and
 mAP50 after the last epoch, params, GFLOPs, train img/s, minutes and the anchors' best possible recall.
 
@@ -25,8 +25,8 @@ import yaml
 from benchmarks.common import add_training_args, params_and_gflops, read_results, run_training, train_args
 from models.heads.detect_anchor import COCO_ANCHORS
 from models.parser import load_cfg
-from utils.anchors import anchors_per_level, best_possible_recall, dataset_wh, kmeans_anchors
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.ops.anchors import anchors_per_level, best_possible_recall, dataset_wh, kmeans_anchors
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.config import load_data_config
 
 

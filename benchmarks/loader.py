@@ -153,7 +153,7 @@ def loader_throughput(data: str, img: int, batch_size: int, workers: int, batche
     """Images per second of the training DataLoader (mosaic on every image) over ``batches`` batches."""
     from utils.data.config import load_data_config
     from utils.data.dataset import CocoDataset, create_dataloader
-    from utils.trainer import load_hyp
+    from utils.engine.trainer import load_hyp
 
     cfg = load_data_config(data)  # generates the embedded dataset on first use
     hyp = load_hyp(ROOT / "data/hyps/hyp.scratch.yaml")

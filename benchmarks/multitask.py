@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_training_args, params_and_gflops, read_results, run_trainings, train_args
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 
 SINGLE = {"det": "det", "inst": "det,inst", "sem": "sem", "cap": "cap"}
 METRIC = {"det": "box_map", "inst": "mask_map", "sem": "sem_miou", "cap": "cap_cider"}

@@ -49,7 +49,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(opt: argparse.Namespace):
     """The model to time (eval mode, unfused) and a one-line description."""
     from models.model import Model
-    from utils.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 
     if opt.weights:
         model = build_from_checkpoint(load_checkpoint(opt.weights)).eval()
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from models.model import format_counts, module_counts
-    from utils.export import DeployModel, export_metadata, export_vision, quiet_export
-    from utils.inference import ort_session
-    from utils.torch_utils import select_device
+    from utils.deploy.export import DeployModel, export_metadata, export_vision, quiet_export
+    from utils.deploy.inference import ort_session
+    from utils.engine.torch_utils import select_device
 
     if opt.threads > 0:
         torch.set_num_threads(opt.threads)

@@ -17,7 +17,7 @@ import torch
 import detect as detect_script
 import export as export_script
 from tests.test_export import IMG, train_tiny_model
-from utils.sources import LoadSource, SourceError, make_demo_video
+from utils.data.sources import LoadSource, SourceError, make_demo_video
 
 CONF = "0.3"  # scores of the test model sit around 0.5 (see train_tiny_model)
 

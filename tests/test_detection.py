@@ -8,8 +8,8 @@ from pycocotools.coco import COCO
 from models.model import Model
 from tests.conftest import tiny_cfg
 from utils.loss.detection import DetectionLoss, TaskAlignedAssigner, pad_targets
-from utils.metrics.detection import coco_map
-from utils.nms import non_max_suppression
+from utils.eval.metrics.detection import coco_map
+from utils.ops.nms import non_max_suppression
 
 
 def test_pad_targets_groups_by_image():
@@ -136,7 +136,7 @@ def test_ground_truth_is_read_once_until_the_file_changes(tmp_path):
     import json
     import os
 
-    from utils.metrics.detection import load_ground_truth
+    from utils.eval.metrics.detection import load_ground_truth
 
     def write(n_boxes: int, mtime: int) -> None:
         d = {"images": [{"id": 1, "width": 50, "height": 50, "file_name": "a.jpg"}],

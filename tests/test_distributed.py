@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import utils.trainer as trainer_module
+    import utils.engine.trainer as trainer_module
 
     trainer_module.NOMINAL_BATCH = NOMINAL
     trainer = trainer_module.Trainer(train_script.parse_opt(argv))

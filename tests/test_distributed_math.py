@@ -67,7 +67,7 @@ def _one_step_worker(rank: int, world: int, port: int, argv: list[str], hyp: dic
     """One optimizer step over all TRAIN_IMAGES images (split over ``world`` ranks); saves the gradients
     the optimizer stepped with and the parameters after the step."""
     _join_env(rank, world, port)
-    import utils.trainer as trainer_module
+    import utils.engine.trainer as trainer_module
 
     trainer_module.NOMINAL_BATCH = TRAIN_IMAGES
     opt = train_script.parse_opt(argv)
@@ -144,7 +144,7 @@ def _nan_worker(rank: int, world: int, port: int, argv: list[str], nan_rank: int
     """Trains with rank ``nan_rank``'s loss made NaN at its ``nan_call``-th batch; records the skipped steps
     and whether the ranks' parameters agree after every step."""
     _join_env(rank, world, port)
-    import utils.trainer as trainer_module
+    import utils.engine.trainer as trainer_module
 
     trainer_module.NOMINAL_BATCH = 8  # --batch-size 8: a step after every batch, 3 per epoch
     trainer = trainer_module.Trainer(train_script.parse_opt(argv))
@@ -184,8 +184,8 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_cfg_file, 
 
 def _stats_worker(rank: int, world: int, port: int, per_rank: list[list[dict]], out: str) -> None:
     _join_env(rank, world, port)
-    from utils.distributed import init_distributed
-    from utils.trainer import EpochProgress
+    from utils.engine.distributed import init_distributed
+    from utils.engine.trainer import EpochProgress
 
     info, _ = init_distributed("cpu")
     progress = EpochProgress()
@@ -201,7 +201,7 @@ def test_epoch_means_over_the_union_of_the_ranks_keys_equal_one_process(tmp_path
     per_rank = [[{"det_box": 1.0, "cap_ce": 3.0}, {"det_box": 2.0, "cap_ce": 5.0}],
                 [{"det_box": 4.0, "sem_ce": 0.5}, {"det_box": 5.0, "sem_ce": 1.5}]]
     _launch(_stats_worker, 2, per_rank, str(tmp_path))
-    from utils.trainer import EpochProgress
+    from utils.engine.trainer import EpochProgress
 
     one = EpochProgress()
     for parts in per_rank[0] + per_rank[1]:

@@ -16,11 +16,11 @@ import yaml
 import export as export_script
 import train as train_script
 from tests.conftest import tiny_cfg
-from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from utils.export import (NMS_OUTPUTS, RUNTIME_TOL, BatchedNMS, DeployModel, NMSConfig, compare_outputs, export_onnx,
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from utils.deploy.export import (NMS_OUTPUTS, RUNTIME_TOL, BatchedNMS, DeployModel, NMSConfig, compare_outputs, export_onnx,
                           export_vision, failures, load_torchscript, run_deploy, verification_images)
-from utils.inference import OnnxBackend, beam_search_decode, greedy_decode
-from utils.nms import non_max_suppression
+from utils.deploy.inference import OnnxBackend, beam_search_decode, greedy_decode
+from utils.ops.nms import non_max_suppression
 
 IMG = 64
 ALL_OUTPUTS = ["det_pred", "inst_coeffs", "inst_protos", "sem_logits", "cap_memory"]
@@ -183,7 +183,7 @@ def test_fp16_graph_exports_and_matches_fp32(fused, tmp_path):
     onnxruntime runs it (on CPU here: the exporter's failure did not depend on the device)."""
     import copy
 
-    from utils.inference import ort_session
+    from utils.deploy.inference import ort_session
 
     model, data = fused
     deploy = DeployModel(copy.deepcopy(model).half())
@@ -222,7 +222,7 @@ def test_nms_in_graph_matches_torchvision_nms(tmp_path, agnostic):
 
 
 def test_nms_export_end_to_end(weights, fused, tmp_path):
-    """--nms graph on real images == utils.nms on the PyTorch model's det_pred, and masks gather by anchor index."""
+    """--nms graph on real images == utils.ops.nms on the PyTorch model's det_pred, and masks gather by anchor index."""
     w = copy_weights(weights, tmp_path)
     rc, out = run_export(["--weights", str(w), "--img", str(IMG), "--batch", "2", "--nms", "--conf-thres", "0.3",
                           "--max-det", "50"])

@@ -14,7 +14,7 @@ from utils.data import augment as A
 from utils.data.sample import Sample
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
 from tests.conftest import randomize_bn_and_implicits
-from utils.masks import (assemble_masks, crop_masks, encode_rle, masks_to_original, process_masks,
+from utils.ops.masks import (assemble_masks, crop_masks, encode_rle, masks_to_original, process_masks,
                          rasterize_polygons)
 
 CH, STRIDES, NM = [16, 24, 32], [8, 16, 32], 8

@@ -15,9 +15,9 @@ import yaml
 
 import train as train_script
 from tests.conftest import tiny_cfg
-from utils.curves import DetConfusion, ap_from_matches, coco_curves, detection_confusion, pr_vs_conf
-from utils.draw import SEMANTIC_PALETTE, box_color
-from utils.plots import TileLabels, read_results, render_tile, results_layout
+from utils.eval.curves import DetConfusion, ap_from_matches, coco_curves, detection_confusion, pr_vs_conf
+from utils.viz.draw import SEMANTIC_PALETTE, box_color
+from utils.viz.plots import TileLabels, read_results, render_tile, results_layout
 
 PICTURES = ["train_batch0.jpg", "labels.jpg", "val_batch0_labels.jpg", "val_batch0_pred.jpg", "PR_curve.png",
             "F1_curve.png", "mask_PR_curve.png", "confusion_matrix.png", "semantic_confusion_matrix.png",
@@ -151,7 +151,7 @@ def test_ap50_hand_case(tmp_path):
     p, r = pr_vs_conf(tp, conf, 2, grid=np.array([0.95, 0.9, 0.7, 0.5]))
     assert np.allclose(r, [0, 0.5, 1, 1]) and np.allclose(p, [1, 1, 2 / 3, 0.5])
     # the same case through COCOeval: the curve helper reproduces pycocotools' own mAP@0.5
-    from utils.metrics.detection import coco_map
+    from utils.eval.metrics.detection import coco_map
 
     gt = _coco_gt(tmp_path, [([0, 0, 20, 20], 1), ([50, 50, 20, 20], 1)], cats=[1, 2])
     dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.9},
@@ -167,7 +167,7 @@ def test_ap50_hand_case(tmp_path):
 
 
 def _coco_gt(tmp_path: Path, boxes: list[tuple[list[float], int]], cats: list[int]):
-    from utils.metrics.detection import load_ground_truth
+    from utils.eval.metrics.detection import load_ground_truth
 
     d = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
          "annotations": [{"id": k + 1, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3],
@@ -199,7 +199,7 @@ def test_tile_overlays_land_where_their_labels_are():
 
 
 def test_tensorboard_is_optional_and_logs_scalars_and_images(tmp_path, monkeypatch):
-    from utils.loggers import RunLogger
+    from utils.engine.loggers import RunLogger
 
     calls: list[tuple] = []
 
@@ -237,7 +237,7 @@ def test_plotting_thread_stays_alive_between_pictures_and_ends_at_close(tmp_path
     moment hangs in cv2.imread (seen). So all pictures share one thread that does not exit before close()."""
     import threading
 
-    from utils.loggers import RunLogger
+    from utils.engine.loggers import RunLogger
 
     def plot_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith("plot")]

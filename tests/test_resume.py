@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import train as train_script
-import utils.trainer as trainer_module
+import utils.engine.trainer as trainer_module
 from tests.conftest import ROOT, assert_same_weights, results_rows, subprocess_env, train_args
-from utils.checkpoint import build_from_checkpoint
+from utils.engine.checkpoint import build_from_checkpoint
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, SkipSampler, collate, create_dataloader
 

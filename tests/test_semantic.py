@@ -13,7 +13,7 @@ from models.common import Conv
 from models.heads.semantic import SemanticHead, SemOutput, upsample_logits
 from models.implicit import FORMS, Implicit
 from utils.loss.semantic import SemanticLoss
-from utils.metrics.semantic import SemanticMeter
+from utils.eval.metrics.semantic import SemanticMeter
 from tests.conftest import randomize_bn_and_implicits
 
 CH, STRIDES, IMG = [8, 12, 16], [8, 16, 32], 64
@@ -225,7 +225,7 @@ def test_miou_at_original_resolution_differs_from_letterboxed_and_matches_numpy(
     from utils.data.augment import letterbox
     from utils.data.dataset import Batch
     from utils.data.sample import Sample
-    from utils.evaluate import update_semantic
+    from utils.eval.evaluate import update_semantic
 
     # original 8 x 16 map with 1-px stripes of class 1 on odd columns; letterboxed to 8 x 8 (ratio 0.5,
     # 2 rows of padding above and below) the stripes cannot survive the nearest-neighbour downscale

@@ -15,7 +15,7 @@ import signal
 import sys
 
 import train
-import utils.trainer as trainer_module
+import utils.engine.trainer as trainer_module
 from utils.data.dataset import CocoDataset
 
 

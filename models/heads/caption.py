@@ -6,7 +6,7 @@ encoding of its position in *normalized* image coordinates, so a place in the im
 every level, plus a learned level embedding that tells the levels apart. A pre-norm decoder then reads
 word embeddings + learned positions under a causal mask.
 
-Token layout (shared with ``utils/vocab.py`` and ``utils/loss/caption.py``): ``<pad>`` = 0, ``<bos>`` = 1,
+Token layout (shared with ``utils/data/vocab.py`` and ``utils/loss/caption.py``): ``<pad>`` = 0, ``<bos>`` = 1,
 ``<eos>`` = 2. Training ids are ``[<bos>, w1, ..., wn, <eos>, <pad>...]``; the decoder is fed ``ids[:, :-1]``
 and predicts ``ids[:, 1:]``. Decoded sequences come back in the same layout (starting with ``<bos>``).
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models.heads.base import TaskInput
-from utils.vocab import BOS, EOS, PAD
+from utils.data.vocab import BOS, EOS, PAD
 
 
 @dataclass

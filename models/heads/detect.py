@@ -16,7 +16,7 @@ train, but reaches 57% of the mAP50-95 at the same budget, with anchors that fit
 not a wrong-anchor effect; its objectness has to learn background on every cell first (mAP 0.01 after 4
 of 8 epochs, against 0.09). The measurement is one short budget and also compares head capacity;
 YOLOv5's gains were tuned for long SGD runs. Besides accuracy: anchors are dataset statistics that a user's
-own data needs re-clustered (utils/anchors.py), and the instance head pairs its mask coefficients with
+own data needs re-clustered (utils/ops/anchors.py), and the instance head pairs its mask coefficients with
 anchor points, which only this head has.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from models.heads.base import RefinedConv, TaskInput, stem
-from utils.boxes import dist2bbox, make_anchors
+from utils.ops.boxes import dist2bbox, make_anchors
 
 
 @dataclass

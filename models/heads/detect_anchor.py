@@ -16,7 +16,7 @@ from torchvision.ops import box_convert
 
 from models.heads.base import RefinedConv, TaskInput
 from models.heads.detect import DetOutput
-from utils.boxes import make_anchors
+from utils.ops.boxes import make_anchors
 
 # YOLOv5's COCO anchors (pixels at 640) for P3/8, P4/16, P5/32: one flat ``[w1, h1, w2, h2, ...]`` per level
 COCO_ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
@@ -55,7 +55,7 @@ class DetectAnchor(nn.Module):
         nc: number of classes. ch: channels of the input levels, finest first. strides: their strides.
         anchors: per level a flat ``[w1, h1, w2, h2, ...]`` list of anchor sizes in input pixels
             (default: YOLOv5's COCO anchors for P3-P5 at 640; fit them to the data with
-            :func:`utils.anchors.kmeans_anchors`).
+            :func:`utils.ops.anchors.kmeans_anchors`).
         form: implicit form of the head's implicit layers (``vector`` | ``nn`` | ``mf``).
     """
 

@@ -3,7 +3,7 @@
 Why prototypes rather than a per-RoI mask branch (Mask R-CNN): the coefficients live on exactly the
 anchor points of :class:`~models.heads.detect.Detect`, so the detection assignment is reused as is and
 inference stays one dense pass; a mask is ``sigmoid(coeffs @ protos)`` cropped to the detected box
-(see :mod:`utils.masks`).
+(see :mod:`utils.ops.masks`).
 """
 from __future__ import annotations
 

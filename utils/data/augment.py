@@ -163,7 +163,7 @@ def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int
     the next multiple of ``stride`` (minimum rectangle) instead of to ``new_shape``.
 
     Returns ``(new_sample, ratio, (pad_w, pad_h))``: a point maps as ``x' = x * ratio + pad_w`` (same
-    for y), so predictions map back with ``(x' - pad_w) / ratio`` (see ``utils.boxes.scale_boxes``).
+    for y), so predictions map back with ``(x' - pad_w) / ratio`` (see ``utils.ops.boxes.scale_boxes``).
     The labels use the exact per-axis scale of the resized pixels, which differs from ``ratio`` only by
     the rounding of the resized size (< 0.5 px of the resized image). The input is not modified.
     """

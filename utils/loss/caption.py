@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.distributed import LOCAL, DistInfo
-from utils.vocab import PAD, Vocabulary
+from utils.engine.distributed import LOCAL, DistInfo
+from utils.data.vocab import PAD, Vocabulary
 
 
 class CaptionLoss:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, complete_box_iou_loss
 
 from models.heads.detect_anchor import DetectAnchor, decode_boxes
-from utils.distributed import LOCAL, DistInfo
+from utils.engine.distributed import LOCAL, DistInfo
 from utils.loss.detection import Assignment, image_slots
 
 # Gains and matching threshold of this loss, YOLOv5's values (hyp.scratch-low). Not ``box``/``cls``: those

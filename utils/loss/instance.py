@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from models.heads.instance import InstOutput
-from utils.distributed import LOCAL, DistInfo
-from utils.masks import box_mask, rasterize_polygons
+from utils.engine.distributed import LOCAL, DistInfo
+from utils.ops.masks import box_mask, rasterize_polygons
 
 
 class InstanceLoss:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data.sample import IGNORE_INDEX
-from utils.distributed import LOCAL, DistInfo
+from utils.engine.distributed import LOCAL, DistInfo
 
 
 class SemanticLoss:

@@ -113,7 +113,7 @@ def draw_caption(image: np.ndarray, caption: str) -> np.ndarray:
 
 def annotate(image: np.ndarray, result, names: list[str], semantic_alpha: float = 0.4,
              mask_alpha: float = 0.45, boxes: bool = True) -> np.ndarray:
-    """A copy of ``image`` with a :class:`utils.inference.FrameResult` drawn on it, back to front: semantic
+    """A copy of ``image`` with a :class:`utils.deploy.inference.FrameResult` drawn on it, back to front: semantic
     overlay, instance masks, boxes (``boxes=False`` to leave them out), caption banner."""
     out = image.copy()
     if result.semantic is not None:

@@ -93,7 +93,7 @@ def logits_to_original(logits: torch.Tensor, ratio: float, pad: tuple[float, flo
 
     ``ratio`` and ``pad = (pad_w, pad_h)`` are what :func:`utils.data.augment.letterbox` returned. The
     padding is cropped off (letterbox pads by whole pixels around a ``round(size * ratio)`` image, as in
-    :func:`utils.masks.masks_to_original`) and the rest resized bilinearly, on the logits rather than on
+    :func:`utils.ops.masks.masks_to_original`) and the rest resized bilinearly, on the logits rather than on
     the argmax, so class boundaries land between original pixels as COCO-Stuff/ADE20K/Cityscapes
     evaluations resize them.
     """

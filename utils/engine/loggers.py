@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from utils import plots
+from utils.viz import plots
 
 N_TRAIN_BATCHES = N_VAL_BATCHES = 3
 DISPLAY_CONF = 0.25  # boxes drawn on val_batch*_pred.jpg, and the confusion matrix threshold
@@ -140,7 +140,7 @@ class RunLogger:
         Args:
             model: the final EMA model (eval mode).
             val_loader: the validation loader (its first batches are drawn).
-            eval_result: the last validation's :class:`utils.evaluate.EvalResult` (``None``: no curves).
+            eval_result: the last validation's :class:`utils.eval.evaluate.EvalResult` (``None``: no curves).
         """
         if not self.enabled:
             return
@@ -175,7 +175,7 @@ class RunLogger:
 
     def curves(self, res, tasks: Sequence[str], category_ids: list[int]) -> None:
         """PR / F1 curves (boxes, masks), the detection confusion matrix and the semantic confusion matrix."""
-        from utils.curves import coco_curves, detection_confusion
+        from utils.eval.curves import coco_curves, detection_confusion
 
         d = self.save_dir
         if "det" in tasks and res.ground_truth is not None:
@@ -209,6 +209,6 @@ class RunLogger:
 
 
 def _write_report(save_dir: Path, tasks: list[str], captions, notes: list[str]) -> Path:
-    from utils.report import write_report
+    from utils.viz.report import write_report
 
     return write_report(save_dir, tasks, captions, notes)

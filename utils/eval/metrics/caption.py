@@ -1,7 +1,7 @@
 """Caption metrics (BLEU-1..4, ROUGE-L, CIDEr-D) with pycocoevalcap's scorers and a pure-Python tokenizer.
 
 The standard COCO caption evaluation tokenizes with Stanford's PTBTokenizer, which needs Java, then drops
-its ``PUNCTUATIONS``. :func:`utils.vocab.tokenize` reproduces both steps (it agrees token for token with the
+its ``PUNCTUATIONS``. :func:`utils.data.vocab.tokenize` reproduces both steps (it agrees token for token with the
 Java tokenizer on ordinary captions), so the scores are the official ones for such captions.
 
 ``Cider`` in pycocoevalcap is CIDEr-D: tf-idf weighted 1..4-gram vectors, the candidate's weights clipped
@@ -9,7 +9,7 @@ to the reference's, a Gaussian length penalty (sigma 6), cosine averaged over n 
 times 10. Its document frequencies come from the references of the scored images only, so the figure
 depends on which images are scored (a single image scores 0).
 
-A predicted ``<unk>`` (:data:`utils.vocab.UNK_WORD`, which :meth:`Vocabulary.decode` writes) is kept as a
+A predicted ``<unk>`` (:data:`utils.data.vocab.UNK_WORD`, which :meth:`Vocabulary.decode` writes) is kept as a
 word that matches no reference word: it costs precision and length like any wrong word.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from utils.vocab import UNK_WORD, tokenize
+from utils.data.vocab import UNK_WORD, tokenize
 
 KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougel", "cider")
 

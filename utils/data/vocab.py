@@ -1,6 +1,6 @@
 """Caption vocabulary: a word-level tokenizer and the word <-> id table the caption head is trained on.
 
-The same :func:`tokenize` feeds the vocabulary and the caption metrics (``utils/metrics/caption.py``), so
+The same :func:`tokenize` feeds the vocabulary and the caption metrics (``utils/eval/metrics/caption.py``), so
 what the model learns to emit and what it is scored on are split into words the same way.
 
 The table is stored in checkpoints as a plain ``list[str]`` (:meth:`Vocabulary.to_list`), because

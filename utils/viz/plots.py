@@ -3,7 +3,7 @@
 Figures use matplotlib's object API (``matplotlib.figure.Figure`` with the Agg canvas), never ``pyplot``:
 pyplot keeps global state and is not thread-safe, and the train-batch and label pictures are drawn in a
 background thread while training runs. Batch mosaics are drawn with OpenCV (fast, no figure overhead) with
-the colours of :mod:`utils.draw`, so a class looks the same here, in ``detect.py`` output and in videos.
+the colours of :mod:`utils.viz.draw`, so a class looks the same here, in ``detect.py`` output and in videos.
 """
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ import cv2
 import numpy as np
 import torch
 
-from utils.draw import SEMANTIC_PALETTE, box_color, draw_masks
-from utils.masks import process_masks, rasterize_polygons
+from utils.viz.draw import SEMANTIC_PALETTE, box_color, draw_masks
+from utils.ops.masks import process_masks, rasterize_polygons
 
-if TYPE_CHECKING:  # imported for annotations only: keeps `import utils.plots` light
+if TYPE_CHECKING:  # imported for annotations only: keeps `import utils.viz.plots` light
     from matplotlib.figure import Figure
 
-    from utils.curves import Curves
+    from utils.eval.curves import Curves
     from utils.data.dataset import Batch, CocoDataset
-    from utils.vocab import Vocabulary
+    from utils.data.vocab import Vocabulary
 
 IGNORE = 255  # semantic "no label" (utils.data.sample.IGNORE_INDEX)
 TASKS = ("det", "inst", "sem", "cap")
@@ -167,7 +167,7 @@ def plot_labels(dataset: "CocoDataset", names: list[str], semantic_names: list[s
     minutes); caption length histogram (``max_caption_words`` marks where training truncates captions);
     a summary with the vocabulary size and its coverage.
     """
-    from utils.vocab import tokenize
+    from utils.data.vocab import tokenize
 
     records = [rec for _, rec in dataset.items]
     classes = np.concatenate([r.classes for r in records]) if records else np.zeros(0, np.int64)
@@ -333,7 +333,7 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path, titl
         drop_empty: hide classes with no count in their row and column (171 COCO-Stuff classes of which a
             validation set shows a few would otherwise be mostly blank).
     """
-    from utils.curves import normalize_rows
+    from utils.eval.curves import normalize_rows
 
     m = np.asarray(matrix, np.float64)
     names = list(names)
@@ -427,7 +427,7 @@ def _clip_lines(lines: list[str], n: int, width_px: int, fs: float) -> list[str]
 
 def overlay_semantic(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """Blends each labelled pixel with its class's palette colour (in place); ``255`` pixels stay as they are
-    (``utils.draw.draw_semantic`` colours every pixel, which would tint letterbox padding and unlabelled areas)."""
+    (``utils.viz.draw.draw_semantic`` colours every pixel, which would tint letterbox padding and unlabelled areas)."""
     valid = semantic != IGNORE
     if valid.any():
         px = image[valid].astype(np.float32)
@@ -437,7 +437,7 @@ def overlay_semantic(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.4
 
 def draw_labeled_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, names: list[str],
                        scores: np.ndarray | None = None, fs: float = 0.35, lw: int = 1) -> np.ndarray:
-    """Boxes with a filled label tab (``name`` or ``name 0.87``), in place. ``utils.draw.draw_boxes`` always
+    """Boxes with a filled label tab (``name`` or ``name 0.87``), in place. ``utils.viz.draw.draw_boxes`` always
     prints a score and sizes its font for full frames; ground truth has no score and tiles are small."""
     h, w = image.shape[:2]
     for k, ((x1, y1, x2, y2), c) in enumerate(zip(np.asarray(boxes).round().astype(int), classes)):
@@ -583,7 +583,7 @@ def _targets_of(batch: "Batch", b: int) -> tuple[np.ndarray, np.ndarray, list[li
 def decode_with_unk(vocab: "Vocabulary", ids: Sequence[int]) -> str:
     """Token ids -> words as the model is trained on them: stops at ``<eos>``, skips ``<pad>``/``<bos>`` but
     shows ``<unk>`` (``Vocabulary.decode`` drops it, hiding words the vocabulary does not know)."""
-    from utils.vocab import BOS, EOS, PAD
+    from utils.data.vocab import BOS, EOS, PAD
 
     words = []
     for i in ids:
@@ -641,8 +641,8 @@ def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf
     """Runs ``model`` (eval mode) on a batch and keeps what is worth drawing: boxes above ``conf`` after NMS
     (one class per box, as detect.py), their masks, the semantic argmax (outside the letterboxed image set
     to 255 so padding is not coloured) and the greedy caption."""
-    from utils.evaluate import to_float
-    from utils.nms import non_max_suppression
+    from utils.eval.evaluate import to_float
+    from utils.ops.nms import non_max_suppression
 
     model.eval()
     device = next(model.parameters()).device

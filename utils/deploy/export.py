@@ -6,7 +6,7 @@ Two graphs are written per model:
   output (:func:`output_names`), optionally with NMS inside the graph (:class:`BatchedNMS`);
 * the **caption decoder** ``<stem>_cap_decoder.onnx`` (caption models only): ``memory (B, S, d)`` and
   ``tokens (B, T)`` int64 -> ``logits (B, V)`` of the next token, so the greedy / beam loops of
-  :mod:`utils.inference` can decode with onnxruntime alone.
+  :mod:`utils.deploy.inference` can decode with onnxruntime alone.
 
 Why the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) and not the dynamo one: it
 needs no extra dependency (``onnxscript``), our graphs are free of data-dependent Python control flow once
@@ -92,7 +92,7 @@ class _NonMaxSuppression(torch.autograd.Function):
 class BatchedNMS(nn.Module):
     """``det_pred (B, A, 4 + nc)`` -> fixed-size, score-sorted detections per image (traceable, dynamic batch).
 
-    Same selection as :func:`utils.nms.non_max_suppression` with ``multi_label=False``: each anchor competes
+    Same selection as :func:`utils.ops.nms.non_max_suppression` with ``multi_label=False``: each anchor competes
     with its best class only (``agnostic``: across classes). Returns ``det_boxes (B, max_det, 4)`` in input
     pixels, ``det_scores (B, max_det)``, ``det_classes`` and ``det_anchor_index (B, max_det)`` int64 (the
     anchor row of each detection, to gather instance coefficients) and ``det_count (B,)``; rows past
@@ -245,7 +245,7 @@ class CaptionDecoderStep(nn.Module):
 def export_metadata(model: Model, img_hw: tuple[int, int], batch: int, nms: NMSConfig | None, dynamic: bool,
                     half: bool, stem: str) -> dict[str, Any]:
     """Everything detect.py needs to run a graph without the checkpoint (stored as JSON strings)."""
-    from utils.inference import ModelInfo
+    from utils.deploy.inference import ModelInfo
 
     info = ModelInfo.from_model(model)
     md = asdict(info) | {

@@ -8,15 +8,15 @@ import torch
 from tqdm import tqdm
 
 from models.model import Model
-from utils.boxes import scale_boxes, xyxy2xywh
+from utils.ops.boxes import scale_boxes, xyxy2xywh
 from utils.data.config import DataError, SplitSpec
 from utils.data.dataset import Batch, CocoDataset, stall_guard
-from utils.masks import encode_rle, masks_to_original, process_masks
-from utils.metrics.caption import caption_scores
-from utils.metrics.detection import coco_map, load_ground_truth
-from utils.metrics.semantic import SemanticMeter, logits_to_original
-from utils.nms import non_max_suppression
-from utils.vocab import Vocabulary
+from utils.ops.masks import encode_rle, masks_to_original, process_masks
+from utils.eval.metrics.caption import caption_scores
+from utils.eval.metrics.detection import coco_map, load_ground_truth
+from utils.eval.metrics.semantic import SemanticMeter, logits_to_original
+from utils.ops.nms import non_max_suppression
+from utils.data.vocab import Vocabulary
 
 
 @dataclass

@@ -18,16 +18,16 @@ from tqdm import tqdm
 
 from models.implicit import Implicit
 from models.model import Model
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.engine.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import DataConfig, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader, stall_guard
-from utils.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed, sum_across_ranks
-from utils.ema import ModelEMA, unwrap
-from utils.evaluate import evaluate, fitness, to_float
+from utils.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed, sum_across_ranks
+from utils.engine.ema import ModelEMA, unwrap
+from utils.eval.evaluate import evaluate, fitness, to_float
 from utils.loss.multitask import MultiTaskLoss
-from utils.loggers import RunLogger
-from utils.torch_utils import increment_path, rng_state, select_device, set_rng_state, set_seed
-from utils.vocab import Vocabulary
+from utils.engine.loggers import RunLogger
+from utils.engine.torch_utils import increment_path, rng_state, select_device, set_rng_state, set_seed
+from utils.data.vocab import Vocabulary
 
 NOMINAL_BATCH = 64  # gradients are accumulated up to this batch, and weight decay scaled to it
 HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
@@ -41,7 +41,7 @@ def load_hyp(path: str | Path) -> dict:
     """Reads a hyp yaml; unknown keys are an error (a typo would otherwise be silently ignored)."""
     path = Path(path)
     if not path.is_file():
-        alt = Path(__file__).resolve().parents[1] / "data" / "hyps" / path.name
+        alt = Path(__file__).resolve().parents[2] / "data" / "hyps" / path.name
         path = alt if alt.is_file() else path
     hyp = yaml.safe_load(path.read_text()) or {}
     unknown = set(hyp) - HYP_KEYS
@@ -288,7 +288,7 @@ class Trainer:
         self.log(f"weights: transferred {len(matched)}/{len(own)} tensors from {weights}")
 
     def _resume_opt(self) -> dict:
-        from utils.torch_utils import latest_run
+        from utils.engine.torch_utils import latest_run
 
         path = self.opt.resume if isinstance(self.opt.resume, str) and self.opt.resume not in ("", "True") else latest_run()
         if path is None:

@@ -1,6 +1,6 @@
 """The numbers behind the validation plots: precision-recall / F1-confidence curves and confusion matrices.
 
-Everything here works on what :func:`utils.evaluate.evaluate` already produced (COCO result dicts in original
+Everything here works on what :func:`utils.eval.evaluate.evaluate` already produced (COCO result dicts in original
 coordinates and category ids, and the semantic confusion matrix), so the plots cost no extra forward pass.
 
 * PR curves come from pycocotools' own ``COCOeval.eval["precision"]`` at IoU 0.5, so the mAP@0.5 printed on
@@ -128,8 +128,8 @@ def coco_curves(gt, results: list[dict], image_ids: list[int], category_ids: lis
     """Runs COCOeval once and reads the IoU-0.5 PR curve and F1-confidence curves of every class.
 
     Args:
-        gt: a ``pycocotools.coco.COCO`` with the ground truth (``utils.metrics.detection.load_ground_truth``).
-        results: COCO result dicts (``bbox`` or ``segmentation``) as :class:`utils.evaluate.EvalResult` holds.
+        gt: a ``pycocotools.coco.COCO`` with the ground truth (``utils.eval.metrics.detection.load_ground_truth``).
+        results: COCO result dicts (``bbox`` or ``segmentation``) as :class:`utils.eval.evaluate.EvalResult` holds.
         image_ids: the evaluated images (images without detections still count their ground truth).
         category_ids, names: classes in contiguous order.
     Returns: the curves, or ``None`` when there is nothing to evaluate.

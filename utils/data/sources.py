@@ -6,7 +6,7 @@ can fix (a missing path, an empty folder, a corrupt image, a video without a dec
 
 A short demo video from the embedded dataset (for trying video input without a camera)::
 
-    python -m utils.sources --demo-video video.mp4 --data data/shapes.yaml   # 30 frames, 10 fps, 320x240
+    python -m utils.data.sources --demo-video video.mp4 --data data/shapes.yaml   # 30 frames, 10 fps, 320x240
 """
 from __future__ import annotations
 

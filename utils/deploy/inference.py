@@ -1,7 +1,7 @@
 """Inference shared by detect.py, export.py and the benchmarks: one backend interface for ``.pt`` and ``.onnx``.
 
 A backend maps a float batch ``(B, 3, H, W)`` (RGB, 0..1) to a dict of numpy arrays named as the vision graph's
-outputs (:func:`utils.export.output_names`); everything after that (NMS, masks, semantic maps, captions) is
+outputs (:func:`utils.deploy.export.output_names`); everything after that (NMS, masks, semantic maps, captions) is
 the same code for both backends, so a ``.pt`` and its ``.onnx`` give the same results up to float rounding.
 
 Captions: :class:`PyTorchBackend` decodes with the head's own ``greedy`` / ``beam_search``; :class:`OnnxBackend`
@@ -20,12 +20,12 @@ import cv2
 import numpy as np
 import torch
 
-from utils.boxes import scale_boxes
+from utils.ops.boxes import scale_boxes
 from utils.data.augment import letterbox
 from utils.data.sample import IGNORE_INDEX, Sample
-from utils.masks import masks_to_original, process_masks
-from utils.nms import non_max_suppression
-from utils.vocab import BOS, EOS, PAD, Vocabulary
+from utils.ops.masks import masks_to_original, process_masks
+from utils.ops.nms import non_max_suppression
+from utils.data.vocab import BOS, EOS, PAD, Vocabulary
 
 StepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (memory, tokens) -> next-token logits
 
@@ -48,7 +48,7 @@ class ModelInfo:
 
     @classmethod
     def from_model(cls, model) -> "ModelInfo":
-        """From a built ``Model`` carrying ``.meta`` (``utils.checkpoint.build_from_checkpoint``)."""
+        """From a built ``Model`` carrying ``.meta`` (``utils.engine.checkpoint.build_from_checkpoint``)."""
         meta = getattr(model, "meta", {}) or {}
         nc = getattr(model, "nc", 0)
         return cls(names=list(meta.get("names") or [str(i) for i in range(nc)]),
@@ -145,9 +145,9 @@ class PyTorchBackend:
     def __init__(self, weights: str | Path, device: str | torch.device = "cpu", half: bool = False,
                  fuse: bool = True, verbose: bool = False):
         from models.model import format_counts, module_counts
-        from utils.checkpoint import build_from_checkpoint, load_checkpoint
-        from utils.export import DeployModel
-        from utils.torch_utils import select_device
+        from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+        from utils.deploy.export import DeployModel
+        from utils.engine.torch_utils import select_device
 
         self.device = device if isinstance(device, torch.device) else select_device(str(device))
         model = build_from_checkpoint(load_checkpoint(weights)).to(self.device).eval()
@@ -354,7 +354,7 @@ def postprocess(outputs: dict[str, np.ndarray], info: ModelInfo, boxes: list[Let
     """Backend outputs of a batch -> one :class:`FrameResult` per image, in original frame coordinates.
 
     Graphs with NMS inside: their (thresholded) detections are filtered further by ``conf_thres`` and
-    ``classes``; raw ``det_pred``: :func:`utils.nms.non_max_suppression` (single label per box).
+    ``classes``; raw ``det_pred``: :func:`utils.ops.nms.non_max_suppression` (single label per box).
     """
     tasks = info.tasks if tasks is None else tasks
     results = []
@@ -486,7 +486,7 @@ class Predictor:
 def coco_results(result: FrameResult, image_id: int | str, category_ids: list[int]) -> list[dict]:
     """COCO result dicts of one frame: original category ids, ``bbox`` ``x y w h`` in frame pixels, ``score``,
     and an RLE ``segmentation`` when the frame has instance masks."""
-    from utils.masks import encode_rle
+    from utils.ops.masks import encode_rle
 
     rles = encode_rle(result.masks) if result.masks is not None and len(result.masks) else [None] * len(result)
     out = []

@@ -1,7 +1,7 @@
 """report.html: one self-contained page per run (opt, hyp, metric tables, curves, pictures), built from the
 files in the run folder alone, so it can be regenerated for any finished run:
 
-    python -m utils.report runs/train/exp
+    python -m utils.viz.report runs/train/exp
 
 Images are linked relatively (the page is opened straight from disk, no server) and only files that exist
 are linked, so a run trained with fewer tasks gets a shorter page, not broken images.
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import yaml
 
-from utils.plots import TASKS, is_metric_key, read_results, task_of_key
+from utils.viz.plots import TASKS, is_metric_key, read_results, task_of_key
 
 TASK_TITLES = {"det": "Detection (boxes)", "inst": "Instance segmentation (masks)",
                "sem": "Semantic segmentation", "cap": "Captioning"}
@@ -56,7 +56,7 @@ def _read_yaml(path: Path) -> dict:
 
 def best_row(rows: list[dict[str, float]]) -> int:
     """Index of the row ``best.pt`` was saved from: the first maximum of the trainer's multi-task fitness."""
-    from utils.evaluate import fitness
+    from utils.eval.evaluate import fitness
 
     scores = [fitness({k: v for k, v in r.items() if not math.isnan(v)}) for r in rows]
     return max(range(len(rows)), key=lambda i: (scores[i], -i)) if rows else -1
