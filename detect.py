@@ -16,6 +16,20 @@ import json
 import sys
 from pathlib import Path
 
+from utils.data.sources import LoadSource
+from utils.deploy.inference import (
+    Predictor,
+    coco_results,
+    load_backend,
+    semantic_png,
+    summarize,
+    yolo_lines,
+)
+from utils.engine.cli import run_cli
+from utils.engine.torch_utils import increment_path, latest_run
+from utils.tasks import parse_tasks
+from utils.viz.draw import annotate
+
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,10 +89,6 @@ def run(opt: argparse.Namespace) -> Path:
     """Runs detection over ``opt.source``; returns the folder results were saved to."""
     import cv2
 
-    from utils.viz.draw import annotate
-    from utils.deploy.inference import Predictor, coco_results, load_backend, semantic_png, summarize, yolo_lines
-    from utils.data.sources import LoadSource
-    from utils.engine.torch_utils import increment_path, latest_run
 
     weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
@@ -94,7 +104,7 @@ def run(opt: argparse.Namespace) -> Path:
         print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an .onnx keeps its export precision)")
         half = False
     backend = load_backend(weights, opt.device, half)
-    tasks = [t.strip() for t in opt.tasks.split(",") if t.strip()] if opt.tasks else None
+    tasks = parse_tasks(opt.tasks) if opt.tasks else None
     predictor = Predictor(backend, opt.img, opt.conf_thres, opt.iou_thres, opt.max_det, opt.classes,
                           opt.agnostic_nms, tasks, opt.beam)
     info = predictor.info
@@ -197,8 +207,6 @@ def _show(name: str, image) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.engine.cli import run_cli
-
     return run_cli(run, parse_opt(argv))
 
 

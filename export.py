@@ -21,6 +21,29 @@ import tempfile
 import time
 from pathlib import Path
 
+from models.model import format_counts, module_counts
+from utils.data.vocab import Vocabulary
+from utils.deploy.export import (
+    FUSE_TOL,
+    RUNTIME_TOL,
+    compare_outputs,
+    export_caption_decoder,
+    export_torchscript,
+    export_vision,
+    failures,
+    format_parity,
+    load_torchscript,
+    run_deploy,
+    simplify_onnx,
+    verification_images,
+)
+from utils.deploy.inference import OnnxBackend, check_img_size
+from utils.deploy.interface import DeployModel, export_metadata
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.engine.cli import run_cli
+from utils.engine.torch_utils import latest_run, select_device
+from utils.ops.nms import NMSConfig
+
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,13 +69,6 @@ def run(opt: argparse.Namespace) -> dict[str, Path]:
     """Exports and verifies; returns the written files by format. Raises ValueError on any failure."""
     import torch
 
-    from models.model import format_counts, module_counts
-    from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-    from utils.deploy.export import (FUSE_TOL, RUNTIME_TOL, DeployModel, NMSConfig, compare_outputs, export_caption_decoder,
-                              export_metadata, export_torchscript, export_vision, failures, format_parity,
-                              load_torchscript, run_deploy, verification_images)
-    from utils.deploy.inference import check_img_size
-    from utils.engine.torch_utils import latest_run, select_device
 
     weights = Path(opt.weights) if opt.weights else latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
@@ -170,9 +186,6 @@ def _verify_onnx(path: Path, model, ref: dict, x, img_hw: tuple[int, int], devic
     import numpy as np
     import torch
 
-    from utils.deploy.export import compare_outputs
-    from utils.deploy.inference import OnnxBackend
-    from utils.data.vocab import Vocabulary
 
     backend = OnnxBackend(path, device)
     out = backend(x.cpu().numpy())
@@ -211,7 +224,6 @@ def _simplify(files: dict[str, Path], model, ref: dict, x, img_hw, device, tol: 
 
     Returns the problems (empty = the simplified graphs were kept).
     """
-    from utils.deploy.export import failures, simplify_onnx
 
     with tempfile.TemporaryDirectory(dir=files["onnx"].parent) as tmp:
         slim = {}
@@ -233,8 +245,6 @@ def _simplify(files: dict[str, Path], model, ref: dict, x, img_hw, device, tol: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.engine.cli import run_cli
-
     return run_cli(run, parse_opt(argv))
 
 

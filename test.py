@@ -10,6 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+from utils.data.config import load_data_config
+from utils.data.dataset import CocoDataset, create_dataloader
+from utils.data.vocab import Vocabulary
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.engine.cli import run_cli
+from utils.engine.torch_utils import increment_path, latest_run, select_device
+from utils.eval.evaluate import evaluate
+
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,13 +44,6 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(opt: argparse.Namespace) -> dict:
-    from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-    from utils.data.config import load_data_config
-    from utils.data.dataset import CocoDataset, create_dataloader
-    from utils.eval.evaluate import evaluate
-    from utils.engine.torch_utils import increment_path, latest_run, select_device
-    from utils.data.vocab import Vocabulary
-
     weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
         raise FileNotFoundError("no --weights given and no runs/train/exp*/weights/best.pt; train one with python train.py")
@@ -102,8 +103,6 @@ def print_report(res, data) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.engine.cli import run_cli
-
     return run_cli(run, parse_opt(argv))
 
 

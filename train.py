@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from utils.data.dataset import LoaderStalledError
+from utils.engine.cli import run_cli
+from utils.engine.trainer import NonFiniteLossError, Trainer
+from utils.loss.balance import BALANCERS, DEFAULT_BALANCE
+
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    from utils.loss.balance import BALANCERS, DEFAULT_BALANCE
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default="cfg/yolor-mt-n.yaml", help="model cfg yaml (yolor-mt-n.yaml = scale n)")
     p.add_argument("--data", default="data/shapes.yaml", help="data yaml (default: the embedded synthetic set)")
@@ -50,10 +53,6 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.engine.cli import run_cli
-    from utils.data.dataset import LoaderStalledError
-    from utils.engine.trainer import NonFiniteLossError, Trainer
-
     return run_cli(lambda opt: Trainer(opt).run(), parse_opt(argv), extra=(NonFiniteLossError, LoaderStalledError))
 
 

@@ -22,12 +22,19 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.common import add_training_args, params_and_gflops, read_results, run_training, train_args
+from benchmarks.common import (
+    add_training_args,
+    params_and_gflops,
+    read_results,
+    run_training,
+    train_args,
+)
 from models.heads.detect_anchor import COCO_ANCHORS
 from models.parser import load_cfg
-from utils.ops.anchors import anchors_per_level, best_possible_recall, dataset_wh, kmeans_anchors
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.config import load_data_config
+from utils.data.dataset import dataset_wh
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
 
 
 def anchor_cfg(cfg: str | Path, anchors: list[list[float]]) -> dict:

@@ -32,7 +32,9 @@ import numpy as np
 
 # torch and the dataset are imported where used: the label-memory child must start small
 from utils.data.coco import LabelReport, parse_split
-from utils.data.config import SplitSpec
+from utils.data.config import SplitSpec, load_data_config
+from utils.data.dataset import CocoDataset, create_dataloader
+from utils.engine.trainer import load_hyp
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]  # COCO's 80 thing ids
@@ -151,9 +153,6 @@ def label_memory(n_images: int, anns_per_image: float, points: int, captions: in
 
 def loader_throughput(data: str, img: int, batch_size: int, workers: int, batches: int, seed: int = 0) -> dict[str, float]:
     """Images per second of the training DataLoader (mosaic on every image) over ``batches`` batches."""
-    from utils.data.config import load_data_config
-    from utils.data.dataset import CocoDataset, create_dataloader
-    from utils.engine.trainer import load_hyp
 
     cfg = load_data_config(data)  # generates the embedded dataset on first use
     hyp = load_hyp(ROOT / "data/hyps/hyp.scratch.yaml")

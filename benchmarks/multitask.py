@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_training_args, params_and_gflops, read_results, run_trainings, train_args
+from benchmarks.common import (
+    add_training_args,
+    params_and_gflops,
+    read_results,
+    run_trainings,
+    train_args,
+)
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 
 SINGLE = {"det": "det", "inst": "det,inst", "sem": "sem", "cap": "cap"}

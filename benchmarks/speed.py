@@ -22,6 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from models.model import Model, format_counts, module_counts
+from utils.deploy.export import export_vision, quiet_export
+from utils.deploy.inference import ort_session
+from utils.deploy.interface import DeployModel, export_metadata
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.engine.torch_utils import select_device
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,8 +54,6 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(opt: argparse.Namespace):
     """The model to time (eval mode, unfused) and a one-line description."""
-    from models.model import Model
-    from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 
     if opt.weights:
         model = build_from_checkpoint(load_checkpoint(opt.weights)).eval()
@@ -123,10 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     import torch
 
-    from models.model import format_counts, module_counts
-    from utils.deploy.export import DeployModel, export_metadata, export_vision, quiet_export
-    from utils.deploy.inference import ort_session
-    from utils.engine.torch_utils import select_device
 
     if opt.threads > 0:
         torch.set_num_threads(opt.threads)

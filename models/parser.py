@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from models.common import SPPCSP, Bottleneck, BottleneckCSP, Concat, Conv
+from models.heads import HEADS
 from models.implicit import FORMS, Implicit, ImplicitA, ImplicitC, ImplicitM, fold_error
 
 CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
@@ -110,7 +111,6 @@ def _head(ctx: BuildContext, cls: type[nn.Module], *args):
 
 def registry() -> dict[str, ModuleSpec]:
     """Module name -> spec. Heads are imported here so the registry is the one place that knows them."""
-    from models.heads import HEADS
 
     reg = {
         "Conv": ModuleSpec(1, 6, _conv),
@@ -187,7 +187,6 @@ def make_divisible(x: float, divisor: int = 8) -> int:
 def parse_model(d: dict, nc: int, tasks: set[str] | None = None, ch: int = 3,
                 head_kwargs: dict[str, dict] | None = None) -> list[Row]:
     """Builds every row of cfg dict ``d``. Head rows whose task is not in ``tasks`` are skipped."""
-    from models.heads import HEADS
 
     name = d_name(d)
     depth, width, max_ch = scale_multiples(d)

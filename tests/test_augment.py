@@ -11,9 +11,20 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.data.augment import (augment_hsv, clip_and_filter, clip_polygon, hflip, letterbox, load_resized,
-                                mosaic4, polygon_area, random_perspective, vflip)
-from utils.data.sample import IGNORE_INDEX, TASKS, Sample
+from utils.data.augment import (
+    augment_hsv,
+    clip_and_filter,
+    clip_polygon,
+    hflip,
+    letterbox,
+    load_resized,
+    mosaic4,
+    polygon_area,
+    random_perspective,
+    vflip,
+)
+from utils.data.sample import Sample
+from utils.tasks import IGNORE_INDEX, TASKS
 
 BG_SEM = 40
 SEM_OF = {0: 10, 1: 20, 2: 30}  # spaced values: linear interpolation would create new ones

@@ -9,9 +9,9 @@ import torch
 
 from models.heads.caption import CaptionHead, CaptionOutput
 from models.implicit import Implicit
-from utils.loss.caption import CaptionLoss
-from utils.eval.metrics.caption import caption_scores
 from utils.data.vocab import BOS, EOS, PAD, UNK, UNK_WORD, Vocabulary, tokenize
+from utils.eval.metrics.caption import caption_scores
+from utils.loss.caption import CaptionLoss
 
 CAPS = [["a red circle on the left side"], ["two blue squares near the bottom"]]
 CH, STRIDES = [16, 32], [8.0, 16.0]

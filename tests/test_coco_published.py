@@ -4,15 +4,20 @@ validates every task on the images that carry it, and its checkpoint's semantic 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import test as test_script
 import train as train_script
-from tests.coco_published import (CAPTION_ONLY, OTHER_ID, SPLITS, STUFF_CATEGORIES, THING_CATEGORIES,
-                                  TRAIN_ONLY_ABSENT)
+from tests.coco_published import (
+    CAPTION_ONLY,
+    OTHER_ID,
+    SPLITS,
+    STUFF_CATEGORIES,
+    THING_CATEGORIES,
+    TRAIN_ONLY_ABSENT,
+)
 from tests.conftest import train_args
 
 

@@ -13,8 +13,14 @@ import yaml
 
 from utils.data.coco import LabelReport, load_split
 from utils.data.config import DataError, load_data_config
-from utils.data.dataset import CocoDataset, LoaderStalledError, collate, create_dataloader, stall_guard
-from utils.data.sample import IGNORE_INDEX, TASKS
+from utils.data.dataset import (
+    CocoDataset,
+    LoaderStalledError,
+    collate,
+    create_dataloader,
+    stall_guard,
+)
+from utils.tasks import IGNORE_INDEX, TASKS
 
 
 def test_config_reads_classes_with_original_ids(tiny_data):

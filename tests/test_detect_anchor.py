@@ -21,9 +21,10 @@ from models.model import Model
 from models.parser import CfgError
 from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg
 from tests.test_detection import overfit_detection
-from utils.ops.anchors import anchors_per_level, best_possible_recall, dataset_wh, kmeans_anchors
+from utils.data.dataset import dataset_wh
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.loss.detection_anchor import AnchorDetectionLoss
+from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
 from utils.ops.nms import non_max_suppression
 
 ANCHORS = [[8, 8, 16, 16, 24, 24], [20, 40, 40, 20, 40, 40], [40, 60, 60, 40, 70, 70]]  # pixels at 64
@@ -168,7 +169,14 @@ def test_tiny_training_through_train_py(tiny_data, tmp_path):
 def test_onnx_export_parity(tmp_path):
     import onnxruntime as ort
 
-    from utils.deploy.export import RUNTIME_TOL, DeployModel, compare_outputs, export_onnx, run_deploy, vision_dynamic_axes
+    from utils.deploy.export import (
+        RUNTIME_TOL,
+        compare_outputs,
+        export_onnx,
+        run_deploy,
+        vision_dynamic_axes,
+    )
+    from utils.deploy.interface import DeployModel
 
     torch.manual_seed(0)
     model = Model(anchor_cfg(), nc=3, tasks=["det"]).eval()

@@ -7,8 +7,8 @@ from pycocotools.coco import COCO
 
 from models.model import Model
 from tests.conftest import tiny_cfg
-from utils.loss.detection import DetectionLoss, TaskAlignedAssigner, pad_targets
 from utils.eval.metrics.detection import coco_map
+from utils.loss.detection import DetectionLoss, TaskAlignedAssigner, pad_targets
 from utils.ops.nms import non_max_suppression
 
 

@@ -13,8 +13,8 @@ from models.model import Model
 from tests.conftest import tiny_cfg
 from utils.data.config import DataError, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
-from utils.eval.evaluate import evaluate
 from utils.data.vocab import Vocabulary
+from utils.eval.evaluate import evaluate
 
 IMG = 64
 ID_SHIFT = 100_000

@@ -16,11 +16,24 @@ import yaml
 import export as export_script
 import train as train_script
 from tests.conftest import tiny_cfg
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from utils.deploy.export import (NMS_OUTPUTS, RUNTIME_TOL, BatchedNMS, DeployModel, NMSConfig, compare_outputs, export_onnx,
-                          export_vision, failures, load_torchscript, run_deploy, verification_images)
+from utils.deploy.export import (
+    RUNTIME_TOL,
+    compare_outputs,
+    export_onnx,
+    export_vision,
+    failures,
+    load_torchscript,
+    run_deploy,
+    verification_images,
+)
 from utils.deploy.inference import OnnxBackend, beam_search_decode, greedy_decode
-from utils.ops.nms import non_max_suppression
+from utils.deploy.interface import NMS_OUTPUTS, DeployModel
+from utils.engine.checkpoint import (
+    build_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from utils.ops.nms import BatchedNMS, NMSConfig, non_max_suppression
 
 IMG = 64
 ALL_OUTPUTS = ["det_pred", "inst_coeffs", "inst_protos", "sem_logits", "cap_memory"]

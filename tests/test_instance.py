@@ -10,12 +10,18 @@ from torch import nn
 from models.common import Conv
 from models.heads.instance import InstanceHead, InstOutput
 from models.implicit import Implicit
+from tests.conftest import randomize_bn_and_implicits
 from utils.data import augment as A
 from utils.data.sample import Sample
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
-from tests.conftest import randomize_bn_and_implicits
-from utils.ops.masks import (assemble_masks, crop_masks, encode_rle, masks_to_original, process_masks,
-                         rasterize_polygons)
+from utils.ops.masks import (
+    assemble_masks,
+    crop_masks,
+    encode_rle,
+    masks_to_original,
+    process_masks,
+    rasterize_polygons,
+)
 
 CH, STRIDES, NM = [16, 24, 32], [8, 16, 32], 8
 

@@ -15,7 +15,13 @@ import yaml
 
 import train as train_script
 from tests.conftest import tiny_cfg
-from utils.eval.curves import DetConfusion, ap_from_matches, coco_curves, detection_confusion, pr_vs_conf
+from utils.eval.curves import (
+    DetConfusion,
+    ap_from_matches,
+    coco_curves,
+    detection_confusion,
+    pr_vs_conf,
+)
 from utils.viz.draw import SEMANTIC_PALETTE, box_color
 from utils.viz.plots import TileLabels, read_results, render_tile, results_layout
 

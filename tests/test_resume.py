@@ -17,10 +17,16 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import train as train_script
 import utils.engine.trainer as trainer_module
-from tests.conftest import ROOT, assert_same_weights, results_rows, subprocess_env, train_args
-from utils.engine.checkpoint import build_from_checkpoint
+from tests.conftest import (
+    ROOT,
+    assert_same_weights,
+    results_rows,
+    subprocess_env,
+    train_args,
+)
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, SkipSampler, collate, create_dataloader
+from utils.engine.checkpoint import build_from_checkpoint
 
 # 24 training images in batches of 4: 6 batches an epoch; a nominal batch of 8 accumulates 2 batches, so
 # optimizer steps come after batches 1, 3 and 5 (0-based) of every epoch

@@ -18,8 +18,8 @@ from torch import nn
 import train as train_script
 from tests.conftest import HEAD_KW, tiny_cfg
 from utils.engine.checkpoint import load_checkpoint, save_checkpoint
-from utils.loss.semantic import SemanticLoss
 from utils.engine.trainer import Trainer
+from utils.loss.semantic import SemanticLoss
 
 HYP = Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch.yaml"
 

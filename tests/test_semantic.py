@@ -12,9 +12,9 @@ from torch import nn
 from models.common import Conv
 from models.heads.semantic import SemanticHead, SemOutput, upsample_logits
 from models.implicit import FORMS, Implicit
-from utils.loss.semantic import SemanticLoss
-from utils.eval.metrics.semantic import SemanticMeter
 from tests.conftest import randomize_bn_and_implicits
+from utils.eval.metrics.semantic import SemanticMeter
+from utils.loss.semantic import SemanticLoss
 
 CH, STRIDES, IMG = [8, 12, 16], [8, 16, 32], 64
 

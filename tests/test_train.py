@@ -15,7 +15,13 @@ import yaml
 
 import test as test_script
 import train as train_script
-from tests.conftest import ROOT, assert_same_weights, subprocess_env, tiny_cfg, train_args
+from tests.conftest import (
+    ROOT,
+    assert_same_weights,
+    subprocess_env,
+    tiny_cfg,
+    train_args,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from models.common import Conv
-from models.implicit import ImplicitA, ImplicitM, fold_into_next_conv, fold_into_prev_conv
+from models.implicit import (
+    ImplicitA,
+    ImplicitM,
+    fold_into_next_conv,
+    fold_into_prev_conv,
+)
 
 
 class TaskInput(nn.Module):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models.heads.base import TaskInput
-from utils.data.vocab import BOS, EOS, PAD
+from utils.tasks import BOS, EOS, PAD
 
 
 @dataclass

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from utils.data.sample import IGNORE_INDEX, TASKS, Sample
+from utils.data.sample import Sample
+from utils.tasks import IGNORE_INDEX, TASKS
 
 FILL = 114  # grey used by YOLOv5 for image padding / borders
 # Centre-aligned nearest neighbour for resizes; plain INTER_NEAREST samples with a half-pixel bias.

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from utils.data.config import DataError, SplitSpec, read_json, semantic_lut
-from utils.data.sample import IGNORE_INDEX
+from utils.tasks import IGNORE_INDEX
 
 # 4: image/map headers checked (sizes, EXIF orientation), non-UTF-8 captions; 5: semantic-map values scanned,
 # key covers the folders' listings and the semantic ids

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from utils.data.sample import IGNORE_INDEX
+from utils.data.synthetic import generate
+from utils.tasks import IGNORE_INDEX, TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download"}
@@ -83,7 +84,7 @@ class DataConfig:
     def tasks(self) -> list[str]:
         """Tasks every training split can supply labels for at least partly, canonical order."""
         have = set().union(*(s.tasks for s in self.train))
-        return [t for t in ("det", "inst", "sem", "cap") if t in have]
+        return [t for t in TASKS if t in have]
 
     def semantic_lut(self) -> np.ndarray:
         """256-entry table: PNG value (category_id - 1) -> semantic index, IGNORE_INDEX if unknown."""
@@ -237,7 +238,6 @@ def ensure_synthetic(root: Path, spec: dict, splits: list[SplitSpec]) -> None:
 
     if all(complete(s) for s in splits):
         return
-    from utils.data.synthetic import generate  # only needed the first time
 
     sizes = {k: int(v) for k, v in spec.get("splits", {}).items()}
     print(f"Generating the synthetic dataset {sizes} in {root} (first use) ...")

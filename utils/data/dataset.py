@@ -9,12 +9,26 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from utils.data import augment as A
-from utils.data.coco import ImageRecord, LabelReport, load_split, read_semantic_map, semantic_path
+from utils.data.coco import (
+    ImageRecord,
+    LabelReport,
+    load_split,
+    read_semantic_map,
+    semantic_path,
+)
 from utils.data.config import DataConfig, SplitSpec
-from utils.data.sample import IGNORE_INDEX, TASKS, Sample
+from utils.data.sample import Sample
+from utils.tasks import IGNORE_INDEX, TASKS
 
 # OpenCV's own thread pool is not fork-safe, and DataLoader workers are forked: the workers are the
 # parallelism here, as in YOLOv5 (the hang actually seen had another cause: see RunLogger._background)
@@ -310,3 +324,15 @@ def create_dataloader(dataset: CocoDataset, batch_size: int, shuffle: bool, work
                       num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
                       generator=generator, persistent_workers=False, drop_last=False,
                       timeout=timeout if workers > 0 else 0)
+
+
+def dataset_wh(data: DataConfig, splits: str = "train") -> np.ndarray:
+    """``(N, 2)`` sizes of every labelled box of a data yaml's splits, relative to its image's longer side
+    (what ``utils.ops.anchors`` fits anchors to).
+
+    Reads the label files only (no image is decoded), as the training dataset lists them.
+    """
+    ds = CocoDataset(data, getattr(data, splits), img_size=640, augment=False)
+    out = [(rec.boxes[:, 2:4] - rec.boxes[:, :2]) / max(rec.width, rec.height)
+           for _, rec in ds.items if len(rec.boxes) and max(rec.width, rec.height) > 0]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 2))

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TASKS: tuple[str, ...] = ("det", "inst", "sem", "cap")
-IGNORE_INDEX = 255  # semantic maps: pixels with no (known) label
+from utils.tasks import TASKS
 
 
 @dataclass

@@ -5,7 +5,6 @@ can fix (a missing path, an empty folder, a corrupt image, a video without a dec
 :class:`SourceError` with a one-line message, before any frame is processed where that is possible.
 
 A short demo video from the embedded dataset (for trying video input without a camera)::
-
     python -m utils.data.sources --demo-video video.mp4 --data data/shapes.yaml   # 30 frames, 10 fps, 320x240
 """
 from __future__ import annotations
@@ -21,6 +20,10 @@ from typing import Iterator, NamedTuple
 
 import cv2
 import numpy as np
+
+from utils.data.augment import letterbox
+from utils.data.config import load_data_config
+from utils.data.sample import Sample
 
 IMG_FORMATS = ("bmp", "jpg", "jpeg", "png", "tif", "tiff", "webp", "dng", "mpo", "pfm")
 VID_FORMATS = ("mp4", "avi", "mov", "mkv", "m4v", "mpeg", "mpg", "wmv", "webm", "asf", "ts", "gif")
@@ -221,9 +224,6 @@ def make_demo_video(path: str | Path, data: str | Path = "data/shapes.yaml", fra
 
     The embedded dataset is generated first if it is missing. Returns the written path.
     """
-    from utils.data.augment import letterbox
-    from utils.data.config import load_data_config
-    from utils.data.sample import Sample
 
     cfg = load_data_config(data)
     images = [f for split in cfg.val for f in _supported(sorted(split.images.iterdir())) if is_image(f)]

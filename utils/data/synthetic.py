@@ -36,6 +36,8 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
+from utils.tasks import IGNORE_INDEX
+
 # Thing categories: non-contiguous ids like COCO's, so code that confuses ids and indices breaks here too.
 THING_CATEGORIES: tuple[dict[str, Any], ...] = (
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -84,7 +86,6 @@ MAX_SHAPES = 4
 SHAPE_SIZE = (0.12, 0.40)  # shape diameter as a fraction of the image's short side
 MIN_SHAPE_PX = 6  # below this a rasterized star or triangle is no longer recognizable
 SHAPE_GAP_PX = 2  # minimum distance between shapes, so no polygon touches or hides another
-IGNORE_INDEX = 255
 JPEG_QUALITY = 90
 FIRST_IMAGE_ID = 1000  # COCO ids never equal list indices; neither do ours
 FIRST_STUFF_ANN_ID = 10_000_000

@@ -14,7 +14,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3  # fixed ids: the head and the loss rely on them without a Vocabulary at hand
+from utils.tasks import BOS, EOS, PAD, UNK
+
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 UNK_WORD = SPECIALS[UNK]  # what decode writes for a predicted <unk>: a word the scorers count as wrong
 

@@ -18,25 +18,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import batched_nms
 
-from models.heads.caption import CaptionHead, CaptionOutput
-from models.model import Model
+from models.heads.caption import CaptionHead
+from utils.data.config import load_data_config
+from utils.data.dataset import CocoDataset
+from utils.deploy.interface import INPUT_NAME, INT_OUTPUTS, DeployModel
 
-EXPORT_VERSION = 1  # bump when the graph interface (names, layouts, metadata keys) changes
-INPUT_NAME = "images"
-NMS_OUTPUTS = ("det_boxes", "det_scores", "det_classes", "det_anchor_index", "det_count")
-INT_OUTPUTS = frozenset({"det_classes", "det_anchor_index", "det_count"})
-DECODER_SUFFIX = "_cap_decoder"
 # Parity tolerances on the normalized difference (see compare_outputs): fusing BN/implicit layers changes
 # only float rounding, so it is held to 1e-4; another runtime (onnxruntime) may reorder sums, so 1e-3.
 FUSE_TOL = 1e-4
@@ -44,164 +39,8 @@ RUNTIME_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
-# NMS inside the graph
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class NMSConfig:
-    """Thresholds baked into a graph with NMS (stored in its metadata as ``nms``)."""
-
-    conf_thres: float = 0.25
-    iou_thres: float = 0.45
-    max_det: int = 300
-    agnostic: bool = False
-
-
-class _NonMaxSuppression(torch.autograd.Function):
-    """ONNX ``NonMaxSuppression`` (multi-class, batched) with a torchvision implementation for eager mode.
-
-    ``boxes (B, N, 4)`` corners, ``scores (B, C, N)`` -> ``(K, 3)`` int64 ``[batch, class, box]`` rows in ONNX
-    order: by batch, then class, then score descending; at most ``max_out`` per (batch, class); a box needs
-    ``score > score_thr`` and is suppressed by a better box of its class with ``IoU > iou_thr``.
-
-    ONNX's native op is used instead of tracing ``torchvision.ops.batched_nms`` because the latter separates
-    classes (and, to batch images, batches) by offsetting coordinates, which costs float precision at large
-    offsets; the native op keeps batches and classes apart exactly, with a dynamic batch size.
-    """
-
-    @staticmethod
-    def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, max_out: int, iou_thr: float,
-                score_thr: float) -> torch.Tensor:
-        rows = []
-        for b in range(scores.shape[0]):
-            cls, idx = (scores[b] > score_thr).nonzero(as_tuple=True)
-            keep = batched_nms(boxes[b, idx], scores[b, cls, idx], cls, iou_thr)  # score-descending
-            cls, idx = cls[keep], idx[keep]
-            for c in cls.unique().tolist():  # ascending class order, like onnxruntime
-                sel = idx[cls == c][:max_out]
-                rows.append(torch.stack((torch.full_like(sel, b), torch.full_like(sel, c), sel), 1))
-        return torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.long, device=boxes.device)
-
-    @staticmethod
-    def symbolic(g, boxes, scores, max_out: int, iou_thr: float, score_thr: float):
-        return g.op("NonMaxSuppression", boxes, scores,
-                    g.op("Constant", value_t=torch.tensor([max_out], dtype=torch.long)),
-                    g.op("Constant", value_t=torch.tensor([iou_thr], dtype=torch.float32)),
-                    g.op("Constant", value_t=torch.tensor([score_thr], dtype=torch.float32)))
-
-
-class BatchedNMS(nn.Module):
-    """``det_pred (B, A, 4 + nc)`` -> fixed-size, score-sorted detections per image (traceable, dynamic batch).
-
-    Same selection as :func:`utils.ops.nms.non_max_suppression` with ``multi_label=False``: each anchor competes
-    with its best class only (``agnostic``: across classes). Returns ``det_boxes (B, max_det, 4)`` in input
-    pixels, ``det_scores (B, max_det)``, ``det_classes`` and ``det_anchor_index (B, max_det)`` int64 (the
-    anchor row of each detection, to gather instance coefficients) and ``det_count (B,)``; rows past
-    ``det_count`` are padding (boxes/scores 0, classes/indices -1).
-    """
-
-    def __init__(self, cfg: NMSConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def forward(self, pred: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        c = self.cfg
-        boxes, probs = pred[..., :4].float(), pred[..., 4:].float()  # ONNX NMS takes float32 only
-        conf, cls = probs.max(-1)  # (B, A)
-        if c.agnostic:
-            scores = conf.unsqueeze(1)  # (B, 1, A): one group
-        else:  # only the best class of an anchor competes: zero every other class score
-            scores = torch.zeros_like(probs).scatter(2, cls.unsqueeze(-1), conf.unsqueeze(-1)).transpose(1, 2)
-        sel = _NonMaxSuppression.apply(boxes, scores, int(c.max_det), float(c.iou_thres), float(c.conf_thres))
-        b, a = sel[:, 0], sel[:, 2]
-        score = conf[b, a]
-        # Rank every image's selections by score: a (B, K) table holding each selection's score in its own
-        # image's row and -1 elsewhere, padded with max_det columns of -1 so top-k always has max_det entries.
-        # Built by broadcasting, not allocated from sizes; sizes that are read (K) become Shape ops, i.e. dynamic.
-        own = b.unsqueeze(0) == torch.arange(pred.shape[0], device=pred.device).unsqueeze(1)  # (B, K)
-        table = torch.where(own, score.unsqueeze(0), torch.full_like(score.unsqueeze(0), -1.0))
-        table = torch.cat((table, (conf[:, :1] * 0 - 1).repeat(1, c.max_det)), 1)
-        top, order = table.topk(c.max_det, dim=1)  # (B, max_det)
-        valid = top >= 0
-        k = sel.shape[0]
-        order = torch.where(order < k, order, torch.full_like(order, k))  # padding -> the dummy row k
-        pad_i = cls[:1, 0] * 0 - 1  # (1,) int64 -1, also when nothing was selected (k == 0)
-        det_boxes = torch.cat((boxes[b, a], boxes[:1, 0] * 0))[order] * valid.unsqueeze(-1)
-        det_scores = torch.where(valid, top, torch.zeros_like(top))
-        det_classes = torch.where(valid, torch.cat((cls[b, a], pad_i))[order], pad_i)
-        det_anchor = torch.where(valid, torch.cat((a, pad_i))[order], pad_i)
-        return det_boxes, det_scores, det_classes, det_anchor, valid.sum(1)
-
-
-# --------------------------------------------------------------------------------------------------
 # Graph wrappers
 # --------------------------------------------------------------------------------------------------
-class CaptionEncoder(nn.Module):
-    """Stands in for the caption head inside the vision graph: memory only, no decoding.
-
-    An eval-mode ``CaptionHead`` greedy-decodes with a data-dependent loop (stop when every caption ended),
-    which a traced graph cannot express; decoding runs outside the graph with :class:`CaptionDecoderStep`.
-    """
-
-    def __init__(self, head: CaptionHead):
-        super().__init__()
-        self.head = head
-
-    def forward(self, xs: list[torch.Tensor]) -> CaptionOutput:
-        return CaptionOutput(memory=self.head.encode(xs))
-
-
-def output_names(tasks: Sequence[str], nms: bool = False) -> list[str]:
-    """Names of the vision graph's outputs, in the fixed order :class:`DeployModel` returns them."""
-    names: list[str] = []
-    if "det" in tasks:
-        names += list(NMS_OUTPUTS) if nms else ["det_pred"]
-    if "inst" in tasks:
-        names += ["inst_coeffs", "inst_protos"]
-    if "sem" in tasks:
-        names.append("sem_logits")
-    if "cap" in tasks:
-        names.append("cap_memory")
-    return names
-
-
-class DeployModel(nn.Module):
-    """A ``Model`` as a deployable function: ``images -> tuple`` of plain tensors named :attr:`output_names`.
-
-    The model is deep-copied (the caller's model keeps its caption head); in the copy the caption head is
-    replaced by :class:`CaptionEncoder`. Put the model in eval mode (and fuse it) before wrapping.
-    """
-
-    def __init__(self, model: Model, nms: NMSConfig | None = None):
-        super().__init__()
-        self.model = copy.deepcopy(model).eval()
-        self.tasks = list(model.tasks)
-        if "cap" in self.tasks:
-            i = self.model.head_index["cap"]
-            self.model.layers[i] = CaptionEncoder(self.model.layers[i])
-        self.nms = BatchedNMS(nms) if nms is not None and "det" in self.tasks else None
-        self.output_names = output_names(self.tasks, self.nms is not None)
-        # The wrapper itself in eval mode too: exporters restore the top module's mode recursively afterwards.
-        self.eval()
-
-    @property
-    def caption_head(self) -> CaptionHead | None:
-        """The caption head inside the copy (for greedy / beam decoding on the graph's ``cap_memory``)."""
-        return self.model.layers[self.model.head_index["cap"]].head if "cap" in self.tasks else None
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(images)
-        res: list[torch.Tensor] = []
-        if out.det is not None:
-            res += list(self.nms(out.det.pred)) if self.nms is not None else [out.det.pred]
-        if out.inst is not None:
-            res += [out.inst.coeffs, out.inst.protos]
-        if out.sem is not None:
-            res.append(out.sem.logits)
-        if out.cap is not None:
-            res.append(out.cap.memory)
-        return tuple(res)
-
-
 def _split_in_projection(mha: nn.MultiheadAttention) -> None:
     """Rewrites ``mha`` to hold separate q/k/v projection weights (the same numbers, split in three).
 
@@ -242,28 +81,6 @@ class CaptionDecoderStep(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Metadata
 # --------------------------------------------------------------------------------------------------
-def export_metadata(model: Model, img_hw: tuple[int, int], batch: int, nms: NMSConfig | None, dynamic: bool,
-                    half: bool, stem: str) -> dict[str, Any]:
-    """Everything detect.py needs to run a graph without the checkpoint (stored as JSON strings)."""
-    from utils.deploy.inference import ModelInfo
-
-    info = ModelInfo.from_model(model)
-    md = asdict(info) | {
-        "img_size": [int(img_hw[0]), int(img_hw[1])],
-        "batch": int(batch),
-        "train_img_size": int(getattr(model, "meta", {}).get("img_size", img_hw[0])),
-        "version": EXPORT_VERSION,
-        "nms": asdict(nms) if nms is not None and "det" in model.tasks else False,
-        "outputs": output_names(model.tasks, nms is not None),
-        "dynamic": bool(dynamic),
-        "half": bool(half),
-        "producer": f"yolor-mt export.py, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if "cap" in model.tasks:
-        md["cap_decoder"] = f"{stem}{DECODER_SUFFIX}.onnx"
-    return md
-
 
 def set_metadata(onnx_model, metadata: dict[str, Any]) -> None:
     """Writes ``metadata`` into ``onnx_model.metadata_props``, every value JSON-encoded."""
@@ -383,8 +200,6 @@ def verification_images(data_yaml: str | Path, img_hw: tuple[int, int], n: int) 
     Real images rather than noise, so activations have realistic ranges (noise hides overflow or
     saturation differences). Fewer val images than ``n`` are repeated.
     """
-    from utils.data.config import load_data_config
-    from utils.data.dataset import CocoDataset
 
     data = load_data_config(data_yaml)
     size = img_hw[0] if img_hw[0] == img_hw[1] else tuple(img_hw)

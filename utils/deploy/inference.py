@@ -10,69 +10,27 @@ two methods (same start token, same ``<pad>``/``<bos>`` masking, same stopping r
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
 import torch
 
-from utils.ops.boxes import scale_boxes
 from utils.data.augment import letterbox
-from utils.data.sample import IGNORE_INDEX, Sample
+from utils.data.sample import Sample
+from utils.data.vocab import Vocabulary
+from utils.deploy.interface import DeployModel, ModelInfo, read_onnx_metadata
+from utils.ops.boxes import scale_boxes
 from utils.ops.masks import masks_to_original, process_masks
 from utils.ops.nms import non_max_suppression
-from utils.data.vocab import BOS, EOS, PAD, Vocabulary
+from utils.tasks import BOS, EOS, IGNORE_INDEX, PAD
 
 StepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (memory, tokens) -> next-token logits
 
 
-# --------------------------------------------------------------------------------------------------
-# model description
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class ModelInfo:
-    """What post-processing needs to know about a model, from a checkpoint or from ONNX metadata."""
-
-    names: list[str] = field(default_factory=list)
-    category_ids: list[int] = field(default_factory=list)
-    semantic_names: list[str] = field(default_factory=list)
-    semantic_ids: list[int] = field(default_factory=list)
-    stride: float = 32.0
-    tasks: list[str] = field(default_factory=list)
-    vocab: list[str] = field(default_factory=list)
-    cap_max_len: int = 0
-
-    @classmethod
-    def from_model(cls, model) -> "ModelInfo":
-        """From a built ``Model`` carrying ``.meta`` (``utils.engine.checkpoint.build_from_checkpoint``)."""
-        meta = getattr(model, "meta", {}) or {}
-        nc = getattr(model, "nc", 0)
-        return cls(names=list(meta.get("names") or [str(i) for i in range(nc)]),
-                   category_ids=[int(i) for i in meta.get("category_ids") or range(1, nc + 1)],
-                   semantic_names=list(meta.get("semantic_names", [])),
-                   semantic_ids=[int(i) for i in meta.get("semantic_ids", [])],
-                   stride=float(model.stride), tasks=list(model.tasks), vocab=list(meta.get("vocab", [])),
-                   cap_max_len=int(model.head("cap").max_len) if "cap" in model.tasks else 0)
-
-    @classmethod
-    def from_metadata(cls, md: dict[str, Any]) -> "ModelInfo":
-        return cls(**{f.name: md[f.name] for f in fields(cls) if f.name in md})
-
-
-def read_onnx_metadata(session) -> dict[str, Any]:
-    """An onnxruntime session's ``metadata_props``, JSON-decoded."""
-    raw = session.get_modelmeta().custom_metadata_map
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +104,6 @@ class PyTorchBackend:
                  fuse: bool = True, verbose: bool = False):
         from models.model import format_counts, module_counts
         from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-        from utils.deploy.export import DeployModel
         from utils.engine.torch_utils import select_device
 
         self.device = device if isinstance(device, torch.device) else select_device(str(device))

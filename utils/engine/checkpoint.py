@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from models.model import Model
+
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Writes ``state`` to a temporary file, fsyncs it, then renames it over ``path``.
@@ -43,7 +45,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True):
     """Rebuilds the ``Model`` a checkpoint describes and loads its (EMA) weights."""
-    from models.model import Model
 
     meta = ckpt.get("meta", {})
     model = Model(ckpt["cfg"], nc=len(meta.get("names", [])) or None, tasks=ckpt.get("tasks"),

@@ -12,8 +12,8 @@ import threading
 import time
 import traceback
 import warnings
-from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np

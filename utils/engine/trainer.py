@@ -18,16 +18,32 @@ from tqdm import tqdm
 
 from models.implicit import Implicit
 from models.model import Model
-from utils.engine.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import DataConfig, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader, stall_guard
-from utils.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed, sum_across_ranks
-from utils.engine.ema import ModelEMA, unwrap
-from utils.eval.evaluate import evaluate, fitness, to_float
-from utils.loss.multitask import MultiTaskLoss
-from utils.engine.loggers import RunLogger
-from utils.engine.torch_utils import increment_path, rng_state, select_device, set_rng_state, set_seed
 from utils.data.vocab import Vocabulary
+from utils.engine.checkpoint import load_checkpoint, save_checkpoint
+from utils.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    sum_across_ranks,
+)
+from utils.engine.ema import ModelEMA, unwrap
+from utils.engine.loggers import RunLogger
+from utils.engine.torch_utils import (
+    increment_path,
+    latest_run,
+    rng_state,
+    select_device,
+    set_rng_state,
+    set_seed,
+)
+from utils.eval.evaluate import evaluate, to_float
+from utils.loss.multitask import MultiTaskLoss
+from utils.tasks import fitness, parse_tasks
 
 NOMINAL_BATCH = 64  # gradients are accumulated up to this batch, and weight decay scaled to it
 HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
@@ -259,10 +275,7 @@ class Trainer:
         available = self.data.tasks
         if not self.opt.tasks:
             return available
-        wanted = [t.strip() for t in self.opt.tasks.split(",") if t.strip()]
-        bad = [t for t in wanted if t not in ("det", "inst", "sem", "cap")]
-        if bad:
-            raise ValueError(f"--tasks: unknown task(s) {bad}; choose from det, inst, sem, cap")
+        wanted = parse_tasks(self.opt.tasks)
         missing = [t for t in wanted if t not in available]
         if missing:
             raise ValueError(f"--tasks {','.join(missing)}: {self.data.file} has no labels for it (it provides {available})")
@@ -288,8 +301,6 @@ class Trainer:
         self.log(f"weights: transferred {len(matched)}/{len(own)} tensors from {weights}")
 
     def _resume_opt(self) -> dict:
-        from utils.engine.torch_utils import latest_run
-
         path = self.opt.resume if isinstance(self.opt.resume, str) and self.opt.resume not in ("", "True") else latest_run()
         if path is None:
             raise FileNotFoundError("--resume: no runs/train/exp*/weights/last.pt found; give the path to last.pt")

@@ -8,15 +8,15 @@ import torch
 from tqdm import tqdm
 
 from models.model import Model
-from utils.ops.boxes import scale_boxes, xyxy2xywh
 from utils.data.config import DataError, SplitSpec
 from utils.data.dataset import Batch, CocoDataset, stall_guard
-from utils.ops.masks import encode_rle, masks_to_original, process_masks
+from utils.data.vocab import Vocabulary
 from utils.eval.metrics.caption import caption_scores
 from utils.eval.metrics.detection import coco_map, load_ground_truth
 from utils.eval.metrics.semantic import SemanticMeter, logits_to_original
+from utils.ops.boxes import scale_boxes, xyxy2xywh
+from utils.ops.masks import encode_rle, masks_to_original, process_masks
 from utils.ops.nms import non_max_suppression
-from utils.data.vocab import Vocabulary
 
 
 @dataclass
@@ -218,20 +218,3 @@ def update_semantic(meter: SemanticMeter, logits: torch.Tensor, batch: Batch, da
         ratio, pad = batch.ratio_pad[b]
         pred = logits_to_original(logits[b], ratio, pad, batch.orig_shapes[b]).argmax(0).cpu()
         meter.update(pred[None], torch.from_numpy(target)[None].long())
-
-
-FITNESS_TERMS = {  # metric -> weight inside its task's score (each task scores in [0, 1])
-    "det": {"box_map": 0.9, "box_map50": 0.1},
-    "inst": {"mask_map": 0.9, "mask_map50": 0.1},
-    "sem": {"sem_miou": 1.0},
-    "cap": {"cap_bleu4": 0.5, "cap_cider": 0.05},  # CIDEr-D is ~0..10: 0.05 puts it on BLEU-4's scale
-}
-
-
-def fitness(metrics: dict[str, float]) -> float:
-    """Multi-task model selection score for ``best.pt``: the mean over tasks that have metrics of each
-    task's score (detection and masks as YOLOv5: 0.9 mAP50-95 + 0.1 mAP50; semantic: mIoU; captions:
-    0.5 BLEU-4 + 0.05 CIDEr-D), so no task can win ``best.pt`` by itself."""
-    scores = [sum(w * metrics[k] for k, w in terms.items()) for terms in FITNESS_TERMS.values()
-              if all(k in metrics for k in terms)]
-    return sum(scores) / len(scores) if scores else 0.0

@@ -65,9 +65,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from utils.tasks import TASKS
+
 BALANCERS = ("fixed", "uncertainty", "dwa", "mtcp")
 DEFAULT_BALANCE = "dwa"  # measured best of the four; see the module docstring
-HYP_GAIN_KEYS = ("det", "inst", "sem", "cap")
+HYP_GAIN_KEYS = TASKS  # each task's fixed gain is the hyp key of its name
 _EPS = 1e-12  # below this a loss (or projected loss) is treated as 0 and the ratio as undefined
 
 

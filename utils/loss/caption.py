@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from utils.data.vocab import Vocabulary
 from utils.engine.distributed import LOCAL, DistInfo
-from utils.data.vocab import PAD, Vocabulary
+from utils.tasks import PAD
 
 
 class CaptionLoss:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.data.sample import IGNORE_INDEX
 from utils.engine.distributed import LOCAL, DistInfo
+from utils.tasks import IGNORE_INDEX
 
 
 class SemanticLoss:

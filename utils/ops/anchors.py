@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.data.config import DataConfig
-from utils.data.dataset import CocoDataset
-
 MIN_WH = 2.0  # pixels: smaller boxes are label noise at this size and would drag anchors towards zero
 
 
@@ -84,17 +81,6 @@ def kmeans_anchors(wh: np.ndarray, n: int = 9, img_size: int = 640, anchor_t: fl
         if f > best:
             best, k = f, kg
     return k[np.argsort(k.prod(1))]
-
-
-def dataset_wh(data: DataConfig, splits: str = "train") -> np.ndarray:
-    """``(N, 2)`` sizes of every labelled box of a data yaml's splits, relative to its image's longer side.
-
-    Reads the label files only (no image is decoded), as the training dataset lists them.
-    """
-    ds = CocoDataset(data, getattr(data, splits), img_size=640, augment=False)
-    out = [(rec.boxes[:, 2:4] - rec.boxes[:, :2]) / max(rec.width, rec.height)
-           for _, rec in ds.items if len(rec.boxes) and max(rec.width, rec.height) > 0]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 2))
 
 
 def anchors_per_level(anchors: np.ndarray, nl: int) -> list[list[float]]:

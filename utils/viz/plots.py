@@ -18,40 +18,18 @@ import cv2
 import numpy as np
 import torch
 
-from utils.viz.draw import SEMANTIC_PALETTE, box_color, draw_masks
 from utils.ops.masks import process_masks, rasterize_polygons
+from utils.tasks import IGNORE_INDEX, TASKS, is_metric_key, task_of_key
+from utils.viz.draw import SEMANTIC_PALETTE, box_color, draw_masks
 
 if TYPE_CHECKING:  # imported for annotations only: keeps `import utils.viz.plots` light
     from matplotlib.figure import Figure
 
-    from utils.eval.curves import Curves
     from utils.data.dataset import Batch, CocoDataset
     from utils.data.vocab import Vocabulary
+    from utils.eval.curves import Curves
 
-IGNORE = 255  # semantic "no label" (utils.data.sample.IGNORE_INDEX)
-TASKS = ("det", "inst", "sem", "cap")
-# results.csv keys -> task: the part after "train/" or "val/" starts with one of these
-_TASK_PREFIXES = {"det": ("det_", "box_"), "inst": ("inst_", "mask_"), "sem": ("sem_",), "cap": ("cap_",)}
 FONT = cv2.FONT_HERSHEY_SIMPLEX
-
-
-def task_of_key(key: str) -> str | None:
-    """Which task a ``results.csv`` column belongs to (``train/det_box`` -> ``det``, ``mask_map`` -> ``inst``,
-    ``weight/sem`` -> ``sem``); ``None`` for keys of no task (epoch, lr, time)."""
-    if key.startswith("weight/"):
-        return key.split("/", 1)[1]
-    name = key.split("/", 1)[1] if key.startswith(("train/", "val/")) else key
-    if "/" in name:
-        return None
-    for task, prefixes in _TASK_PREFIXES.items():
-        if name.startswith(prefixes):
-            return task
-    return None
-
-
-def is_metric_key(key: str) -> bool:
-    """A validation metric (``box_map``, ``sem_miou``, ``cap_cider`` ...), not a loss, weight or lr."""
-    return "/" not in key and task_of_key(key) is not None
 
 
 def _figure(w: float, h: float, rows: int = 1, cols: int = 1) -> tuple["Figure", np.ndarray]:
@@ -183,7 +161,7 @@ def plot_labels(dataset: "CocoDataset", names: list[str], semantic_names: list[s
             m = dataset._load_semantic(split, rec, (rec.height, rec.width))  # the loader's own path rule + LUT
             if m is None:
                 continue
-            v = m[m != IGNORE]
+            v = m[m != IGNORE_INDEX]
             sem_counts += np.bincount(v[v < len(semantic_names)], minlength=len(semantic_names))
             n_maps += 1
     word_counts: Counter = Counter()
@@ -428,7 +406,7 @@ def _clip_lines(lines: list[str], n: int, width_px: int, fs: float) -> list[str]
 def overlay_semantic(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """Blends each labelled pixel with its class's palette colour (in place); ``255`` pixels stay as they are
     (``utils.viz.draw.draw_semantic`` colours every pixel, which would tint letterbox padding and unlabelled areas)."""
-    valid = semantic != IGNORE
+    valid = semantic != IGNORE_INDEX
     if valid.any():
         px = image[valid].astype(np.float32)
         image[valid] = (px * (1 - alpha) + SEMANTIC_PALETTE[semantic[valid]].astype(np.float32) * alpha).round().astype(np.uint8)
@@ -529,7 +507,7 @@ def draw_mosaic(images: np.ndarray | torch.Tensor, tiles: list[TileLabels], name
     sem_shown: set[int] = set()
     for tl in tiles[:n]:
         if tl.semantic is not None:
-            sem_shown |= {int(v) for v in np.unique(tl.semantic) if v != IGNORE}
+            sem_shown |= {int(v) for v in np.unique(tl.semantic) if v != IGNORE_INDEX}
     legend = [(i, semantic_names[i] if i < len(semantic_names) else str(i)) for i in sorted(sem_shown)]
     canvas_w = cols * tw
     # legend entries laid out in rows of swatch + name
@@ -583,7 +561,7 @@ def _targets_of(batch: "Batch", b: int) -> tuple[np.ndarray, np.ndarray, list[li
 def decode_with_unk(vocab: "Vocabulary", ids: Sequence[int]) -> str:
     """Token ids -> words as the model is trained on them: stops at ``<eos>``, skips ``<pad>``/``<bos>`` but
     shows ``<unk>`` (``Vocabulary.decode`` drops it, hiding words the vocabulary does not know)."""
-    from utils.data.vocab import BOS, EOS, PAD
+    from utils.tasks import BOS, EOS, PAD
 
     words = []
     for i in ids:
@@ -668,7 +646,7 @@ def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf
                 left, top = int(round(pw)), int(round(ph))
                 valid = np.zeros_like(m, bool)
                 valid[top:top + max(1, int(round(h0 * ratio))), left:left + max(1, int(round(w0 * ratio)))] = True
-                m = np.where(valid, m, IGNORE).astype(np.uint8)
+                m = np.where(valid, m, IGNORE_INDEX).astype(np.uint8)
             sem[b] = m
     caps: list[str | None] = [None] * B
     if out.cap is not None and vocab is not None and out.cap.tokens is not None:

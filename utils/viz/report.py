@@ -17,7 +17,8 @@ from typing import Sequence
 
 import yaml
 
-from utils.viz.plots import TASKS, is_metric_key, read_results, task_of_key
+from utils.tasks import TASKS, fitness, is_metric_key, task_of_key
+from utils.viz.plots import read_results
 
 TASK_TITLES = {"det": "Detection (boxes)", "inst": "Instance segmentation (masks)",
                "sem": "Semantic segmentation", "cap": "Captioning"}
@@ -56,8 +57,6 @@ def _read_yaml(path: Path) -> dict:
 
 def best_row(rows: list[dict[str, float]]) -> int:
     """Index of the row ``best.pt`` was saved from: the first maximum of the trainer's multi-task fitness."""
-    from utils.eval.evaluate import fitness
-
     scores = [fitness({k: v for k, v in r.items() if not math.isnan(v)}) for r in rows]
     return max(range(len(rows)), key=lambda i: (scores[i], -i)) if rows else -1
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.data.sample import IGNORE_INDEX
+from utils.tasks import IGNORE_INDEX
 
 
 class SemanticMeter:
