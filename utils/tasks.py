@@ -30,7 +30,7 @@ def parse_tasks(text: str) -> list[str]:
     wanted = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in wanted if t not in TASKS]
     if bad:
-        raise ValueError(f"--tasks: unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"--tasks {','.join(bad)}: unknown task(s); choose from {', '.join(TASKS)}")
     return wanted
 
 
