@@ -1,8 +1,8 @@
-"""Helpers shared by the benchmark scripts: run a training, read its results, count params and FLOPs."""
+"""Helpers shared by the benchmark scripts: run a training, count params and FLOPs (a run's results.csv is read
+with :func:`utils.viz.plots.read_results`, the reader of results.png and report.html)."""
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -87,12 +87,6 @@ def run_trainings(runs: dict[str, list[str]], project: Path, jobs: int = 1, thre
             minutes[name] = (time.time() - t0) / 60
             print(f"finished {name} in {minutes[name]:.1f} min", flush=True)
     return minutes
-
-
-def read_results(run: Path) -> list[dict[str, float]]:
-    """results.csv rows as floats (empty cells skipped)."""
-    with open(run / "results.csv", newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def params_and_gflops(model: torch.nn.Module, img: int) -> tuple[int, float]:

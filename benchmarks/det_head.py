@@ -25,7 +25,6 @@ import yaml
 from benchmarks.common import (
     add_training_args,
     params_and_gflops,
-    read_results,
     run_training,
     train_args,
 )
@@ -35,6 +34,7 @@ from utils.data.config import load_data_config
 from utils.data.dataset import dataset_wh
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
+from utils.viz.plots import read_results
 
 
 def anchor_cfg(cfg: str | Path, anchors: list[list[float]]) -> dict:
@@ -77,7 +77,7 @@ def main() -> None:
                 (run / "cfg.yaml").write_text(cfg)
                 args[args.index("--cfg") + 1] = str(run / "cfg.yaml")
             run, minutes = run_training(args, project, name)
-        results = read_results(run)
+        results = read_results(run / "results.csv")
         model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt"))
         n_params, gflops = params_and_gflops(model, opt.img)
         img_s = sum(r["time/img_per_s"] for r in results) / len(results)

@@ -13,6 +13,7 @@ higher-is-better).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -21,11 +22,11 @@ import torch
 from benchmarks.common import (
     add_training_args,
     params_and_gflops,
-    read_results,
     run_trainings,
     train_args,
 )
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.viz.plots import read_results
 
 SINGLE = {"det": "det", "inst": "det,inst", "sem": "sem", "cap": "cap"}
 METRIC = {"det": "box_map", "inst": "mask_map", "sem": "sem_miou", "cap": "cap_cider"}
@@ -36,7 +37,7 @@ def delta_m(joint: dict[str, float], singles: dict[str, dict[str, float]]) -> tu
     changes = {}
     for task, metric in METRIC.items():
         single, value = singles.get(task, {}).get(metric), joint.get(metric)
-        if single and value is not None:
+        if single and value is not None and math.isfinite(single) and math.isfinite(value):  # nan: not scored
             changes[task] = 100 * (value - single) / single
     return sum(changes.values()) / max(len(changes), 1), changes
 
@@ -60,7 +61,7 @@ def main() -> None:
     rows = {}
     for name in runs:
         run = Path(opt.project) / name
-        results = read_results(run)
+        results = read_results(run / "results.csv")
         model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt"))
         n_params, gflops = params_and_gflops(model, opt.img)
         img_s = sum(r["time/img_per_s"] for r in results) / len(results)

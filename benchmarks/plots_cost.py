@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_training_args, read_results, run_training, train_args
+from benchmarks.common import add_training_args, run_training, train_args
+from utils.viz.plots import read_results
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
         for name in ("noplots", "plots"):  # alternate, so drift in machine load hits both settings
             args = base + (["--noplots"] if name == "noplots" else [])
             run, minutes = run_training(args, Path(opt.project), f"plots_cost_{name}")
-            loop = sum(row.get("time/train_s", 0.0) for row in read_results(run))
+            loop = sum(row.get("time/train_s", 0.0) for row in read_results(run / "results.csv"))
             results[name].append((loop, minutes * 60))
     print(f"\n{'setting':>8} {'train loop s':>13} {'wall s':>8}")
     mean = {}

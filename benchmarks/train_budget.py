@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_training_args, read_results, run_training, train_args
+from benchmarks.common import add_training_args, run_training, train_args
+from utils.viz.plots import read_results
 
 SHOWN = ["box_map", "box_map50", "mask_map", "mask_map50", "sem_miou", "sem_pixacc", "cap_bleu4", "cap_cider"]
 
@@ -26,7 +27,7 @@ def main() -> None:
     opt = p.parse_args()
     args = train_args(opt, opt.tasks)
     run, minutes = run_training(args, Path(opt.project), opt.name)
-    rows = read_results(run)
+    rows = read_results(run / "results.csv")
     cols = [c for c in SHOWN if c in rows[0]]
     print("\n" + " ".join(f"{c:>10}" for c in ["epoch"] + cols))
     for r in rows:

@@ -23,7 +23,8 @@ from utils.eval.curves import (
     pr_vs_conf,
 )
 from utils.viz.draw import SEMANTIC_PALETTE, box_color
-from utils.viz.plots import TileLabels, read_results, render_tile, results_layout
+from utils.viz.mosaic import TileLabels, render_tile
+from utils.viz.plots import read_results, results_layout
 
 PICTURES = ["train_batch0.jpg", "labels.jpg", "val_batch0_labels.jpg", "val_batch0_pred.jpg", "PR_curve.png",
             "F1_curve.png", "mask_PR_curve.png", "confusion_matrix.png", "semantic_confusion_matrix.png",

@@ -115,7 +115,7 @@ class RunLogger:
             caps = None
             if captions:
                 present = batch.task_present("cap").tolist()
-                caps = [plots.decode_with_unk(vocab, row) if (has and caption_tokens is not None) else None
+                caps = [vocab.decode(row) if (has and caption_tokens is not None) else None
                         for row, has in zip(caption_tokens.tolist() if caption_tokens is not None
                                             else [[]] * len(batch), present)]
             plots.plot_train_batch(batch, self.save_dir / f"train_batch{i}.jpg", self.names, self.semantic_names,

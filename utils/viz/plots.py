@@ -1,9 +1,13 @@
-"""Pictures written into run folders: results.png, labels.jpg, batch mosaics, PR/F1 curves, confusion matrices.
+"""Charts written into run folders: results.png, labels.jpg, PR/F1 curves, confusion matrices; and the batch
+pictures (train_batch*.jpg, val_batch*_labels.jpg, val_batch*_pred.jpg), which turn a ``Batch`` and its
+predictions into :class:`utils.viz.mosaic.TileLabels` for :func:`utils.viz.mosaic.draw_mosaic`.
+
+Nothing is drawn here pixel by pixel: drawing lives in :mod:`utils.viz.draw` (primitives, detect.py's frames)
+and :mod:`utils.viz.mosaic` (batch grids), so a class looks the same in every picture.
 
 Figures use matplotlib's object API (``matplotlib.figure.Figure`` with the Agg canvas), never ``pyplot``:
 pyplot keeps global state and is not thread-safe, and the train-batch and label pictures are drawn in a
-background thread while training runs. Batch mosaics are drawn with OpenCV (fast, no figure overhead) with
-the colours of :mod:`utils.viz.draw`, so a class looks the same here, in ``detect.py`` output and in videos.
+background thread while training runs.
 """
 from __future__ import annotations
 
@@ -14,25 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import cv2
 import numpy as np
 import torch
 
-from utils.ops.masks import process_masks, rasterize_polygons
+from utils.data.vocab import Vocabulary, tokenize
+from utils.eval.curves import Curves, normalize_rows
+from utils.ops.masks import process_masks
 from utils.tasks import IGNORE_INDEX, TASKS, is_metric_key, task_of_key
-from utils.viz.draw import SEMANTIC_PALETTE, box_color, draw_masks
+from utils.viz.draw import GREY, SEMANTIC_PALETTE, WHITE, YELLOW, box_color
+from utils.viz.mosaic import TileLabels, draw_mosaic, imwrite
 
 if TYPE_CHECKING:  # imported for annotations only: keeps `import utils.viz.plots` light
     from matplotlib.figure import Figure
 
     from utils.data.dataset import Batch, CocoDataset
-    from utils.data.vocab import Vocabulary
-    from utils.eval.curves import Curves
-
-FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def _figure(w: float, h: float, rows: int = 1, cols: int = 1) -> tuple["Figure", np.ndarray]:
+    """A ``w`` x ``h`` inch figure and its ``(rows, cols)`` axes.
+
+    matplotlib is imported here, on the first chart, not with the module: the trainer imports this module
+    in every run, and importing matplotlib costs about half a second, which a ``--noplots`` run, test.py and
+    every training subprocess of the tests and benchmarks would otherwise pay for nothing.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h))
@@ -100,8 +108,6 @@ def plot_results(results_csv: Path, balance: str | None = None) -> Path:
         results_csv: the run's ``results.csv``.
         balance: the ``--balance`` method; ``None`` draws the weights only if they changed over epochs.
     """
-    from matplotlib.ticker import MaxNLocator
-
     rows = read_results(Path(results_csv))
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
 
@@ -119,7 +125,7 @@ def plot_results(results_csv: Path, balance: str | None = None) -> Path:
                 ax.plot(epochs, series(k), marker=".", markersize=4, linewidth=1.3, label=label)
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.locator_params(axis="x", integer=True)  # epochs: no 1.5 ticks
             ax.tick_params(labelsize=7)
             if len(ks) > 1:
                 ax.legend(fontsize=7)
@@ -136,6 +142,26 @@ def plot_results(results_csv: Path, balance: str | None = None) -> Path:
 # --------------------------------------------------------------------------------------------------
 # labels.jpg
 # --------------------------------------------------------------------------------------------------
+def _semantic_pixel_counts(dataset: "CocoDataset", n_classes: int, max_images: int) -> tuple[np.ndarray, int]:
+    """Labelled pixels per semantic class over up to ``max_images`` evenly spaced maps of ``dataset``, read
+    as training reads them (:meth:`CocoDataset.semantic_target`: the loader's path rule and id LUT); and how
+    many maps were read. Only items of splits with semantic maps are sampled."""
+    counts = np.zeros(n_classes, np.int64)
+    with_maps = [i for i, (split, _) in enumerate(dataset.items) if split.semantic is not None]
+    if not with_maps or not n_classes:
+        return counts, 0
+    n_maps = 0
+    for i in with_maps[::max(1, len(with_maps) // max_images)][:max_images]:
+        rec = dataset.items[i][1]
+        m = dataset.semantic_target(i, (rec.height, rec.width))
+        if m is None:  # no map for this image: not labelled, not an error
+            continue
+        v = m[m != IGNORE_INDEX]
+        counts += np.bincount(v[v < n_classes], minlength=n_classes)
+        n_maps += 1
+    return counts, n_maps
+
+
 def plot_labels(dataset: "CocoDataset", names: list[str], semantic_names: list[str], vocab: "Vocabulary | None",
                 path: Path, max_semantic_images: int = 200, max_caption_words: int | None = None) -> Path:
     """labels.jpg: what the training labels look like before any training.
@@ -145,25 +171,12 @@ def plot_labels(dataset: "CocoDataset", names: list[str], semantic_names: list[s
     minutes); caption length histogram (``max_caption_words`` marks where training truncates captions);
     a summary with the vocabulary size and its coverage.
     """
-    from utils.data.vocab import tokenize
-
     records = [rec for _, rec in dataset.items]
     classes = np.concatenate([r.classes for r in records]) if records else np.zeros(0, np.int64)
     rel = [r.boxes / np.array([r.width, r.height, r.width, r.height], np.float32)
            for r in records if len(r.boxes) and r.width and r.height]
     boxes = np.concatenate(rel) if rel else np.zeros((0, 4), np.float32)
-    sem_counts = np.zeros(len(semantic_names), np.int64)
-    sem_items = [(s, r) for s, r in dataset.items if s.semantic is not None]
-    n_maps = 0
-    if sem_items and len(semantic_names):
-        step = max(1, len(sem_items) // max_semantic_images)
-        for split, rec in sem_items[::step][:max_semantic_images]:
-            m = dataset._load_semantic(split, rec, (rec.height, rec.width))  # the loader's own path rule + LUT
-            if m is None:
-                continue
-            v = m[m != IGNORE_INDEX]
-            sem_counts += np.bincount(v[v < len(semantic_names)], minlength=len(semantic_names))
-            n_maps += 1
+    sem_counts, n_maps = _semantic_pixel_counts(dataset, len(semantic_names), max_semantic_images)
     word_counts: Counter = Counter()
     cap_lengths = []
     for r in records:
@@ -311,8 +324,6 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path, titl
         drop_empty: hide classes with no count in their row and column (171 COCO-Stuff classes of which a
             validation set shows a few would otherwise be mostly blank).
     """
-    from utils.eval.curves import normalize_rows
-
     m = np.asarray(matrix, np.float64)
     names = list(names)
     dropped = 0
@@ -348,230 +359,12 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path, titl
 # --------------------------------------------------------------------------------------------------
 # batch mosaics (train_batch*.jpg, val_batch*_labels.jpg, val_batch*_pred.jpg)
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class TileLabels:
-    """What to draw on one image of a mosaic, in pixels of the network input image.
-
-    Attributes:
-        boxes, classes: ``(n, 4)`` ``x1 y1 x2 y2`` and ``(n,)`` class indices.
-        scores: ``(n,)`` confidences (predictions) or ``None`` (ground truth: the label is the name only).
-        polygons: per box, its polygons (ground truth instance masks), or ``None``.
-        masks: ``(n, H, W)`` bool predicted masks, or ``None``.
-        semantic: ``(H, W)`` semantic indices, ``255`` = nothing drawn, or ``None``.
-        text: lines under the image as ``(text, BGR colour)``, e.g. captions.
-    """
-
-    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
-    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    scores: np.ndarray | None = None
-    polygons: list[list[np.ndarray]] | None = None
-    masks: np.ndarray | None = None
-    semantic: np.ndarray | None = None
-    text: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
-
-
-WHITE, GREY, YELLOW = (255, 255, 255), (170, 170, 170), (80, 230, 255)  # BGR text colours
-
-
-def _wrap_text(text: str, width_px: int, fs: float, ft: int = 1) -> list[str]:
-    """Greedy word wrap to ``width_px`` at OpenCV font scale ``fs``; over-long words are cut."""
-    lines, cur = [], ""
-    for word in text.split():
-        while cv2.getTextSize(word, FONT, fs, ft)[0][0] > width_px and len(word) > 1:  # a word wider than a line
-            cut = max(1, int(len(word) * width_px / cv2.getTextSize(word, FONT, fs, ft)[0][0]) - 1)
-            if cur:
-                lines.append(cur)
-                cur = ""
-            lines.append(word[:cut])
-            word = word[cut:]
-        trial = f"{cur} {word}".strip()
-        if cur and cv2.getTextSize(trial, FONT, fs, ft)[0][0] > width_px:
-            lines.append(cur)
-            cur = word
-        else:
-            cur = trial
-    return lines + [cur] if cur else lines
-
-
-def _clip_lines(lines: list[str], n: int, width_px: int, fs: float) -> list[str]:
-    """At most ``n`` lines; a cut shows as a trailing ``...`` that still fits ``width_px``."""
-    if len(lines) <= n:
-        return lines
-    last = lines[n - 1]
-    while last and cv2.getTextSize(last + " ...", FONT, fs, 1)[0][0] > width_px:
-        last = last[:-1]
-    return lines[: n - 1] + [last.rstrip() + " ..."]
-
-
-def overlay_semantic(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Blends each labelled pixel with its class's palette colour (in place); ``255`` pixels stay as they are
-    (``utils.viz.draw.draw_semantic`` colours every pixel, which would tint letterbox padding and unlabelled areas)."""
-    valid = semantic != IGNORE_INDEX
-    if valid.any():
-        px = image[valid].astype(np.float32)
-        image[valid] = (px * (1 - alpha) + SEMANTIC_PALETTE[semantic[valid]].astype(np.float32) * alpha).round().astype(np.uint8)
-    return image
-
-
-def draw_labeled_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, names: list[str],
-                       scores: np.ndarray | None = None, fs: float = 0.35, lw: int = 1) -> np.ndarray:
-    """Boxes with a filled label tab (``name`` or ``name 0.87``), in place. ``utils.viz.draw.draw_boxes`` always
-    prints a score and sizes its font for full frames; ground truth has no score and tiles are small."""
-    h, w = image.shape[:2]
-    for k, ((x1, y1, x2, y2), c) in enumerate(zip(np.asarray(boxes).round().astype(int), classes)):
-        color = box_color(int(c))
-        cv2.rectangle(image, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
-        label = names[int(c)] if int(c) < len(names) else str(int(c))
-        if scores is not None:
-            label += f" {float(scores[k]):.2f}"
-        (tw, th), base = cv2.getTextSize(label, FONT, fs, 1)
-        y_top = y1 - th - base if y1 - th - base >= 0 else max(y1, 0)
-        x0 = int(np.clip(x1, 0, max(w - tw - 2, 0)))
-        cv2.rectangle(image, (x0, y_top), (x0 + tw + 2, y_top + th + base), color, -1)
-        text_color = (0, 0, 0) if sum(color) > 382 else (255, 255, 255)
-        cv2.putText(image, label, (x0 + 1, y_top + th), FONT, fs, text_color, 1, cv2.LINE_AA)
-    return image
-
-
-def outline_masks(image: np.ndarray, masks: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Draws each mask's outline in its class colour (in place): with a light fill on top of the semantic
-    overlay, the outline is what shows whether a mask sits on its object."""
-    for m, c in zip(masks, classes):
-        if m.any():
-            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(image, contours, -1, box_color(int(c)), 1, cv2.LINE_AA)
-    return image
-
-
-def render_tile(image_rgb: np.ndarray, labels: TileLabels, names: list[str], size: tuple[int, int],
-                sem_alpha: float = 0.35, mask_alpha: float = 0.35) -> np.ndarray:
-    """One ``(h, w)`` BGR tile: the image resized to ``size`` with the semantic map, masks, boxes drawn.
-
-    Drawing happens after the resize (labels scaled along), so thin outlines and text stay sharp on
-    small network inputs.
-    """
-    th, tw = size
-    H, W = image_rgb.shape[:2]
-    sx, sy = tw / W, th / H
-    tile = cv2.resize(np.ascontiguousarray(image_rgb[..., ::-1]), (tw, th),
-                      interpolation=cv2.INTER_AREA if tw < W else cv2.INTER_LINEAR)
-    if labels.semantic is not None:
-        sem = cv2.resize(np.asarray(labels.semantic, np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
-        overlay_semantic(tile, sem, sem_alpha)
-    scale = np.array([sx, sy, sx, sy], np.float32)
-    boxes = np.asarray(labels.boxes, np.float32).reshape(-1, 4) * scale
-    classes = np.asarray(labels.classes, np.int64).reshape(-1)
-    if labels.polygons is not None and len(labels.polygons):
-        polys = [[np.asarray(p, np.float32).reshape(-1, 2) * np.array([sx, sy], np.float32) for p in obj]
-                 for obj in labels.polygons]
-        masks = rasterize_polygons(polys, (th, tw)).astype(bool)
-        draw_masks(tile, masks, classes[: len(masks)], mask_alpha)
-        outline_masks(tile, masks, classes[: len(masks)])
-    if labels.masks is not None and len(labels.masks):
-        m = np.asarray(labels.masks, np.uint8)
-        masks = np.stack([cv2.resize(x, (tw, th), interpolation=cv2.INTER_NEAREST) for x in m]).astype(bool)
-        draw_masks(tile, masks, classes[: len(masks)], mask_alpha)
-        outline_masks(tile, masks, classes[: len(masks)])
-    if len(boxes):
-        draw_labeled_boxes(tile, boxes, classes, names, labels.scores, fs=0.35 if tw < 400 else 0.45,
-                           lw=1 if tw < 400 else 2)
-    return tile
-
-
-def draw_mosaic(images: np.ndarray | torch.Tensor, tiles: list[TileLabels], names: list[str],
-                semantic_names: Sequence[str] = (), max_images: int = 16, max_width: int = 1920,
-                min_tile: int = 192, title: str = "", max_lines: int = 4) -> np.ndarray:
-    """A grid of up to ``max_images`` labelled tiles with their text lines under each, and a legend of the
-    semantic classes shown. Returns a BGR image.
-
-    Args:
-        images: ``(B, 3, H, W)`` uint8 RGB (a ``Batch``'s images).
-        tiles: what to draw on each image (same order).
-        min_tile: small inputs (tests use 64 px) are enlarged to this so labels and text stay readable.
-        max_lines: lines per text item (a runaway predicted caption must not push the reference out).
-    """
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    n = min(len(images), len(tiles), max_images)
-    H, W = images.shape[2:]
-    cols = math.ceil(math.sqrt(n)) if n else 1
-    rows = math.ceil(n / cols) if n else 1
-    f = min(max(min_tile / max(H, W), 1.0), max_width / (cols * W))  # enlarge small inputs, cap the width
-    tw, th = max(1, int(round(W * f))), max(1, int(round(H * f)))
-    fs, line_h = 0.42, 16
-    text_lines = [[(ln, col) for t, col in tl.text for ln in _clip_lines(_wrap_text(t, tw - 8, fs), max_lines, tw - 8, fs)]
-                  for tl in tiles[:n]]
-    text_h = (max([len(t) for t in text_lines] + [0]) * line_h + 6) if any(text_lines) else 0
-    cell_h = th + text_h
-    title_h = 24 if title else 0
-    sem_shown: set[int] = set()
-    for tl in tiles[:n]:
-        if tl.semantic is not None:
-            sem_shown |= {int(v) for v in np.unique(tl.semantic) if v != IGNORE_INDEX}
-    legend = [(i, semantic_names[i] if i < len(semantic_names) else str(i)) for i in sorted(sem_shown)]
-    canvas_w = cols * tw
-    # legend entries laid out in rows of swatch + name
-    legend_rows: list[list[tuple[int, str, int]]] = [[]]
-    x = 6
-    for i, name in legend:
-        wpx = 16 + cv2.getTextSize(name, FONT, fs, 1)[0][0] + 14
-        if x + wpx > canvas_w and legend_rows[-1]:
-            legend_rows.append([])
-            x = 6
-        legend_rows[-1].append((i, name, x))
-        x += wpx
-    legend_h = (len(legend_rows) * line_h + 26) if legend else 0
-    canvas = np.full((title_h + rows * cell_h + legend_h, canvas_w, 3), 24, np.uint8)
-    if title:
-        cv2.putText(canvas, title, (6, 17), FONT, 0.5, WHITE, 1, cv2.LINE_AA)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y0, x0 = title_h + r * cell_h, c * tw
-        canvas[y0:y0 + th, x0:x0 + tw] = render_tile(images[k].transpose(1, 2, 0), tiles[k], names, (th, tw))
-        for j, (ln, col) in enumerate(text_lines[k]):
-            cv2.putText(canvas, ln, (x0 + 4, y0 + th + 4 + (j + 1) * line_h - 4), FONT, fs, col, 1, cv2.LINE_AA)
-        cv2.rectangle(canvas, (x0, y0), (x0 + tw - 1, y0 + cell_h - 1), (255, 255, 255), 1)  # cell border
-    if legend:
-        y = title_h + rows * cell_h + 6
-        cv2.putText(canvas, "semantic classes:", (6, y + 12), FONT, fs, WHITE, 1, cv2.LINE_AA)
-        for rr, entries in enumerate(legend_rows):
-            yy = y + 20 + rr * line_h
-            for i, name, xx in entries:
-                color = tuple(int(v) for v in SEMANTIC_PALETTE[i])
-                cv2.rectangle(canvas, (xx, yy), (xx + 12, yy + 11), color, -1)
-                cv2.putText(canvas, name, (xx + 16, yy + 10), FONT, fs, WHITE, 1, cv2.LINE_AA)
-    return canvas
-
-
-def imwrite(path: Path | str, image: np.ndarray) -> None:
-    """Writes a BGR picture (JPEG at quality 90: mosaics are photos, PNG would be ~5x larger)."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if str(path).lower().endswith((".jpg", ".jpeg")) else []
-    if not cv2.imwrite(str(path), image, params):
-        raise OSError(f"cannot write {path}")
-
-
 def _targets_of(batch: "Batch", b: int) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
     """Boxes, classes and polygons of image ``b`` of a batch (``segments`` is aligned with ``targets``)."""
     t = batch.targets.cpu().numpy() if isinstance(batch.targets, torch.Tensor) else np.asarray(batch.targets)
     sel = np.nonzero(t[:, 0].astype(int) == b)[0] if len(t) else np.zeros(0, int)
     polys = [batch.segments[i] if i < len(batch.segments) else [] for i in sel]
     return t[sel, 2:6], t[sel, 1].astype(np.int64), polys
-
-
-def decode_with_unk(vocab: "Vocabulary", ids: Sequence[int]) -> str:
-    """Token ids -> words as the model is trained on them: stops at ``<eos>``, skips ``<pad>``/``<bos>`` but
-    shows ``<unk>`` (``Vocabulary.decode`` drops it, hiding words the vocabulary does not know)."""
-    from utils.tasks import BOS, EOS, PAD
-
-    words = []
-    for i in ids:
-        i = int(i)
-        if i == EOS:
-            break
-        if i in (PAD, BOS):
-            continue
-        words.append(vocab.itos[i] if 0 <= i < len(vocab.itos) else "<unk>")
-    return " ".join(words)
 
 
 def _mask_of(batch: "Batch", task: str) -> list[bool]:
