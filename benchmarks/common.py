@@ -72,7 +72,7 @@ def run_trainings(runs: dict[str, list[str]], project: Path, jobs: int = 1, thre
             log = open(project / f"{name}.log", "w")
             cmd = [sys.executable, "train.py", *args, "--project", str(project), "--name", name, "--exist-ok",
                    "--no-progress"]
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
             print(f"started {name} (log {project / name}.log)", flush=True)
         time.sleep(1.0)
         for name, (proc, log, t0) in list(running.items()):
