@@ -79,7 +79,7 @@ def test_user_hook_receives_every_event_in_order(tiny_cfg_file, tiny_data, tmp_p
     trainer.run()
     expected = [("before_train", 0, 0)]
     for epoch in range(2):
-        expected.append(("before_epoch", epoch, 0 if epoch == 0 else NB - 1))  # batch_index: the last one set
+        expected.append(("before_epoch", epoch, 0))  # the epoch's first batch
         for i in range(NB):
             expected += [("before_batch", epoch, i), ("after_step", epoch, i), ("after_batch", epoch, i)]
         expected.append(("after_epoch", epoch, NB - 1))

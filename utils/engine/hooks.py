@@ -58,7 +58,7 @@ class Hook:
         """Once, before the first epoch (of this process: after a resume, the first epoch still to train)."""
 
     def before_epoch(self, trainer: Trainer) -> None:
-        """At the start of ``trainer.epoch``; ``trainer.progress.batch`` is its first batch (> 0 after a
+        """At the start of ``trainer.epoch``; ``trainer.batch_index`` is its first batch (> 0 after a
         mid-epoch resume)."""
 
     def before_batch(self, trainer: Trainer) -> None:

@@ -447,6 +447,7 @@ class Trainer:
             # inherit a lock the plotting thread holds, and hang); see RunLogger._background
             self.logger.join()
             self.progress = self._begin_epoch(epoch)
+            self.batch_index = self.progress.batch
             self._fire("before_epoch")
             self.logger.join()  # in case a before_epoch hook queued a picture
             # i stays the true batch index after a mid-epoch resume (warmup and caption rotation use it)
@@ -454,6 +455,7 @@ class Trainer:
                 self.batch_index = i
                 self._train_batch(i, batch, warmup)
                 self._fire("after_batch")
+            self.batch, self.batch_inputs = None, {}  # the last batch is not kept alive past its epoch
             self._end_epoch()
             self._fire("after_epoch")
             # decided on rank 0 (its hooks ran alone there), followed by every rank
