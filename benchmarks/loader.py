@@ -34,7 +34,7 @@ import numpy as np
 from utils.data.coco import LabelReport, parse_split
 from utils.data.config import SplitSpec, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
-from utils.engine.trainer import load_hyp
+from utils.engine.hyp import load_hyp
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]  # COCO's 80 thing ids

@@ -183,7 +183,7 @@ def _assert_decay_rules(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 def test_no_weight_decay_on_implicits_biases_and_norms(form: str) -> None:
     from models.model import Model
     from tests.conftest import HEAD_KW, tiny_cfg
-    from utils.engine.trainer import build_optimizer
+    from utils.engine.optim import build_optimizer
 
     model = Model(tiny_cfg(implicit=form), nc=2, head_kwargs=HEAD_KW)
     assert model.tasks == ["det", "inst", "sem", "cap"]
@@ -195,7 +195,7 @@ def test_no_weight_decay_on_implicits_biases_and_norms(form: str) -> None:
 
 
 def test_weight_decay_groups_cover_every_norm_and_bias_kind() -> None:
-    from utils.engine.trainer import build_optimizer
+    from utils.engine.optim import build_optimizer
 
     conv = nn.Conv2d(4, 4, 1)
     model = nn.ModuleDict({

@@ -156,7 +156,7 @@ def test_tasks_subset_skips_heads():
 
 
 def test_implicit_parameters_have_no_weight_decay():
-    from utils.engine.trainer import build_optimizer
+    from utils.engine.optim import build_optimizer
 
     model = Model(tiny_cfg(), nc=2, head_kwargs=HEAD_KW)
     opt = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4)

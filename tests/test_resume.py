@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import train as train_script
+import utils.engine.hooks as hooks_module
 import utils.engine.trainer as trainer_module
 from tests.conftest import (
     ROOT,
@@ -88,13 +89,13 @@ def test_save_period_writes_mid_epoch_checkpoints(tiny_cfg_file, tiny_data, tmp_
     2 batches here, so N=3 saves after batches 4 and 6); off (<1): only the epoch-end checkpoints."""
     monkeypatch.setattr(trainer_module, "NOMINAL_BATCH", NOMINAL)
     saves: list[tuple[str, int, int]] = []
-    real_save = trainer_module.save_checkpoint
+    real_save = hooks_module.save_checkpoint
 
     def spy(state: dict, path: Path) -> None:
         saves.append((Path(path).name, state["epoch"], state["batch"]))
         real_save(state, path)
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", spy)
+    monkeypatch.setattr(hooks_module, "save_checkpoint", spy)
     opt = train_script.parse_opt(train_args(tiny_cfg_file, tiny_data, tmp_path, 1, "exp", "--batch-size", str(BATCH),
                                             "--save-period", str(period), "--noval", "--noplots"))
     trainer = trainer_module.Trainer(opt)

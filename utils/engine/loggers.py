@@ -16,10 +16,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 
+from utils.eval.curves import coco_curves, detection_confusion
 from utils.viz import plots
+from utils.viz.report import write_report
 
 N_TRAIN_BATCHES = N_VAL_BATCHES = 3
 DISPLAY_CONF = 0.25  # boxes drawn on val_batch*_pred.jpg, and the confusion matrix threshold
@@ -27,7 +30,7 @@ DISPLAY_CONF = 0.25  # boxes drawn on val_batch*_pred.jpg, and the confusion mat
 
 def open_tensorboard(save_dir: Path):
     """A ``SummaryWriter`` into ``save_dir`` when TensorBoard is installed, else ``None`` (not a dependency)."""
-    try:
+    try:  # imported here, not at the top: TensorBoard is an optional dependency
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # ImportError, or a broken tensorboard install: logging is optional
         return None
@@ -156,7 +159,7 @@ class RunLogger:
             notes = [f"pictures drawn in {self.timings['after_training']:.1f} s after training; "
                      + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items() if k != "after_training")]
             captions = eval_result.captions if eval_result is not None else ()
-            self._safe("report", _write_report, self.save_dir, list(tasks), captions, notes)
+            self._safe("report", write_report, self.save_dir, list(tasks), captions, notes)
             self._tb_images(epoch)
         if self.tb is not None:
             self.tb.close()
@@ -175,8 +178,6 @@ class RunLogger:
 
     def curves(self, res, tasks: Sequence[str], category_ids: list[int]) -> None:
         """PR / F1 curves (boxes, masks), the detection confusion matrix and the semantic confusion matrix."""
-        from utils.eval.curves import coco_curves, detection_confusion
-
         d = self.save_dir
         if "det" in tasks and res.ground_truth is not None:
             box = coco_curves(res.ground_truth, res.detections, res.image_ids, category_ids, self.names, "bbox")
@@ -199,16 +200,9 @@ class RunLogger:
     def _tb_images(self, epoch: int) -> None:
         if self.tb is None:
             return
-        import cv2
-
         for f in sorted(self.save_dir.glob("*.jpg")) + sorted(self.save_dir.glob("*.png")):
             img = cv2.imread(str(f))
             if img is not None:
                 self.tb.add_image(f.stem, img[..., ::-1].copy(), epoch + 1, dataformats="HWC")
         self.tb.flush()
 
-
-def _write_report(save_dir: Path, tasks: list[str], captions, notes: list[str]) -> Path:
-    from utils.viz.report import write_report
-
-    return write_report(save_dir, tasks, captions, notes)

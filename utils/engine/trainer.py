@@ -1,27 +1,31 @@
-"""The training loop behind train.py: data, model, optimizer, AMP, EMA, validation, checkpoints, resume."""
+"""The training loop behind train.py: data, model, optimizer, AMP, EMA, validation, checkpoints, resume.
+
+``Trainer.__init__`` runs named build steps in a fixed order (the random draws of dataset and model
+construction must come in the same order on every run, for a seeded run to repeat); ``Trainer.run`` is the
+epoch loop. What happens around the loop (checkpoints, results.csv, TensorBoard, console, early stop,
+pictures) lives in hooks (utils/engine/hooks.py), called at named events; ``Trainer(opt, hooks=[...])`` or
+``trainer.register(hook)`` adds one without editing the loop.
+"""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
-from tqdm import tqdm
 
-from models.implicit import Implicit
 from models.model import Model
 from utils.data.config import DataConfig, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader, stall_guard
 from utils.data.vocab import Vocabulary
-from utils.engine.checkpoint import load_checkpoint, save_checkpoint
+from utils.engine.checkpoint import load_checkpoint
 from utils.engine.distributed import (
     DistInfo,
     barrier,
@@ -32,7 +36,10 @@ from utils.engine.distributed import (
     sum_across_ranks,
 )
 from utils.engine.ema import ModelEMA, unwrap
+from utils.engine.hooks import EVENTS, Hook, default_hooks
+from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
+from utils.engine.optim import build_optimizer
 from utils.engine.torch_utils import (
     increment_path,
     latest_run,
@@ -45,65 +52,9 @@ from utils.eval.evaluate import evaluate, to_float
 from utils.loss.multitask import MultiTaskLoss
 from utils.tasks import fitness, parse_tasks
 
-NOMINAL_BATCH = 64  # gradients are accumulated up to this batch, and weight decay scaled to it
-HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
-            "warmup_bias_lr", "grad_clip", "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees",
-            "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
-            "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite", "mask", "sem_dice", "cap_max_len",
-            "cap_min_count", "cap_view", "mtcp_k", "dwa_temp", "anchor_box", "anchor_obj", "anchor_cls", "anchor_t"}
-
-
-def load_hyp(path: str | Path) -> dict:
-    """Reads a hyp yaml; unknown keys are an error (a typo would otherwise be silently ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        alt = Path(__file__).resolve().parents[2] / "data" / "hyps" / path.name
-        path = alt if alt.is_file() else path
-    hyp = yaml.safe_load(path.read_text()) or {}
-    unknown = set(hyp) - HYP_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(HYP_KEYS)}")
-    return hyp
-
-
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, decay: float) -> torch.optim.Optimizer:
-    """Three groups, as YOLOv5: 0 biases (no decay; the warmup ramps its lr from warmup_bias_lr), 1 decayed
-    weights, 2 no decay: every parameter anywhere inside an Implicit module (any form, including the nn form's
-    Linear weight) and normalisation weights.
-
-    A bias is any parameter whose name has "bias" as an underscore-separated word (bias, and
-    MultiheadAttention's in_proj_bias, bias_k and bias_v).  Each parameter lands in exactly one group, the first time it is met (shared ones are not repeated).
-    """
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # _NormBase: BatchNorm*, SyncBN, InstanceNorm
-    decayed, undecayed, biases = [], [], []
-    seen: set[int] = set()
-    # named_modules() visits a parent before its children, so the Implicit modules a module is nested
-    # in are known when its own parameters are met: their prefixes mark the whole subtree as implicit.
-    implicit_prefixes: list[str] = []
-    for mname, module in model.named_modules():
-        if isinstance(module, Implicit):
-            implicit_prefixes.append(mname + "." if mname else "")
-        in_implicit = any((mname + ".").startswith(pre) for pre in implicit_prefixes)
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if in_implicit or isinstance(module, norms):
-                undecayed.append(p)  # implicit knowledge and norm scales are not shrunk toward 0
-            elif "bias" in pname.split("_"):  # bias, in_proj_bias, bias_k, bias_v
-                biases.append(p)
-            else:
-                decayed.append(p)
-    if name == "SGD":
-        opt = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
-    elif name in ("Adam", "AdamW"):
-        cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
-        opt = cls(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
-    else:
-        raise ValueError(f"--optimizer {name}: choose SGD, Adam, AdamW or auto")
-    opt.add_param_group({"params": decayed, "weight_decay": decay})
-    opt.add_param_group({"params": undecayed, "weight_decay": 0.0})
-    return opt
+# gradients are accumulated up to this batch, and weight decay scaled to it; read when a Trainer is built,
+# so a test may set utils.engine.trainer.NOMINAL_BATCH first
+NOMINAL_BATCH = 64
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,6 +67,7 @@ class EpochProgress:
 
     batch: int = 0  # the first batch this process trains (a resumed epoch starts past the saved ones)
     last_step: int = -1  # batch of the latest optimizer step; gradients accumulate from the batch after it
+    prev_step: int = -1  # batch of the step before it: the latest step trained batches prev_step+1 .. last_step
     # logged loss parts summed over batches, and counted per part: a task absent from a batch is not
     # averaged in as zero
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -131,7 +83,12 @@ class EpochProgress:
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + counts[k]
 
+    def step(self, batch: int) -> None:
+        """Records an optimizer step after ``batch``."""
+        self.prev_step, self.last_step = self.last_step, batch
+
     def means(self) -> dict[str, float]:
+        """This process's epoch means so far, per logged loss part."""
         return {k: v / self.counts[k] for k, v in self.sums.items()}
 
     def global_means(self, dist: DistInfo) -> dict[str, float]:
@@ -155,7 +112,7 @@ class EpochProgress:
         return {"last_step": self.last_step, "nonfinite_run": nonfinite_run, "train_s": self.elapsed(), "ranks": sums}
 
     @classmethod
-    def restore(cls, state: dict, batch: int, rank: int, world: int) -> "EpochProgress":
+    def restore(cls, state: dict, batch: int, rank: int, world: int) -> EpochProgress:
         """This rank's progress from a checkpoint continuing at ``batch``: its own loss sums when the world
         size is the one saved (exact), else a share of the saved ranks' sums."""
         progress = cls(batch=batch, last_step=int(state["last_step"]), start=time.time() - float(state["train_s"]))
@@ -165,27 +122,71 @@ class EpochProgress:
 
 
 class Trainer:
-    """One training run. ``run()`` trains and returns the run folder."""
+    """One training run. ``run()`` trains and returns the run folder.
 
-    def __init__(self, opt: argparse.Namespace):
+    Args:
+        opt: train.py's options (``--resume`` replaces them with the checkpoint's).
+        hooks: extra hooks, called after the default ones (:func:`utils.engine.hooks.default_hooks`).
+
+    What hooks read, besides the parts built here (``opt``, ``hyp``, ``dist``, ``model``, ``ema``, ``optimizer``,
+    ``train_set``, ``logger``, ...): ``epoch``, ``nb`` (batches per epoch), ``progress`` (the epoch's
+    :class:`EpochProgress`), ``batch_index``, ``batch``, ``batch_inputs``, ``metrics`` (the epoch's row),
+    ``is_best``, ``best_fitness``, ``best_epoch``, ``final_epoch``, ``last_eval`` (the latest validation).
+    Kept for callers and tests: ``on_step`` (functions called after each optimizer step, on every rank),
+    ``mid_epoch_saves`` and ``skipped_steps``.
+    """
+
+    def __init__(self, opt: argparse.Namespace, hooks: Iterable[Hook] = ()):
         self.opt = opt
-        self.dist, dist_device = init_distributed(opt.device)
-        self.device = dist_device or select_device(opt.device)
+        self._build_runtime()
+        resume_ckpt = self._resume_opt() if opt.resume else None  # replaces self.opt
+        set_seed(self.opt.seed)  # before the datasets and the model draw anything
+        self.hyp = load_hyp(self.opt.hyp) if isinstance(self.opt.hyp, (str, Path)) else dict(self.opt.hyp)
+        self._build_run_folder()
+        self._build_data(resume_ckpt)
+        self._build_model()
+        self._build_loaders()
+        self._build_optimizer()
+        self._build_sync_bn()
+        self.ema = ModelEMA(self.model)  # after SyncBN: the EMA copies the converted model
+        self._build_loss()
+        self._build_resume_state(resume_ckpt)
+        self._build_ddp()
+        self._build_logging()
+        self.hooks: list[Hook] = []
+        self.register(*default_hooks(self), *hooks)
+
+    # --- build steps, in the order __init__ runs them ------------------------------------------
+    def _build_runtime(self) -> None:
+        """Device and process group; the run's records and the loop's per-event state."""
+        self.dist, dist_device = init_distributed(self.opt.device)
+        self.device = dist_device or select_device(self.opt.device)
         self.cuda = self.device.type == "cuda"
-        self.on_step: list[Callable[["Trainer"], None]] = []  # callbacks after each optimizer step
+        self.on_step: list[Callable[[Trainer], None]] = []  # callbacks after each optimizer step (StepCallbacks)
         self.mid_epoch_saves: list[tuple[int, int]] = []  # (epoch, next batch) of each mid-epoch last.pt written
         self.skipped_steps: list[tuple[int, int]] = []  # (epoch, batch) of each batch skipped for a non-finite loss
-        resume_ckpt = None
-        if opt.resume:
-            resume_ckpt = self._resume_opt()
-            opt = self.opt
-        set_seed(opt.seed)
-        self.hyp = load_hyp(opt.hyp) if isinstance(opt.hyp, (str, Path)) else dict(opt.hyp)
+        self.stop_requested = False  # set by request_stop(); rank 0's is broadcast at the end of the epoch
+        self.epoch, self.nb, self.batch_index = 0, 0, 0
+        self.progress: EpochProgress | None = None
+        self.batch, self.batch_inputs = None, {}
+        self.metrics: dict = {}
+        self.is_best = False
+        self.rank_rng: list[dict] | None = None  # every rank's RNG state at the end of the epoch (DDP)
+        self.last_eval = None  # the latest validation (its predictions feed the curves drawn at the end)
+
+    def _build_run_folder(self) -> None:
+        """The run folder (a new runs/train/expN, or the resumed one), decided by rank 0."""
+        opt = self.opt
         save_dir = Path(opt.save_dir) if opt.resume else increment_path(Path(opt.project) / opt.name, opt.exist_ok)
-        self.save_dir = broadcast_object(save_dir, self.dist)  # one folder, decided by rank 0
+        self.save_dir = broadcast_object(save_dir, self.dist)
         self.wdir = self.save_dir / "weights"
+        self.results_csv = self.save_dir / "results.csv"
         if self.dist.main:
             self.wdir.mkdir(parents=True, exist_ok=True)
+
+    def _build_data(self, resume_ckpt: dict | None) -> None:
+        """The data config, both datasets and the caption vocabulary (a resumed run keeps its own)."""
+        opt = self.opt
         if not self.dist.main:  # let rank 0 generate the dataset and write the label caches first
             barrier(self.dist)
         self.data: DataConfig = load_data_config(opt.data)
@@ -198,6 +199,7 @@ class Trainer:
         self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
         if self.dist.main:
             barrier(self.dist)
+        self.tasks = tasks
         self.vocab = None
         if "cap" in tasks:
             if resume_ckpt is not None:
@@ -205,22 +207,36 @@ class Trainer:
             else:
                 captions = (c for _, rec in self.train_set.items for c in rec.captions)
                 self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)))
-        self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=tasks, head_kwargs=self._head_kwargs(tasks)).to(self.device)
+
+    def _build_model(self) -> None:
+        """The network for the trained tasks, with ``--weights`` transferred (not on resume: restored later)."""
+        opt = self.opt
+        self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=self.tasks,
+                           head_kwargs=self._head_kwargs(self.tasks)).to(self.device)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
+
+    def _build_loaders(self) -> None:
+        """The train and val loaders; ``--batch-size`` is the total over all processes, as YOLOv5."""
+        opt = self.opt
         self.log(f"train: {len(self.train_set)} images ({self.train_set.labels_summary()})")
         self.log(f"val:   {len(self.val_set)} images ({self.val_set.labels_summary()})")
         if opt.batch_size % self.dist.world:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of the {self.dist.world} processes")
-        per_rank = opt.batch_size // self.dist.world  # --batch-size is the total over all processes, as YOLOv5
+        per_rank = opt.batch_size // self.dist.world
         self.train_loader = create_dataloader(self.train_set, per_rank, True, opt.workers, opt.seed, self.dist.enabled)
         self.val_loader = create_dataloader(self.val_set, per_rank, False, opt.workers, opt.seed)
+
+    def _build_optimizer(self) -> None:
+        """Gradient accumulation, the optimizer (``--optimizer auto`` resolved), the lr schedule, the AMP scaler."""
+        opt = self.opt
         self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
         decay = self.hyp.get("weight_decay", 5e-4) * opt.batch_size * self.accumulate / NOMINAL_BATCH
         iterations = opt.epochs * math.ceil(len(self.train_set) / opt.batch_size)
         name = opt.optimizer
         if name == "auto":  # Ultralytics' rule: AdamW for short schedules, SGD for long ones
             name = "AdamW" if iterations < 10000 else "SGD"
+        self.optimizer_name = name
         self.lr0 = self.hyp.get("lr0_adamw", 0.002) if name in ("Adam", "AdamW") and opt.optimizer == "auto" else self.hyp["lr0"]
         # a high starting bias LR suits SGD only: Adam's step is ~lr per parameter, so 0.1 would throw every
         # head's prior bias (e.g. the class prior) far off in the first steps (Ultralytics does the same)
@@ -233,29 +249,45 @@ class Trainer:
             self.lf = lambda x: (1 - x / opt.epochs) * (1.0 - lrf) + lrf
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
-        if getattr(opt, "sync_bn", False) and self.dist.enabled:
+
+    def _build_sync_bn(self) -> None:
+        """``--sync-bn`` under torchrun on CUDA: batch statistics over all ranks (the parameters stay the
+        optimizer's: the converted layers reuse them)."""
+        if getattr(self.opt, "sync_bn", False) and self.dist.enabled:
             if self.cuda:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             else:
                 self.log("--sync-bn ignored: SyncBatchNorm needs CUDA")
-        self.ema = ModelEMA(self.model)
-        self.loss = MultiTaskLoss(self.model, self.hyp, self.vocab, opt.balance)
+
+    def _build_loss(self) -> None:
+        """The multi-task loss; learned task weights (``--balance uncertainty``) get their own optimizer group
+        (no decay), so the schedule is rebuilt to cover it."""
+        self.loss = MultiTaskLoss(self.model, self.hyp, self.vocab, self.opt.balance)
         self.loss.balancer.to(self.device)
-        if any(True for _ in self.loss.balancer.parameters()):  # learned task weights (uncertainty)
+        if any(True for _ in self.loss.balancer.parameters()):
             self.optimizer.add_param_group({"params": list(self.loss.balancer.parameters()), "weight_decay": 0.0,
                                             "lr": self.lr0, "initial_lr": self.lr0})
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+
+    def _build_resume_state(self, resume_ckpt: dict | None) -> None:
+        """Where training starts: epoch 0, or the resumed checkpoint's state (weights, optimizer, RNG, ...)."""
         self.start_epoch, self.best_fitness, self.best_epoch = 0, -1.0, 0
         self.resume_progress: EpochProgress | None = None  # set when resuming a mid-epoch checkpoint
         self.nonfinite_run = 0  # non-finite losses in a row (across epochs)
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        self.net = self.model  # what the loop calls: under torchrun, the DDP wrapper
+
+    def _build_ddp(self) -> None:
+        """``self.net``, what the loop calls: under torchrun the DDP wrapper, else the model itself."""
+        self.net = self.model
         if self.dist.enabled:
             # unused: the caption decoder in batches without captions (its loss is masked out)
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.cuda else None, find_unused_parameters=True)
-        self.last_eval = None  # the latest validation (its predictions feed the curves drawn at the end)
+
+    def _build_logging(self) -> None:
+        """The run logger (pictures, TensorBoard; enabled on rank 0) and the run's opt.yaml / hyp.yaml."""
+        opt = self.opt
         self.logger = RunLogger(self.save_dir, self.data.names, self.data.semantic_names, enabled=self.dist.main,
                                 plots=getattr(opt, "plots", True))  # checkpoints from before --plots: on
         if self.dist.main:
@@ -263,7 +295,33 @@ class Trainer:
                 yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, f, sort_keys=False)
             with open(self.save_dir / "hyp.yaml", "w") as f:
                 yaml.safe_dump(self.hyp, f, sort_keys=False)
-        self.log(f"model: {self.model.info()}; optimizer {name} lr0={self.lr0}; accumulate {self.accumulate}; device {self.device}")
+        self.log(f"model: {self.model.info()}; optimizer {self.optimizer_name} lr0={self.lr0}; "
+                 f"accumulate {self.accumulate}; device {self.device}")
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def register(self, *hooks: Hook) -> None:
+        """Adds hooks, called after those already registered, at every event of the run."""
+        for hook in hooks:
+            if not isinstance(hook, Hook):
+                raise TypeError(f"{hook!r} is not a utils.engine.hooks.Hook")
+            self.hooks.append(hook)
+
+    def request_stop(self) -> None:
+        """Ends training after the current epoch (its checkpoints and row are written; after_train runs).
+        Under DDP rank 0's request decides, for every rank."""
+        self.stop_requested = True
+
+    @property
+    def final_epoch(self) -> bool:
+        """Whether ``self.epoch`` is the last of ``--epochs``."""
+        return self.epoch + 1 == self.opt.epochs
+
+    def _fire(self, event: str) -> None:
+        """Calls ``event`` on every hook, in order; ``main_only`` hooks on rank 0 alone."""
+        assert event in EVENTS, event
+        for hook in self.hooks:
+            if self.dist.main or not hook.main_only:
+                getattr(hook, event)(self)
 
     def log(self, msg: str) -> None:
         """Prints on rank 0 only (every rank would repeat the same line)."""
@@ -378,95 +436,34 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
-        opt, hyp = self.opt, self.hyp
-        nb = len(self.train_loader)
-        warmup = max(round(hyp.get("warmup_epochs", 3) * nb), 100) if hyp.get("warmup_epochs", 3) > 0 else 0
-        results_csv = self.save_dir / "results.csv"
-        max_nonfinite = int(hyp.get("max_nonfinite", 10))
-        if not (self.save_dir / "labels.jpg").is_file():
-            cap_words = int(hyp.get("cap_max_len", 24)) - 2 if self.vocab is not None else None  # <bos>, <eos>
-            self.logger.labels(self.train_set, self.vocab, cap_words)
-        for epoch in range(self.start_epoch, opt.epochs):
+        """Trains from ``start_epoch`` to ``--epochs`` (or an early stop); returns the run folder."""
+        self.nb = len(self.train_loader)  # before any epoch sets the sampler's skip: a whole epoch's batches
+        warmup_epochs = self.hyp.get("warmup_epochs", 3)
+        warmup = max(round(warmup_epochs * self.nb), 100) if warmup_epochs > 0 else 0
+        self._fire("before_train")
+        for epoch in range(self.start_epoch, self.opt.epochs):
+            self.epoch = epoch
             # DataLoader workers are forked below: not while a picture is being drawn (a forked worker would
             # inherit a lock the plotting thread holds, and hang); see RunLogger._background
             self.logger.join()
-            progress = self._begin_epoch(epoch)
+            self.progress = self._begin_epoch(epoch)
+            self.batch_index = self.progress.batch
+            self._fire("before_epoch")
+            self.logger.join()  # in case a before_epoch hook queued a picture
             # i stays the true batch index after a mid-epoch resume (warmup and caption rotation use it)
-            pbar = tqdm(enumerate(stall_guard(self.train_loader), progress.batch), total=nb, initial=progress.batch,
-                        desc=f"epoch {epoch + 1}/{opt.epochs}", disable=not (opt.progress and self.dist.main))
-            for i, batch in pbar:
-                ni = i + nb * epoch
-                if ni <= warmup:  # linear warmup of lr (bias lr from warmup_bias_lr) and momentum
-                    for j, g in enumerate(self.optimizer.param_groups):
-                        start = self.warmup_bias_lr if j == 0 else 0.0
-                        g["lr"] = float(np.interp(ni, [0, warmup], [start, g["initial_lr"] * self.lf(epoch)]))
-                        if "momentum" in g:
-                            g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))
-                x = to_float(batch.images, self.device)
-                inputs = self.loss.head_inputs(batch, ni)
-                head_inputs = {k: v.to(self.device) for k, v in inputs.items()}
-                if epoch == 0 and i < 3:  # label check: drawn in a background thread from this very batch
-                    self.logger.train_batch(i, batch, inputs.get("captions"), self.vocab, "cap" in self.model.tasks)
-                with torch.autocast(device_type=self.device.type, enabled=self.cuda):
-                    out = self.net(x, **head_inputs)
-                    loss, parts = self.loss(out, batch, head_inputs, self.dist)
-                    if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
-                        loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
-                # every rank skips together: one rank skipping backward() alone would leave the others
-                # waiting in DDP's gradient all-reduce for ever
-                if not self.dist.all_true(bool(torch.isfinite(loss))):
-                    self.nonfinite_run += 1
-                    self.skipped_steps.append((epoch, i))
-                    bad = [k for k, v in parts.items() if not math.isfinite(v)]
-                    where = (bad or "total") if not torch.isfinite(loss) else "another rank's batch"
-                    warnings.warn(f"non-finite loss at epoch {epoch} batch {i} in {where}; step skipped")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.nonfinite_run >= max_nonfinite:
-                        tasks = sorted({k.split("_")[0] for k in bad}) or ["total"]
-                        raise NonFiniteLossError(f"{self.nonfinite_run} non-finite losses in a row (last in {bad}) in task(s) "
-                                                 f"{tasks}; stopping: lower lr0 or check that task's labels")
-                    continue
-                self.nonfinite_run = 0
-                self.scaler.scale(loss).backward()
-                progress.add(parts)  # before the step: a checkpoint written there includes this batch
-                if i - progress.last_step >= self.accumulate or i == nb - 1:
-                    self.dist.average_gradients(self.loss.balancer.parameters())  # not inside DDP's module
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=hyp.get("grad_clip", 10.0))
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.ema.update(self.model)
-                    self._after_step(epoch, i, nb, progress)
-                pbar.set_postfix({k: f"{v:.3f}" for k, v in progress.means().items() if k.endswith("_loss")})
-            self.scheduler.step()
-            train_time = progress.elapsed()
-            means = progress.global_means(self.dist)
-            row = {"epoch": epoch + 1} | {f"train/{k}": v for k, v in means.items()}
-            row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
-            self.loss.balancer.end_epoch({t: means[f"{t}_loss"] for t in self.model.tasks if f"{t}_loss" in means})
-            row |= {"time/train_s": train_time, "time/img_per_s": len(self.train_set) / max(train_time, 1e-9)}
-            # ranks' RNG streams differ (dropout), so each rank's goes into the checkpoints; validation,
-            # checkpoints and logs happen once, on rank 0; every rank learns whether to stop
-            rank_rng = gather_objects(rng_state(self.cuda), self.dist) if self.dist.enabled else None
-            stop = self.finish_epoch(epoch, row, results_csv, rank_rng) if self.dist.main else False
-            if broadcast_object(stop, self.dist):
+            for i, batch in enumerate(stall_guard(self.train_loader), self.progress.batch):
+                self.batch_index = i
+                self._train_batch(i, batch, warmup)
+                self._fire("after_batch")
+            self.batch, self.batch_inputs = None, {}  # the last batch is not kept alive past its epoch
+            self._end_epoch()
+            self._fire("after_epoch")
+            # decided on rank 0 (its hooks ran alone there), followed by every rank
+            if broadcast_object(self.stop_requested, self.dist):
                 break
-        if not self.dist.main:
-            cleanup(self.dist)
-            return self.save_dir
-        for name in ("best.pt", "last.pt"):  # finished: drop optimizer state, as YOLOv5's strip_optimizer
-            f = self.wdir / name
-            if f.is_file():
-                ckpt = load_checkpoint(f)
-                for k in ("optimizer", "scheduler", "scaler", "rng", "rank_rng"):
-                    ckpt.pop(k, None)
-                save_checkpoint(ckpt, f)
-        # pictures that need the trained model or the whole run: once, after training, off the hot path
-        self.logger.finish(model=self.ema.ema, val_loader=self.val_loader, eval_result=self.last_eval,
-                           tasks=self.model.tasks, vocab=self.vocab, category_ids=self.data.category_ids,
-                           results_csv=results_csv, balance=opt.balance, epoch=opt.epochs - 1)
-        print(f"results saved to {self.save_dir}")
+        self._fire("after_train")
+        if self.dist.main:
+            print(f"results saved to {self.save_dir}")
         cleanup(self.dist)
         return self.save_dir
 
@@ -484,57 +481,102 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return progress
 
-    def _after_step(self, epoch: int, i: int, nb: int, progress: EpochProgress) -> None:
-        """After the optimizer step at batch ``i``: a mid-epoch checkpoint at the first step at or after each
-        multiple of ``--save-period`` batches (counted over the run), then the ``on_step`` callbacks."""
-        period = getattr(self.opt, "save_period", -1)
-        before, done = nb * epoch + progress.last_step + 1, nb * epoch + i + 1  # batches trained so far
-        progress.last_step = i
-        if period > 0 and done // period > before // period:
-            self._save_mid_epoch(epoch, i + 1, progress)
-        for callback in self.on_step:
-            callback(self)
+    def _warmup(self, ni: int, warmup: int) -> None:
+        """Linear warmup over the first ``warmup`` batches of the run: lr (bias lr from warmup_bias_lr) and
+        momentum ramp to their scheduled values."""
+        if ni > warmup:
+            return
+        hyp = self.hyp
+        for j, g in enumerate(self.optimizer.param_groups):
+            start = self.warmup_bias_lr if j == 0 else 0.0
+            g["lr"] = float(np.interp(ni, [0, warmup], [start, g["initial_lr"] * self.lf(self.epoch)]))
+            if "momentum" in g:
+                g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))
 
-    def _save_mid_epoch(self, epoch: int, batch: int, progress: EpochProgress) -> None:
-        """Refreshes last.pt with a checkpoint that continues ``epoch`` at ``batch``. Taken right after an
-        optimizer step, so there is no accumulated gradient to keep. Every rank sends its loss sums and RNG
-        state (a collective, so every rank calls this); rank 0 writes, atomically."""
-        ranks = gather_objects(progress.rank_state() | {"rng": rng_state(self.cuda)}, self.dist)
-        if self.dist.main:
-            mid = {"batch": batch, "progress": progress.state(ranks, self.nonfinite_run)}
-            save_checkpoint(self.checkpoint(epoch, rank_rng=[r["rng"] for r in ranks]) | mid, self.wdir / "last.pt")
-            self.mid_epoch_saves.append((epoch, batch))
+    def _train_batch(self, i: int, batch, warmup: int) -> None:
+        """Forward, loss and backward of batch ``i``; an optimizer step (then ``after_step``) when
+        ``accumulate`` batches are in, or at the epoch's last batch. A non-finite loss skips the batch."""
+        epoch, progress = self.epoch, self.progress
+        ni = i + self.nb * epoch
+        self._warmup(ni, warmup)
+        x = to_float(batch.images, self.device)
+        inputs = self.loss.head_inputs(batch, ni)
+        head_inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        self.batch, self.batch_inputs = batch, inputs
+        self._fire("before_batch")
+        with torch.autocast(device_type=self.device.type, enabled=self.cuda):
+            out = self.net(x, **head_inputs)
+            loss, parts = self.loss(out, batch, head_inputs, self.dist)
+            if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
+                loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
+        # every rank skips together: one rank skipping backward() alone would leave the others
+        # waiting in DDP's gradient all-reduce for ever
+        if not self.dist.all_true(bool(torch.isfinite(loss))):
+            self._skip_batch(i, loss, parts)
+            return
+        self.nonfinite_run = 0
+        self.scaler.scale(loss).backward()
+        progress.add(parts)  # before the step: a checkpoint written there includes this batch
+        if i - progress.last_step >= self.accumulate or i == self.nb - 1:
+            self.dist.average_gradients(self.loss.balancer.parameters())  # not inside DDP's module
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp.get("grad_clip", 10.0))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ema.update(self.model)
+            progress.step(i)
+            self._fire("after_step")  # right after the step: a mid-epoch checkpoint needs no gradient kept
 
-    def finish_epoch(self, epoch: int, row: dict, results_csv: Path, rank_rng: list[dict] | None = None) -> bool:
-        """Validates (unless --noval), saves last/best checkpoints and results.csv; True to stop early.
-        ``rank_rng``: every rank's RNG state under DDP, for the checkpoints."""
-        opt = self.opt
-        final = epoch + 1 == opt.epochs
-        if not getattr(opt, "noval", False) or final:
-            self.logger.join()  # the val loader forks its workers: no picture mid-draw (see run())
-            res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
-                           loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
-                           num_semantic=len(self.data.semantic_ids))
-            row |= res.metrics
-            self.last_eval = res
+    def _skip_batch(self, i: int, loss: torch.Tensor, parts: dict[str, float]) -> None:
+        """A non-finite loss on some rank: no step anywhere; too many in a row raise NonFiniteLossError."""
+        self.nonfinite_run += 1
+        self.skipped_steps.append((self.epoch, i))
+        bad = [k for k, v in parts.items() if not math.isfinite(v)]
+        where = (bad or "total") if not torch.isfinite(loss) else "another rank's batch"
+        warnings.warn(f"non-finite loss at epoch {self.epoch} batch {i} in {where}; step skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        max_nonfinite = int(self.hyp.get("max_nonfinite", 10))
+        if self.nonfinite_run >= max_nonfinite:
+            tasks = sorted({k.split("_")[0] for k in bad}) or ["total"]
+            raise NonFiniteLossError(f"{self.nonfinite_run} non-finite losses in a row (last in {bad}) in task(s) "
+                                     f"{tasks}; stopping: lower lr0 or check that task's labels")
+
+    def _end_epoch(self) -> None:
+        """The epoch's row (``self.metrics``): loss means over every rank, task weights, timing; then, on
+        rank 0, validation (unless --noval, except after the final epoch), learning rates and the best
+        fitness. The collectives here run on every rank, in the same order."""
+        epoch, progress = self.epoch, self.progress
+        self.scheduler.step()
+        train_time = progress.elapsed()
+        means = progress.global_means(self.dist)
+        row = {"epoch": epoch + 1} | {f"train/{k}": v for k, v in means.items()}
+        row |= {f"weight/{t}": w for t, w in self.loss.balancer.weights().items()}
+        self.loss.balancer.end_epoch({t: means[f"{t}_loss"] for t in self.model.tasks if f"{t}_loss" in means})
+        row |= {"time/train_s": train_time, "time/img_per_s": len(self.train_set) / max(train_time, 1e-9)}
+        # ranks' RNG streams differ (dropout), so each rank's goes into the checkpoints; validation,
+        # checkpoints and logs happen once, on rank 0
+        self.rank_rng = gather_objects(rng_state(self.cuda), self.dist) if self.dist.enabled else None
+        self.metrics, self.is_best = row, False
+        if not self.dist.main:
+            return
+        if not getattr(self.opt, "noval", False) or self.final_epoch:
+            self._validate(row)
         row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
         fit = fitness(row)
-        best = fit > self.best_fitness or self.best_fitness < 0
-        if best:
+        self.is_best = fit > self.best_fitness or self.best_fitness < 0
+        if self.is_best:
             self.best_fitness, self.best_epoch = fit, epoch
-        ckpt = self.checkpoint(epoch, rank_rng=rank_rng)  # one state for both files
-        if best:
-            save_checkpoint(ckpt, self.wdir / "best.pt")
-        save_checkpoint(ckpt, self.wdir / "last.pt")
-        write_results(results_csv, row)
-        self.logger.epoch(row, epoch)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                       if not k.startswith("lr/")))
-        patience = getattr(opt, "patience", 0)
-        if patience and epoch - self.best_epoch >= patience and not final:
-            print(f"early stop: no improvement for {patience} epochs (best epoch {self.best_epoch + 1})")
-            return True
-        return False
+
+    def _validate(self, row: dict) -> None:
+        """Validates the EMA model into ``row`` and ``last_eval`` (rank 0)."""
+        opt = self.opt
+        self.logger.join()  # the val loader forks its workers: no picture mid-draw (see run())
+        res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
+                       loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
+                       num_semantic=len(self.data.semantic_ids))
+        row |= res.metrics
+        self.last_eval = res
 
 
 def output_tensors(obj) -> list[torch.Tensor]:
@@ -546,19 +588,3 @@ def output_tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for o in obj for t in output_tensors(o)]
     return []
-
-
-def write_results(path: Path, row: dict) -> None:
-    """Appends one epoch to results.csv (header from the first row; new keys extend it)."""
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)

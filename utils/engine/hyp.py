@@ -1,0 +1,29 @@
+"""Hyperparameter files (data/hyps/*.yaml): the keys the trainer, the losses and the augmentation read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+HYPS_DIR = Path(__file__).resolve().parents[2] / "data" / "hyps"
+HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum",
+            "warmup_bias_lr", "grad_clip", "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees",
+            "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
+            "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite", "mask", "sem_dice", "cap_max_len",
+            "cap_min_count", "cap_view", "mtcp_k", "dwa_temp", "anchor_box", "anchor_obj", "anchor_cls", "anchor_t"}
+
+
+def load_hyp(path: str | Path) -> dict:
+    """Reads a hyp yaml; unknown keys are an error (a typo would otherwise be silently ignored).
+
+    A bare file name that is not found is looked up in data/hyps/ (``--hyp hyp.scratch.yaml`` from anywhere).
+    """
+    path = Path(path)
+    if not path.is_file():
+        alt = HYPS_DIR / path.name
+        path = alt if alt.is_file() else path
+    hyp = yaml.safe_load(path.read_text()) or {}
+    unknown = set(hyp) - HYP_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(HYP_KEYS)}")
+    return hyp

@@ -1,0 +1,54 @@
+"""The optimizer's parameter groups (YOLOv5's three: biases, decayed weights, undecayed)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.implicit import Implicit
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, decay: float) -> torch.optim.Optimizer:
+    """Three groups, as YOLOv5: 0 biases (no decay; the warmup ramps its lr from warmup_bias_lr), 1 decayed
+    weights, 2 no decay: every parameter anywhere inside an Implicit module (any form, including the nn form's
+    Linear weight) and normalisation weights.
+
+    A bias is any parameter whose name has "bias" as an underscore-separated word (bias, and
+    MultiheadAttention's in_proj_bias, bias_k and bias_v).  Each parameter lands in exactly one group, the
+    first time it is met (shared ones are not repeated).
+
+    Args:
+        model: the network (not a DDP wrapper: group membership goes by module type).
+        name: ``SGD``, ``Adam`` or ``AdamW`` (``--optimizer auto`` is resolved by the caller).
+        lr: the initial learning rate of every group; momentum: SGD momentum, or Adam's beta1.
+        decay: the weight decay of group 1.
+    """
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # _NormBase: BatchNorm*, SyncBN, InstanceNorm
+    decayed, undecayed, biases = [], [], []
+    seen: set[int] = set()
+    # named_modules() visits a parent before its children, so the Implicit modules a module is nested
+    # in are known when its own parameters are met: their prefixes mark the whole subtree as implicit.
+    implicit_prefixes: list[str] = []
+    for mname, module in model.named_modules():
+        if isinstance(module, Implicit):
+            implicit_prefixes.append(mname + "." if mname else "")
+        in_implicit = any((mname + ".").startswith(pre) for pre in implicit_prefixes)
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if in_implicit or isinstance(module, norms):
+                undecayed.append(p)  # implicit knowledge and norm scales are not shrunk toward 0
+            elif "bias" in pname.split("_"):  # bias, in_proj_bias, bias_k, bias_v
+                biases.append(p)
+            else:
+                decayed.append(p)
+    if name == "SGD":
+        opt = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
+    elif name in ("Adam", "AdamW"):
+        cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
+        opt = cls(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    else:
+        raise ValueError(f"--optimizer {name}: choose SGD, Adam, AdamW or auto")
+    opt.add_param_group({"params": decayed, "weight_decay": decay})
+    opt.add_param_group({"params": undecayed, "weight_decay": 0.0})
+    return opt
