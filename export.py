@@ -37,7 +37,8 @@ from utils.deploy.export import (
     simplify_onnx,
     verification_images,
 )
-from utils.deploy.inference import OnnxBackend, check_img_size
+from utils.deploy.backends import OnnxBackend
+from utils.deploy.predictor import check_img_size
 from utils.deploy.interface import DeployModel, export_metadata
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.cli import run_cli

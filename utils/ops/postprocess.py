@@ -16,13 +16,14 @@ import torch
 
 from models.heads.semantic import upsample_logits
 from utils.ops.letterbox import Letterbox
-from utils.ops.masks import process_masks
+from utils.ops.boxes import xyxy2xywh
+from utils.ops.masks import encode_rle, process_masks
 from utils.ops.nms import non_max_suppression
 
 if TYPE_CHECKING:  # annotations only: ops does not depend on data at run time
     from utils.data.vocab import Vocabulary
 
-__all__ = ["Result", "head_outputs", "postprocess", "SPACES"]
+__all__ = ["Result", "head_outputs", "postprocess", "coco_boxes", "coco_masks", "SPACES"]
 
 SPACES = ("original", "input")  # where a Result's coordinates live: the original image or the letterboxed input
 
@@ -172,3 +173,26 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
             r.caption = vocab.decode(token_rows[i]) if vocab is not None else None
         results.append(r)
     return results
+
+
+def _category(cls: int, category_ids: Sequence[int]) -> int:
+    """A contiguous class index -> its dataset category id (the index itself when the model lists no id)."""
+    return int(category_ids[cls]) if cls < len(category_ids) else int(cls)
+
+
+def coco_boxes(r: Result, image_id: int | str, category_ids: Sequence[int]) -> list[dict]:
+    """COCO ``bbox`` results of one original-pixel Result: ``x y w h`` (float32 ``xyxy2xywh``) rounded to 3
+    decimals, score to 5, dataset category ids."""
+    return [{"image_id": image_id, "category_id": _category(c, category_ids), "bbox": [round(v, 3) for v in b],
+             "score": round(float(s), 5)}
+            for b, s, c in zip(xyxy2xywh(r.boxes).tolist(), r.scores.tolist(), r.classes.tolist())]
+
+
+def coco_masks(r: Result, image_id: int | str, category_ids: Sequence[int]) -> list[dict]:
+    """COCO ``segm`` results of one original-pixel Result: RLE at the original size, score rounded to 5
+    decimals (no ``bbox`` key: ``loadRes`` would then take areas from the boxes)."""
+    if r.masks is None or not len(r.masks):
+        return []
+    return [{"image_id": image_id, "category_id": _category(c, category_ids), "segmentation": rle,
+             "score": round(float(s), 5)}
+            for rle, s, c in zip(encode_rle(r.masks), r.scores.tolist(), r.classes.tolist())]
