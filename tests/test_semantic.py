@@ -238,7 +238,7 @@ def test_miou_at_original_resolution_differs_from_letterboxed_and_matches_numpy(
     orig[:, 1::2] = 1
     sample, lb = letterbox(Sample(image=np.zeros((8, 16, 3), np.uint8), semantic=orig), 8)
     assert (lb.ratio, lb.pad, lb.orig_shape, lb.input_shape) == (0.5, (0.0, 2.0), (8, 16), (8, 8))
-    assert and set(np.unique(sample.semantic[2:6])) != {0, 1}
+    assert set(np.unique(sample.semantic[2:6])) != {0, 1}
     # logits: the image's left half class 0, right half class 1; the padding says class 2, which must not leak
     logits = torch.zeros(1, 3, 8, 8)
     logits[0, 0, 2:6, :4] = logits[0, 1, 2:6, 4:] = 5.0
