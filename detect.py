@@ -18,7 +18,13 @@ from pathlib import Path
 
 from utils.data.sources import LoadSource
 from utils.deploy.backends import load_backend
-from utils.deploy.predictor import Predictor, coco_results, semantic_png, summarize, yolo_lines
+from utils.deploy.predictor import (
+    Predictor,
+    coco_results,
+    semantic_png,
+    summarize,
+    yolo_lines,
+)
 from utils.engine.cli import run_cli
 from utils.engine.torch_utils import increment_path, latest_run
 from utils.tasks import parse_tasks

@@ -25,7 +25,7 @@ def test_flipped_or_mosaic_samples_never_reach_the_caption_loss(tiny_data):
     for epoch in range(3):
         ds.epoch = epoch
         for i in range(len(ds)):
-            sample, _, _ = ds.transform(i)
+            sample, _ = ds.transform(i)
             if not sample.present["cap"]:
                 assert sample.captions == []
                 continue

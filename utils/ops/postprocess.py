@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from models.heads.semantic import upsample_logits
-from utils.ops.letterbox import Letterbox
 from utils.ops.boxes import xyxy2xywh
+from utils.ops.letterbox import Letterbox
 from utils.ops.masks import encode_rle, process_masks
 from utils.ops.nms import non_max_suppression
 
