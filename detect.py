@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from utils.data.sources import LoadSource
-from utils.deploy.inference import (
+from utils.deploy.backends import load_backend
+from utils.deploy.predictor import (
     Predictor,
     coco_results,
-    load_backend,
     semantic_png,
     summarize,
     yolo_lines,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from models.model import format_counts, module_counts
 from utils.data.vocab import Vocabulary
+from utils.deploy.backends import OnnxBackend
 from utils.deploy.export import (
     FUSE_TOL,
     RUNTIME_TOL,
@@ -37,8 +38,8 @@ from utils.deploy.export import (
     simplify_onnx,
     verification_images,
 )
-from utils.deploy.inference import OnnxBackend, check_img_size
 from utils.deploy.interface import DeployModel, export_metadata
+from utils.deploy.predictor import check_img_size
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.cli import run_cli
 from utils.engine.torch_utils import latest_run, select_device

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from models.model import Model, format_counts, module_counts
+from utils.deploy.backends import ort_session
 from utils.deploy.export import export_vision, quiet_export
-from utils.deploy.inference import ort_session
 from utils.deploy.interface import DeployModel, export_metadata
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.torch_utils import select_device

@@ -178,7 +178,9 @@ def test_flip_twice_is_identity(flip):
 ])
 def test_letterbox(new_shape, auto, scaleup, size):
     s = make_sample()
-    out, ratio, (pw, ph) = letterbox(s, new_shape, auto=auto, scaleup=scaleup)
+    out, lb = letterbox(s, new_shape, auto=auto, scaleup=scaleup)
+    ratio, (pw, ph) = lb.ratio, lb.pad
+    assert lb.orig_shape == s.image.shape[:2] and lb.input_shape == out.image.shape[:2]
     h, w = out.image.shape[:2]
     if size is None:
         assert h % 32 == 0 and w % 32 == 0 and max(h, w) == 320

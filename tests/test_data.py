@@ -191,11 +191,13 @@ def test_augmentation_is_reproducible(tiny_data):
 
 def test_collate_without_semantic():
     from utils.data.sample import Sample
+    from utils.ops.letterbox import Letterbox
 
     items = [{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "sample": Sample(np.zeros((8, 8, 3), np.uint8)),
-              "ratio_pad": (1.0, (0.0, 0.0))} for _ in range(2)]
+              "letterbox": Letterbox.identity((8, 8))} for _ in range(2)]
     batch = collate(items)
     assert batch.semantic is None and batch.targets.shape == (0, 6)
+    assert batch.letterboxes == [Letterbox.identity((8, 8))] * 2 and batch.orig_shapes == [(8, 8)] * 2
 
 
 def _hang_in_worker(index: int):

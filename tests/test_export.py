@@ -16,6 +16,8 @@ import yaml
 import export as export_script
 import train as train_script
 from tests.conftest import tiny_cfg
+from utils.deploy.backends import OnnxBackend, ort_session
+from utils.deploy.caption_decode import beam_search_decode, greedy_decode
 from utils.deploy.export import (
     RUNTIME_TOL,
     compare_outputs,
@@ -26,7 +28,6 @@ from utils.deploy.export import (
     run_deploy,
     verification_images,
 )
-from utils.deploy.inference import OnnxBackend, beam_search_decode, greedy_decode
 from utils.deploy.interface import NMS_OUTPUTS, DeployModel
 from utils.engine.checkpoint import (
     build_from_checkpoint,
@@ -195,8 +196,6 @@ def test_fp16_graph_exports_and_matches_fp32(fused, tmp_path):
     and agree with the FP32 model on real images within export.py's FP16 tolerance (1e-2, normalized) when
     onnxruntime runs it (on CPU here: the exporter's failure did not depend on the device)."""
     import copy
-
-    from utils.deploy.inference import ort_session
 
     model, data = fused
     deploy = DeployModel(copy.deepcopy(model).half())

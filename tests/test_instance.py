@@ -18,7 +18,6 @@ from utils.ops.masks import (
     assemble_masks,
     crop_masks,
     encode_rle,
-    masks_to_original,
     process_masks,
     rasterize_polygons,
 )
@@ -123,10 +122,10 @@ def test_masks_to_original_undoes_letterbox():
     orig = np.zeros((h0, w0), np.uint8)
     orig[10:30, 20:60] = 255
     sample = Sample(image=np.repeat(orig[..., None], 3, 2))
-    boxed, ratio, pad = A.letterbox(sample, 64)
-    assert pad[1] > 0  # really padded
+    boxed, lb = A.letterbox(sample, 64)
+    assert lb.pad[1] > 0 and lb.orig_shape == (h0, w0)  # really padded
     at_input = torch.from_numpy(boxed.image[..., 0] > 127)[None]
-    back = masks_to_original(at_input, ratio, pad, (h0, w0))
+    back = lb.masks_to_original(at_input)
     assert back.shape == (1, h0, w0) and back.dtype == torch.bool
     assert iou(back[0], orig > 0) > 0.95
 

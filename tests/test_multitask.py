@@ -25,12 +25,12 @@ def test_flipped_or_mosaic_samples_never_reach_the_caption_loss(tiny_data):
     for epoch in range(3):
         ds.epoch = epoch
         for i in range(len(ds)):
-            sample, _, _ = ds.transform(i)
+            sample, _ = ds.transform(i)
             if not sample.present["cap"]:
                 assert sample.captions == []
                 continue
             with_caps += 1
-            weak, _, _ = A.letterbox(A.load_resized(ds.load(i), 96), 96)
+            weak, _ = A.letterbox(A.load_resized(ds.load(i), 96), 96)
             assert sample.captions == weak.captions and sample.captions
             np.testing.assert_allclose(sample.boxes, weak.boxes, atol=1e-4)  # not flipped, not warped
             assert np.array_equal(sample.image, weak.image)  # HSV gains are 0 here

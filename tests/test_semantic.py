@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -211,10 +213,12 @@ def test_ce_matches_reference_and_dice() -> None:
 
 
 class _OneMap:
-    """The part of CocoDataset that evaluation at original resolution reads: the original map by index."""
+    """The part of CocoDataset that evaluation at original resolution reads: the original map by index
+    (``items`` says image ``a.jpg`` is index 0)."""
 
     def __init__(self, target: np.ndarray):
         self.target = target
+        self.items = [(SimpleNamespace(images=Path("")), SimpleNamespace(file="a.jpg"))]
 
     def semantic_target(self, index: int, shape: tuple[int, int]) -> np.ndarray:
         assert index == 0 and shape == self.target.shape
@@ -225,14 +229,16 @@ def test_miou_at_original_resolution_differs_from_letterboxed_and_matches_numpy(
     from utils.data.augment import letterbox
     from utils.data.dataset import Batch
     from utils.data.sample import Sample
-    from utils.eval.evaluate import update_semantic
+    from utils.eval.evaluators import SemanticEvaluator
+    from utils.ops.postprocess import postprocess
 
     # original 8 x 16 map with 1-px stripes of class 1 on odd columns; letterboxed to 8 x 8 (ratio 0.5,
     # 2 rows of padding above and below) the stripes cannot survive the nearest-neighbour downscale
     orig = np.zeros((8, 16), np.uint8)
     orig[:, 1::2] = 1
-    sample, ratio, pad = letterbox(Sample(image=np.zeros((8, 16, 3), np.uint8), semantic=orig), 8)
-    assert (ratio, pad) == (0.5, (0.0, 2.0)) and set(np.unique(sample.semantic[2:6])) != {0, 1}
+    sample, lb = letterbox(Sample(image=np.zeros((8, 16, 3), np.uint8), semantic=orig), 8)
+    assert (lb.ratio, lb.pad, lb.orig_shape, lb.input_shape) == (0.5, (0.0, 2.0), (8, 16), (8, 8))
+    assert set(np.unique(sample.semantic[2:6])) != {0, 1}
     # logits: the image's left half class 0, right half class 1; the padding says class 2, which must not leak
     logits = torch.zeros(1, 3, 8, 8)
     logits[0, 0, 2:6, :4] = logits[0, 1, 2:6, 4:] = 5.0
@@ -240,12 +246,14 @@ def test_miou_at_original_resolution_differs_from_letterboxed_and_matches_numpy(
     batch = Batch(images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), targets=torch.zeros(0, 6), segments=[],
                   semantic=torch.from_numpy(sample.semantic)[None], captions=[[]],
                   present=torch.tensor([[False, False, True, False]]), image_ids=[1], paths=["a.jpg"],
-                  orig_shapes=[(8, 16)], ratio_pad=[(ratio, pad)])
+                  letterboxes=[lb])
     results = {}
     for at in ("input", "original"):
-        meter = SemanticMeter(3)
-        update_semantic(meter, logits, batch, _OneMap(orig), {"a.jpg": 0}, at)
-        results[at] = meter.compute()
+        evaluator = SemanticEvaluator(3, _OneMap(orig), at)
+        # the evaluation path: postprocess (boxes would be in original pixels) with the map where it is scored
+        evaluator.process(batch, postprocess({"sem_logits": logits}, batch.letterboxes, semantic_at=at,
+                                             semantic_for=evaluator.wanted(batch)))
+        results[at] = evaluator.meter.compute()
     # by hand: bilinear x2 of a step between input columns 3 and 4 puts it between original columns 7 and 8
     pred = np.zeros((8, 16), np.int64)
     pred[:, 8:] = 1

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from utils.data.sample import Sample
+from utils.ops.letterbox import Letterbox
 from utils.tasks import IGNORE_INDEX, TASKS
 
 FILL = 114  # grey used by YOLOv5 for image padding / borders
@@ -154,8 +155,7 @@ def _scale_translate(sample: Sample, image: np.ndarray, semantic: np.ndarray | N
 # resizing
 # --------------------------------------------------------------------------------------------------
 def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int, int, int] = (FILL, FILL, FILL),
-              scaleup: bool = True, auto: bool = False, stride: int = 32
-              ) -> tuple[Sample, float, tuple[float, float]]:
+              scaleup: bool = True, auto: bool = False, stride: int = 32) -> tuple[Sample, Letterbox]:
     """Resizes keeping the aspect ratio, then pads to ``new_shape`` (``int`` or ``(h, w)``).
 
     The image is resized with ``INTER_LINEAR``, the semantic map with (centre-aligned) nearest
@@ -163,8 +163,9 @@ def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int
     ``scaleup=False`` only ever shrinks (better val mAP, as in YOLOv5); ``auto=True`` pads only up to
     the next multiple of ``stride`` (minimum rectangle) instead of to ``new_shape``.
 
-    Returns ``(new_sample, ratio, (pad_w, pad_h))``: a point maps as ``x' = x * ratio + pad_w`` (same
-    for y), so predictions map back with ``(x' - pad_w) / ratio`` (see ``utils.ops.boxes.scale_boxes``).
+    Returns ``(new_sample, Letterbox(ratio, (pad_w, pad_h), orig_shape, input_shape))``: a point maps as
+    ``x' = x * ratio + pad_w`` (same for y), so predictions map back with ``(x' - pad_w) / ratio`` (the
+    record's ``*_to_original`` methods). ``orig_shape`` is the shape of ``sample.image``.
     The labels use the exact per-axis scale of the resized pixels, which differs from ``ratio`` only by
     the rounding of the resized size (< 0.5 px of the resized image). The input is not modified.
     """
@@ -190,7 +191,7 @@ def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int
         semantic = cv2.copyMakeBorder(semantic, top, bottom, left, right, cv2.BORDER_CONSTANT,
                                       value=IGNORE_INDEX)
     out = _scale_translate(sample, image, semantic, unpad_w / w, unpad_h / h, left, top)
-    return out, r, (float(left), float(top))
+    return out, Letterbox(r, (float(left), float(top)), (h, w), tuple(image.shape[:2]))
 
 
 def load_resized(sample: Sample, img_size: int) -> Sample:

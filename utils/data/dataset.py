@@ -28,6 +28,7 @@ from utils.data.coco import (
 )
 from utils.data.config import DataConfig, SplitSpec
 from utils.data.sample import Sample
+from utils.ops.letterbox import Letterbox
 from utils.tasks import IGNORE_INDEX, TASKS
 
 # OpenCV's own thread pool is not fork-safe, and DataLoader workers are forked: the workers are the
@@ -37,7 +38,7 @@ cv2.setNumThreads(0)
 
 @dataclass
 class Batch:
-    """A collated batch. Boxes are in pixels of ``images``; ``ratio_pad`` maps them back to originals.
+    """A collated batch. Boxes are in pixels of ``images``; ``letterboxes`` map them back to originals.
 
     Attributes:
         images: ``(B, 3, H, W)`` uint8 RGB (converted to float on the device, which is cheaper to move).
@@ -46,6 +47,7 @@ class Batch:
         semantic: ``(B, H, W)`` uint8 semantic indices (``IGNORE_INDEX`` = none), or ``None``.
         captions: per image, its reference captions.
         present: ``(B, 4)`` bool, per image and task (``TASKS`` order) whether labels exist.
+        letterboxes: per image, how its original became the input (identity for augmented training images).
     """
 
     images: torch.Tensor
@@ -56,11 +58,15 @@ class Batch:
     present: torch.Tensor
     image_ids: list[int] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
-    orig_shapes: list[tuple[int, int]] = field(default_factory=list)
-    ratio_pad: list[tuple[float, tuple[float, float]]] = field(default_factory=list)
+    letterboxes: list[Letterbox] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def orig_shapes(self) -> list[tuple[int, int]]:
+        """Per image, the ``(h, w)`` of its original (from its :class:`Letterbox`)."""
+        return [lb.orig_shape for lb in self.letterboxes]
 
     def task_present(self, task: str) -> torch.Tensor:
         return self.present[:, TASKS.index(task)]
@@ -184,7 +190,7 @@ class CocoDataset(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def transform(self, index: int) -> tuple[Sample, float, tuple[float, float]]:
+    def transform(self, index: int) -> tuple[Sample, Letterbox]:
         """The network-input version of item ``index``: augmented in training, letterboxed always.
 
         Task-aware augmentation: with probability ``caption_view`` a training image with captions gets the
@@ -198,9 +204,9 @@ class CocoDataset(Dataset):
             return A.letterbox(sample, size)
         rng = self.rng(index)
         if sample.present.get("cap") and rng.random() < self.caption_view:
-            sample, _, _ = A.letterbox(A.load_resized(sample, size), size)
+            sample, _ = A.letterbox(A.load_resized(sample, size), size)
             A.augment_hsv(sample.image, rng, hyp.get("hsv_h", 0.015), hyp.get("hsv_s", 0.7), hyp.get("hsv_v", 0.4))
-            return sample, 1.0, (0.0, 0.0)
+            return sample, Letterbox.identity(sample.image.shape[:2])
         persp = dict(degrees=hyp.get("degrees", 0.0), translate=hyp.get("translate", 0.1),
                      scale=hyp.get("scale", 0.5), shear=hyp.get("shear", 0.0), perspective=hyp.get("perspective", 0.0))
         if rng.random() < hyp.get("mosaic", 1.0):
@@ -209,7 +215,7 @@ class CocoDataset(Dataset):
             sample = A.mosaic4(tiles, size, rng)
             sample = A.random_perspective(sample, rng, border=(-size // 2, -size // 2), **persp)
         else:
-            sample, _, _ = A.letterbox(A.load_resized(sample, size), size)
+            sample, _ = A.letterbox(A.load_resized(sample, size), size)
             sample = A.random_perspective(sample, rng, **persp)
         A.augment_hsv(sample.image, rng, hyp.get("hsv_h", 0.015), hyp.get("hsv_s", 0.7), hyp.get("hsv_v", 0.4))
         if rng.random() < hyp.get("flipud", 0.0):
@@ -217,12 +223,12 @@ class CocoDataset(Dataset):
         if rng.random() < hyp.get("fliplr", 0.5):
             sample = A.hflip(sample)
         sample.captions, sample.present = [], sample.present | {"cap": False}
-        return sample, 1.0, (0.0, 0.0)
+        return sample, Letterbox.identity(sample.image.shape[:2])
 
     def __getitem__(self, index: int) -> dict:
-        sample, ratio, pad = self.transform(index)
+        sample, lb = self.transform(index)
         image = torch.from_numpy(np.ascontiguousarray(sample.image[..., ::-1].transpose(2, 0, 1)))
-        return {"image": image, "sample": sample, "ratio_pad": (ratio, pad)}
+        return {"image": image, "sample": sample, "letterbox": lb}
 
     def semantic_target(self, index: int, shape: tuple[int, int]) -> np.ndarray | None:
         """Item ``index``'s semantic map in semantic indices at the original image size ``shape`` (h, w),
@@ -258,8 +264,7 @@ def collate(items: list[dict]) -> Batch:
         present=torch.tensor([[s.present.get(t, False) for t in TASKS] for s in samples], dtype=torch.bool),
         image_ids=[s.image_id for s in samples],
         paths=[s.path for s in samples],
-        orig_shapes=[tuple(s.orig_shape) for s in samples],
-        ratio_pad=[it["ratio_pad"] for it in items],
+        letterboxes=[it["letterbox"] for it in items],
     )
 
 

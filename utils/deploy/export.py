@@ -6,7 +6,7 @@ Two graphs are written per model:
   output (:func:`output_names`), optionally with NMS inside the graph (:class:`BatchedNMS`);
 * the **caption decoder** ``<stem>_cap_decoder.onnx`` (caption models only): ``memory (B, S, d)`` and
   ``tokens (B, T)`` int64 -> ``logits (B, V)`` of the next token, so the greedy / beam loops of
-  :mod:`utils.deploy.inference` can decode with onnxruntime alone.
+  :mod:`utils.deploy.caption_decode` can decode with onnxruntime alone.
 
 Why the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) and not the dynamo one: it
 needs no extra dependency (``onnxscript``), our graphs are free of data-dependent Python control flow once

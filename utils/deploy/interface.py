@@ -15,6 +15,7 @@ from torch import nn
 from models.heads.caption import CaptionHead, CaptionOutput
 from models.model import Model
 from utils.ops.nms import BatchedNMS, NMSConfig
+from utils.ops.postprocess import head_outputs
 
 EXPORT_VERSION = 1  # bump when the graph interface (names, layouts, metadata keys) changes
 INPUT_NAME = "images"
@@ -119,17 +120,11 @@ class DeployModel(nn.Module):
         return self.model.layers[self.model.head_index["cap"]].head if "cap" in self.tasks else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(images)
-        res: list[torch.Tensor] = []
-        if out.det is not None:
-            res += list(self.nms(out.det.pred)) if self.nms is not None else [out.det.pred]
-        if out.inst is not None:
-            res += [out.inst.coeffs, out.inst.protos]
-        if out.sem is not None:
-            res.append(out.sem.logits)
-        if out.cap is not None:
-            res.append(out.cap.memory)
-        return tuple(res)
+        # the same names post-processing reads (utils.ops.postprocess), in the graph's output order
+        named = head_outputs(self.model(images))
+        if self.nms is not None:
+            named.update(zip(NMS_OUTPUTS, self.nms(named.pop("det_pred"))))
+        return tuple(named[n] for n in self.output_names)
 
 
 def export_metadata(model: Model, img_hw: tuple[int, int], batch: int, nms: NMSConfig | None, dynamic: bool,

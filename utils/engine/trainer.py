@@ -48,8 +48,9 @@ from utils.engine.torch_utils import (
     set_rng_state,
     set_seed,
 )
-from utils.eval.evaluate import evaluate, to_float
+from utils.eval.evaluate import evaluate
 from utils.loss.multitask import MultiTaskLoss
+from utils.ops.letterbox import to_float
 from utils.tasks import fitness, parse_tasks
 
 # gradients are accumulated up to this batch, and weight decay scaled to it; read when a Trainer is built,

@@ -1,4 +1,5 @@
-"""Instance-mask math shared by the instance head's loss, inference and COCO export.
+"""Instance-mask math shared by the instance head's loss, inference and COCO export (back to original
+pixels: :meth:`utils.ops.letterbox.Letterbox.masks_to_original`).
 
 Masks follow the YOLACT / YOLOv8-seg scheme: an object's mask logits are a linear combination of
 ``nm`` prototype masks, ``coeffs @ protos``, cropped to the object's box.
@@ -19,14 +20,13 @@ __all__ = [
     "box_mask",
     "crop_masks",
     "process_masks",
-    "masks_to_original",
     "encode_rle",
     "rasterize_polygons",
 ]
 
 # Masks are upsampled this many at a time so n x H x W float logits never exist at once
 # (300 detections at 640 x 640 would be ~0.5 GB of float32).
-_CHUNK = 32
+MASK_CHUNK = 32
 
 
 def assemble_masks(protos: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -81,33 +81,9 @@ def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tenso
         return out
     logits = assemble_masks(protos.float(), coeffs.float())
     boxes = boxes.to(protos.device).float()
-    for s in range(0, n, _CHUNK):
-        up = F.interpolate(logits[s:s + _CHUNK, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        out[s:s + _CHUNK] = (up > 0) & box_mask(boxes[s:s + _CHUNK], H, W)  # logit > 0 <=> p > 0.5
-    return out
-
-
-def masks_to_original(masks: torch.Tensor, ratio: float, pad: tuple[float, float],
-                      orig_shape: tuple[int, int]) -> torch.Tensor:
-    """Undoes a letterbox: ``(n, H, W)`` bool masks at input resolution -> ``(n, h0, w0)`` bool.
-
-    ``ratio`` and ``pad = (pad_w, pad_h)`` are what :func:`utils.data.augment.letterbox` returned (a point
-    maps as ``x' = x * ratio + pad``). The padding is cropped off and the rest resized bilinearly and
-    thresholded at 0.5, which keeps edges smoother than a nearest-neighbour resize when upscaling.
-    """
-    n, H, W = masks.shape
-    h0, w0 = int(orig_shape[0]), int(orig_shape[1])
-    out = torch.zeros((n, h0, w0), dtype=torch.bool, device=masks.device)
-    if n == 0:
-        return out
-    # letterbox pads by whole pixels and resizes to round(size * ratio); mirror that exactly
-    left, top = int(round(pad[0])), int(round(pad[1]))
-    uw = min(max(1, int(round(w0 * ratio))), W - left)
-    uh = min(max(1, int(round(h0 * ratio))), H - top)
-    inner = masks[:, top:top + uh, left:left + uw]
-    for s in range(0, n, _CHUNK):
-        chunk = inner[s:s + _CHUNK, None].float()
-        out[s:s + _CHUNK] = F.interpolate(chunk, size=(h0, w0), mode="bilinear", align_corners=False)[:, 0] >= 0.5
+    for s in range(0, n, MASK_CHUNK):
+        up = F.interpolate(logits[s:s + MASK_CHUNK, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        out[s:s + MASK_CHUNK] = (up > 0) & box_mask(boxes[s:s + MASK_CHUNK], H, W)  # logit > 0 <=> p > 0.5
     return out
 
 

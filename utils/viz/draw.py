@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:  # annotations only: drawing must not pull in the inference stack
-    from utils.deploy.inference import FrameResult
+if TYPE_CHECKING:  # annotations only: drawing needs numpy and cv2, not torch
+    from utils.ops.postprocess import Result
 
 Color = tuple[int, int, int]  # BGR
 
@@ -201,9 +201,9 @@ def draw_caption(image: np.ndarray, caption: str) -> np.ndarray:
     return image
 
 
-def annotate(image: np.ndarray, result: "FrameResult", names: Sequence[str], semantic_alpha: float = 0.4,
+def annotate(image: np.ndarray, result: "Result", names: Sequence[str], semantic_alpha: float = 0.4,
              mask_alpha: float = 0.45, boxes: bool = True) -> np.ndarray:
-    """A copy of ``image`` with a :class:`utils.deploy.inference.FrameResult` drawn on it, back to front: semantic
+    """A copy of ``image`` with a :class:`utils.ops.postprocess.Result` drawn on it, back to front: semantic
     overlay, instance masks, boxes with scores (``boxes=False`` to leave them out), caption banner."""
     out = image.copy()
     if result.semantic is not None:

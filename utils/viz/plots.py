@@ -23,7 +23,8 @@ import torch
 
 from utils.data.vocab import Vocabulary, tokenize
 from utils.eval.curves import Curves, normalize_rows
-from utils.ops.masks import process_masks
+from utils.ops.letterbox import to_float
+from utils.ops.postprocess import Result, head_outputs, postprocess
 from utils.tasks import IGNORE_INDEX, TASKS, is_metric_key, task_of_key
 from utils.viz.draw import GREY, SEMANTIC_PALETTE, WHITE, YELLOW, box_color
 from utils.viz.mosaic import TileLabels, draw_mosaic, imwrite
@@ -396,12 +397,10 @@ def plot_train_batch(batch: "Batch", path: Path, names: list[str], semantic_name
 
 @dataclass
 class BatchPredictions:
-    """Display predictions of one batch (input pixels): per image boxes ``(n, 6)``, masks, map, caption."""
+    """Display predictions of one batch: per image a :class:`~utils.ops.postprocess.Result` in input pixels (the
+    letterboxed tile the mosaic shows), its best class score and the threshold the boxes passed."""
 
-    dets: list[np.ndarray]
-    masks: list[np.ndarray | None]
-    semantic: list[np.ndarray | None]
-    captions: list[str | None]
+    results: list[Result]
     max_conf: list[float] = field(default_factory=list)  # best class score per image, kept or not
     conf: float = 0.25
 
@@ -409,42 +408,19 @@ class BatchPredictions:
 @torch.no_grad()
 def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf: float = 0.25,
                   iou: float = 0.45, max_det: int = 100) -> BatchPredictions:
-    """Runs ``model`` (eval mode) on a batch and keeps what is worth drawing: boxes above ``conf`` after NMS
-    (one class per box, as detect.py), their masks, the semantic argmax (outside the letterboxed image set
-    to 255 so padding is not coloured) and the greedy caption."""
-    from utils.eval.evaluate import to_float
-    from utils.ops.nms import non_max_suppression
-
+    """Runs ``model`` (eval mode) on a batch through the same :func:`~utils.ops.postprocess.postprocess` as
+    evaluation and detect.py, kept in input pixels to draw on the letterboxed tiles: boxes above ``conf`` after
+    NMS (one class per box, as detect.py), their masks, the semantic map (padding set to 255 so it is not
+    coloured) and the greedy caption."""
     model.eval()
     device = next(model.parameters()).device
     out = model(to_float(batch.images, device))
-    B, h, w = len(batch), *batch.images.shape[2:]
-    dets: list[np.ndarray] = [np.zeros((0, 6), np.float32)] * B
-    masks: list[np.ndarray | None] = [None] * B
-    max_conf = [0.0] * B
-    if out.det is not None:
-        max_conf = out.det.pred[..., 4:].float().amax((1, 2)).tolist()
-        d, idx = non_max_suppression(out.det.pred.float(), conf, iou, max_det=max_det, return_indices=True)
-        dets = [x.cpu().numpy() for x in d]
-        if out.inst is not None:
-            masks = [process_masks(out.inst.protos[b], out.inst.coeffs[b, idx[b]], d[b][:, :4], (h, w)).cpu().numpy()
-                     for b in range(B)]
-    sem: list[np.ndarray | None] = [None] * B
-    if out.sem is not None:
-        maps = out.sem.upsample((h, w)).argmax(1).to(torch.uint8).cpu().numpy()
-        for b in range(B):
-            m = maps[b]
-            if b < len(batch.ratio_pad) and b < len(batch.orig_shapes):
-                (ratio, (pw, ph)), (h0, w0) = batch.ratio_pad[b], batch.orig_shapes[b]
-                left, top = int(round(pw)), int(round(ph))
-                valid = np.zeros_like(m, bool)
-                valid[top:top + max(1, int(round(h0 * ratio))), left:left + max(1, int(round(w0 * ratio)))] = True
-                m = np.where(valid, m, IGNORE_INDEX).astype(np.uint8)
-            sem[b] = m
-    caps: list[str | None] = [None] * B
-    if out.cap is not None and vocab is not None and out.cap.tokens is not None:
-        caps = vocab.decode_batch(out.cap.tokens)
-    return BatchPredictions(dets=dets, masks=masks, semantic=sem, captions=caps, max_conf=max_conf, conf=conf)
+    results = postprocess(head_outputs(out), batch.letterboxes, conf, iou, max_det, vocab=vocab, at="input")
+    for r in results:
+        if r.semantic is not None:
+            r.semantic = r.letterbox.fill_padding(r.semantic, IGNORE_INDEX)
+    max_conf = out.det.pred[..., 4:].float().amax((1, 2)).tolist() if out.det is not None else [0.0] * len(batch)
+    return BatchPredictions(results=results, max_conf=max_conf, conf=conf)
 
 
 def plot_val_batch(batch: "Batch", preds: BatchPredictions, labels_path: Path, pred_path: Path, names: list[str],
@@ -461,16 +437,16 @@ def plot_val_batch(batch: "Batch", preds: BatchPredictions, labels_path: Path, p
         ref = batch.captions[b][0] if cap_ok[b] and batch.captions[b] else None
         gt = TileLabels(boxes=boxes, classes=classes, polygons=polys,
                         semantic=batch.semantic[b].numpy() if sem_ok[b] else None, text=[ident])
-        d = preds.dets[b]
+        r = preds.results[b]
         # say how confident the model is at all: an empty tile of a young model is "nothing above conf"
         best = preds.max_conf[b] if b < len(preds.max_conf) else float("nan")
         count = (f"#{batch.image_ids[b]}  " if b < len(batch.image_ids) else "") + \
-            f"{len(d)} boxes > {conf:g} (best score {best:.2f})"
-        pr = TileLabels(boxes=d[:, :4], classes=d[:, 5].astype(np.int64), scores=d[:, 4], masks=preds.masks[b],
-                        semantic=preds.semantic[b], text=[(count, GREY)])
+            f"{len(r)} boxes > {conf:g} (best score {best:.2f})"
+        pr = TileLabels(boxes=r.boxes, classes=r.classes, scores=r.scores, masks=r.masks, semantic=r.semantic,
+                        text=[(count, GREY)])
         if captions:
             gt.text.append((f"ref: {ref}" if ref else "ref: (none)", WHITE if ref else GREY))
-            pred_cap = preds.captions[b] if b < len(preds.captions) else None
+            pred_cap = r.caption
             pr.text.append((f"pred: {pred_cap if pred_cap is not None else ''}", YELLOW))
             pr.text.append((f"ref: {ref}" if ref else "ref: (none)", WHITE if ref else GREY))
         gt_tiles.append(gt)

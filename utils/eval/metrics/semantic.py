@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from utils.tasks import IGNORE_INDEX
 
@@ -85,22 +84,3 @@ class SemanticMeter:
             "unknown_pixels": int(self.unknown_pixels),
         }
 
-
-def logits_to_original(logits: torch.Tensor, ratio: float, pad: tuple[float, float],
-                       orig_shape: tuple[int, int]) -> torch.Tensor:
-    """Undoes a letterbox on one image's class scores: ``(K, H, W)`` logits at network input resolution
-    -> ``(K, h0, w0)`` at the original resolution ``orig_shape``.
-
-    ``ratio`` and ``pad = (pad_w, pad_h)`` are what :func:`utils.data.augment.letterbox` returned. The
-    padding is cropped off (letterbox pads by whole pixels around a ``round(size * ratio)`` image, as in
-    :func:`utils.ops.masks.masks_to_original`) and the rest resized bilinearly, on the logits rather than on
-    the argmax, so class boundaries land between original pixels as COCO-Stuff/ADE20K/Cityscapes
-    evaluations resize them.
-    """
-    _, H, W = logits.shape
-    h0, w0 = int(orig_shape[0]), int(orig_shape[1])
-    left, top = int(round(pad[0])), int(round(pad[1]))
-    uw = min(max(1, int(round(w0 * ratio))), W - left)
-    uh = min(max(1, int(round(h0 * ratio))), H - top)
-    inner = logits[None, :, top:top + uh, left:left + uw].float()
-    return F.interpolate(inner, size=(h0, w0), mode="bilinear", align_corners=False)[0]

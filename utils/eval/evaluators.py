@@ -1,0 +1,231 @@
+"""One evaluator per task, as detectron2's ``DatasetEvaluator``: ``reset()``, ``process(batch, results)`` per
+batch of :class:`~utils.ops.postprocess.Result` (original pixels), ``evaluate() -> metrics``, then ``export``
+adds what the task keeps besides metrics (COCO predictions, per-class scores, confusion) to the ``EvalResult``.
+
+Each evaluator owns its metric keys and its share of the model-selection fitness (``task`` is its key in
+:data:`utils.tasks.FITNESS_TERMS`, and ``evaluate`` reports those terms whenever it scores anything), so a new
+task (panoptic next) is one new evaluator composed by :func:`utils.eval.evaluate.evaluate`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from utils.data.config import SplitSpec
+from utils.data.dataset import Batch, CocoDataset
+from utils.eval.metrics.caption import caption_scores
+from utils.eval.metrics.detection import coco_map, load_ground_truth
+from utils.eval.metrics.semantic import SemanticMeter
+from utils.ops.postprocess import Result, coco_boxes, coco_masks
+from utils.tasks import FITNESS_TERMS
+
+if TYPE_CHECKING:  # annotation only: evaluate.py imports this module
+    from utils.eval.evaluate import EvalResult
+
+__all__ = ["Evaluator", "InstanceTruth", "BoxEvaluator", "MaskEvaluator", "SemanticEvaluator", "CaptionEvaluator"]
+
+
+class Evaluator:
+    """Base of the per-task evaluators; ``task`` names the fitness share (``FITNESS_TERMS[task]``) it reports."""
+
+    task: str = ""
+
+    @property
+    def fitness_terms(self) -> dict[str, float]:
+        """The metrics of this task that make up its share of the fitness, and their weights."""
+        return FITNESS_TERMS[self.task]
+
+    def reset(self) -> None:
+        """Forgets everything processed."""
+        raise NotImplementedError
+
+    def process(self, batch: Batch, results: list[Result]) -> None:
+        """Adds one batch: its labels and one Result per image, in original pixels."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over everything processed (flat ``metrics.json`` keys); empty when nothing was scored."""
+        raise NotImplementedError
+
+    def export(self, result: "EvalResult") -> None:
+        """Adds this task's predictions, per-class scores and scored-image count to ``result`` (after evaluate)."""
+
+
+class InstanceTruth:
+    """The instance ground truth boxes and masks are scored on, loaded once for both: the images of splits
+    with ``instances`` (only their predictions may reach ``loadRes``, which refuses unknown images)."""
+
+    def __init__(self, dataset: CocoDataset, owner: dict[int, SplitSpec]):
+        self.owner = owner
+        self.files = [s.instances for s in {id(s): s for s, _ in dataset.items}.values() if s.instances]
+        self._gt = None
+
+    @property
+    def gt(self):
+        """The pycocotools COCO of every instance file (loaded on first use)."""
+        if self._gt is None:
+            self._gt = load_ground_truth(self.files)
+        return self._gt
+
+    def scored(self, image_ids: Sequence[int]) -> list[int]:
+        """The ids among ``image_ids`` that have instance labels, sorted."""
+        return sorted({i for i in image_ids if self.owner[i].instances})
+
+
+class _CocoEvaluator(Evaluator):
+    """COCOeval of one iou type over the images with instance labels (all predictions kept when none has)."""
+
+    iou_type = ""
+    prefix = ""
+    per_class_key = ""
+    keys: dict[str, str] = {}  # coco_map key -> metric key
+
+    def __init__(self, truth: InstanceTruth, category_ids: Sequence[int]):
+        self.truth, self.category_ids = truth, list(category_ids)
+        self.reset()
+
+    def reset(self) -> None:
+        self.predictions: list[dict] = []
+        self.image_ids: list[int] = []
+        self.scored_ids: list[int] = []
+        self.stats: dict | None = None
+
+    def convert(self, r: Result, image_id: int) -> list[dict]:
+        raise NotImplementedError
+
+    def process(self, batch: Batch, results: list[Result]) -> None:
+        for iid, r in zip(batch.image_ids, results):
+            self.image_ids.append(int(iid))
+            if len(r):
+                self.predictions += self.convert(r, iid)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.truth.files:
+            return {}
+        self.scored_ids = self.truth.scored(self.image_ids)
+        keep = set(self.scored_ids)
+        self.predictions = [d for d in self.predictions if d["image_id"] in keep]
+        self.stats = coco_map(self.truth.gt, self.predictions, self.scored_ids, self.category_ids, self.iou_type)
+        return {v: self.stats[k] for k, v in self.keys.items()}
+
+
+class BoxEvaluator(_CocoEvaluator):
+    """Box mAP (COCOeval ``bbox``) in original pixels and category ids."""
+
+    task, iou_type, per_class_key = "det", "bbox", "box"
+    keys = {"map": "box_map", "map50": "box_map50", "map75": "box_map75"}
+
+    def convert(self, r: Result, image_id: int) -> list[dict]:
+        return coco_boxes(r, int(image_id), self.category_ids)
+
+    def export(self, result: "EvalResult") -> None:
+        result.detections = self.predictions
+        if self.stats is not None:
+            result.scored_images["box"] = len(self.scored_ids)
+            result.ground_truth = self.truth.gt
+            result.per_class["box"] = self.stats["per_class"]
+
+
+class MaskEvaluator(_CocoEvaluator):
+    """Mask mAP (COCOeval ``segm``) of RLEs at the original resolution."""
+
+    task, iou_type, per_class_key = "inst", "segm", "mask"
+    keys = {"map": "mask_map", "map50": "mask_map50"}
+
+    def convert(self, r: Result, image_id: int) -> list[dict]:
+        return coco_masks(r, int(image_id), self.category_ids)
+
+    def export(self, result: "EvalResult") -> None:
+        result.masks = self.predictions
+        if self.stats is not None:
+            result.per_class["mask"] = self.stats["per_class"]
+
+
+class SemanticEvaluator(Evaluator):
+    """mIoU / pixel accuracy over the images with a semantic map.
+
+    ``at="original"`` (COCO-Stuff / ADE20K / Cityscapes) compares each Result's map at the original size
+    with the original map (``dataset.semantic_target``, found by path); ``"input"`` compares the letterboxed
+    map (Results made with ``semantic_at="input"``) with the batch's letterboxed labels (padding is ignored).
+    """
+
+    task = "sem"
+
+    def __init__(self, num_classes: int, dataset: CocoDataset, at: str = "original"):
+        self.meter = SemanticMeter(num_classes)
+        self.dataset, self.at = dataset, at
+        # batches carry paths, not dataset indices: the original semantic map is found by path
+        self.index_of = {str(split.images / rec.file): i for i, (split, rec) in enumerate(dataset.items)}
+        self.reset()
+
+    def reset(self) -> None:
+        self.meter.reset()
+        self.images = 0
+        self.stats: dict | None = None
+
+    @staticmethod
+    def wanted(batch: Batch) -> list[bool]:
+        """Per image whether its semantic map is scored (``postprocess(semantic_for=...)``)."""
+        if batch.semantic is None:
+            return [False] * len(batch)
+        return [bool(v) for v in batch.task_present("sem").tolist()]
+
+    def process(self, batch: Batch, results: list[Result]) -> None:
+        if batch.semantic is None:
+            return
+        present = batch.task_present("sem")
+        self.images += int(present.sum())
+        for b in present.nonzero()[:, 0].tolist():
+            if self.at == "input":
+                target = batch.semantic[b].numpy()
+            else:
+                target = self.dataset.semantic_target(self.index_of[batch.paths[b]], batch.orig_shapes[b])
+                if target is None:
+                    continue
+            self.meter.update(torch.from_numpy(results[b].semantic)[None], torch.from_numpy(target)[None].long())
+
+    def evaluate(self) -> dict[str, float]:
+        if self.meter.confusion.sum() == 0:
+            return {}
+        self.stats = self.meter.compute()
+        return {"sem_miou": self.stats["miou"], "sem_pixacc": self.stats["pixel_acc"]}
+
+    def export(self, result: "EvalResult") -> None:
+        if self.stats is not None:
+            result.scored_images["sem"] = self.images
+            result.per_class["sem_iou"] = dict(enumerate(self.stats["per_class_iou"]))
+            result.semantic_confusion = self.stats["confusion"]
+
+
+class CaptionEvaluator(Evaluator):
+    """BLEU / ROUGE-L / CIDEr-D of each Result's caption against every reference of images that have them."""
+
+    task = "cap"
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.predicted: dict[int, str] = {}
+        self.references: dict[int, list[str]] = {}
+
+    def process(self, batch: Batch, results: list[Result]) -> None:
+        for iid, r, refs, has in zip(batch.image_ids, results, batch.captions, batch.task_present("cap").tolist()):
+            if r.caption is None:
+                continue
+            self.predicted[int(iid)] = r.caption
+            if has:
+                self.references[int(iid)] = refs
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.references:
+            return {}
+        scores = caption_scores({k: v for k, v in self.predicted.items() if k in self.references}, self.references)
+        return {f"cap_{k}": v for k, v in scores.items()}
+
+    def export(self, result: "EvalResult") -> None:
+        if self.references:
+            result.scored_images["cap"] = len(self.references)
+        result.captions = [(k, self.predicted[k], self.references.get(k, [])) for k in list(self.predicted)[:8]]
+
