@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import Conv
-from models.heads.semantic import SemanticHead, SemOutput, upsample_logits
+from models.heads.semantic import SemanticHead, SemOutput
 from models.implicit import FORMS, Implicit
 from tests.conftest import randomize_bn_and_implicits
 from utils.eval.metrics.semantic import SemanticMeter
 from utils.loss.semantic import SemanticLoss
+from utils.ops.letterbox import upsample_logits
 
 CH, STRIDES, IMG = [8, 12, 16], [8, 16, 32], 64
 

@@ -7,7 +7,7 @@ implicit-refined 1x1 conv (``RefinedConv``) predicts the class logits.
 
 Why stride 4 and not full resolution: stuff classes are large, smooth regions; stride-4 logits upsampled
 bilinearly lose almost nothing in mIoU while costing 1/16 of the memory of full-resolution maps. The loss
-and evaluation upsample the logits with :func:`upsample_logits`.
+and evaluation upsample the logits with :func:`utils.ops.letterbox.upsample_logits`.
 """
 from __future__ import annotations
 
@@ -20,20 +20,9 @@ from torch import nn
 
 from models.common import Conv
 from models.heads.base import RefinedConv, TaskInput
+from utils.ops.letterbox import upsample_logits
 
 MAX_OUT_STRIDE = 4  # the logits are produced at this stride or finer
-
-
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinearly resizes ``(B, K, h, w)`` logits to ``size = (H, W)`` (``align_corners=False``).
-
-    Logits (not probabilities or labels) are interpolated so the argmax boundaries fall between pixels
-    smoothly; this is the same resize the loss uses, so training and evaluation agree.
-    """
-    size = (int(size[0]), int(size[1]))
-    if tuple(logits.shape[-2:]) == size:
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 @dataclass

@@ -102,3 +102,15 @@ class Letterbox:
         rows, cols = self.inner(label_map.shape)
         out[rows, cols] = label_map[rows, cols]
         return out
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinearly resizes ``(B, K, h, w)`` logits to ``size = (H, W)`` (``align_corners=False``).
+
+    Logits (not probabilities or labels) are interpolated so the argmax boundaries fall between pixels
+    smoothly; this is the same resize the loss uses, so training and evaluation agree.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) == size:
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from models.heads.semantic import upsample_logits
 from utils.ops.boxes import xyxy2xywh
-from utils.ops.letterbox import Letterbox
+from utils.ops.letterbox import Letterbox, upsample_logits
 from utils.ops.masks import encode_rle, process_masks
 from utils.ops.nms import non_max_suppression
 
