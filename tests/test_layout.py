@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "utils")
-SCRIPTS = ("train.py", "test.py", "detect.py", "export.py")
+SCRIPTS = ("train.py", "test.py", "detect.py", "export.py", "hubconf.py")
 
 
 def _modules() -> dict[str, Path]:

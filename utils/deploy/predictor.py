@@ -1,8 +1,15 @@
-"""What detect.py runs: frames -> letterboxed batch -> backend -> :func:`~utils.ops.postprocess.postprocess` ->
-one :class:`~utils.ops.postprocess.Result` per frame in the frame's own pixels, and the files made from them."""
+"""What detect.py and the Python API run: frames -> letterboxed batch -> backend ->
+:func:`~utils.ops.postprocess.postprocess` -> one :class:`Results` per frame in the frame's own pixels (a
+:class:`~utils.ops.postprocess.Result`, as evaluation sees it, plus the model's names and the frame), and the
+files made from them."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
 
 import numpy as np
 import torch
@@ -11,11 +18,14 @@ from utils.data.augment import letterbox
 from utils.data.sample import Sample
 from utils.data.vocab import Vocabulary
 from utils.deploy.backends import Backend
+from utils.deploy.interface import ModelInfo
 from utils.ops.letterbox import Letterbox
-from utils.ops.postprocess import Result, coco_boxes, coco_masks, postprocess
+from utils.ops.postprocess import Result, category_ids_of, coco_boxes, coco_masks, postprocess
 from utils.tasks import IGNORE_INDEX
+from utils.viz.draw import annotate
 
-__all__ = ["Predictor", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines", "summarize"]
+__all__ = ["Predictor", "Results", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines",
+           "summarize"]
 
 
 def check_img_size(img: int | tuple[int, int] | list[int], stride: float) -> tuple[int, int]:
@@ -53,9 +63,8 @@ def semantic_png(semantic: np.ndarray, semantic_ids: list[int]) -> np.ndarray:
 
 
 class Predictor:
-    """Frames in, :class:`~utils.ops.postprocess.Result` out (original pixels): preprocess, backend, captions and
-    the same :func:`~utils.ops.postprocess.postprocess` as evaluation (single-label NMS at the CLI thresholds),
-    with timings.
+    """Frames in, :class:`Results` out (original pixels): preprocess, backend, captions and the same
+    :func:`~utils.ops.postprocess.postprocess` as evaluation (single-label NMS at the CLI thresholds), with timings.
 
     ``tasks``: which heads' results to produce (default: every head of the model); instance masks need the
     detections, so they are computed whenever ``inst`` is asked for.
@@ -100,8 +109,11 @@ class Predictor:
             notes.append(f"--max-det is capped by the exported {nms['max_det']}")
         return notes
 
-    def __call__(self, frames: list[np.ndarray]) -> tuple[list[Result], dict[str, float]]:
-        """Results for a batch of BGR frames and the ``pre`` / ``infer`` / ``post`` times in ms (whole batch)."""
+    def __call__(self, frames: list[np.ndarray], paths: Sequence[str | None] | None = None,
+                 indices: Sequence[int | None] | None = None) -> tuple[list["Results"], dict[str, float]]:
+        """:class:`Results` for a batch of BGR frames and the ``pre`` / ``infer`` / ``post`` times in ms (whole
+        batch). ``paths`` / ``indices``: per frame, where it came from and its index in its video (``None`` for
+        images); they name the frame in :meth:`Results.to_json` and are not otherwise used."""
         t0 = time.perf_counter()
         x, boxes = preprocess(frames, self.img_hw)
         t1 = time.perf_counter()
@@ -113,7 +125,11 @@ class Predictor:
                               self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.tasks,
                               vocab=self.vocab)
         t3 = time.perf_counter()
-        return results, {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
+        speed = {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
+        paths = list(paths) if paths is not None else [None] * len(frames)
+        indices = list(indices) if indices is not None else [None] * len(frames)
+        return [Results.of(r, self.info, self.tasks, f, p, i, speed)
+                for r, f, p, i in zip(results, frames, paths, indices)], speed
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Backend call; a graph exported for a fixed batch gets the batch padded (and the outputs cut)."""
@@ -159,3 +175,112 @@ def summarize(result: Result, names: list[str]) -> str:
         return "no detections"
     cls, n = np.unique(result.classes, return_counts=True)
     return ", ".join(f"{k} {names[c] if c < len(names) else c}{'s' * (k > 1)}" for c, k in zip(cls.tolist(), n.tolist()))
+
+
+# --------------------------------------------------------------------------------------------------
+# the user-facing result
+# --------------------------------------------------------------------------------------------------
+@dataclass(repr=False)
+class Results(Result):
+    """One frame's :class:`~utils.ops.postprocess.Result` (the same arrays, in the frame's pixels) with what a user
+    needs next to it: the model's :class:`~utils.deploy.interface.ModelInfo` (class names, dataset category ids),
+    the tasks asked for, the frame itself and where it came from. :class:`Predictor` makes them, so detect.py, the
+    Python API (:mod:`utils.deploy.api`) and anything written from them see one object.
+
+    Data (numpy, CPU): ``boxes`` ``(n, 4)`` xyxy, ``scores``, ``classes`` (contiguous indices), :attr:`class_names`,
+    :attr:`category_ids` (the dataset's), ``masks`` ``(n, h, w)`` bool, ``semantic`` ``(h, w)``, ``panoptic``
+    (``None`` until the model's results carry it), ``tokens`` / ``caption``; ``orig_img`` (BGR), ``path``,
+    ``frame`` (index in its video, ``None`` for images), ``speed`` (ms of the batch it ran in).
+    A task switched off (``tasks``) leaves its field ``None`` (``boxes`` empty without ``det`` and ``inst``).
+    """
+
+    info: ModelInfo = field(default_factory=ModelInfo)
+    tasks: tuple[str, ...] = ()
+    orig_img: np.ndarray | None = None
+    path: str | None = None
+    frame: int | None = None
+    speed: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: Result, info: ModelInfo, tasks: Sequence[str], orig_img: np.ndarray | None = None,
+           path: str | None = None, frame: int | None = None, speed: dict[str, float] | None = None) -> "Results":
+        """``result`` enriched; every field of ``result`` is carried over as it is (fields added to ``Result``
+        later, such as ``panoptic``, included)."""
+        return cls(**{f.name: getattr(result, f.name) for f in fields(result) if f.init and hasattr(result, f.name)},
+                   info=info, tasks=tuple(tasks), orig_img=orig_img, path=None if path is None else str(path),
+                   frame=frame, speed=dict(speed or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: ``panoptic`` reads as None while Result has no such field
+        # (before the panoptic task lands, or for results made without it), so callers need no hasattr checks.
+        if name == "panoptic":
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def names(self) -> list[str]:
+        """The model's class names, by contiguous class index."""
+        return self.info.names
+
+    @property
+    def class_names(self) -> list[str]:
+        """Per detection, its class name (the index as text when the model names fewer classes)."""
+        return [self.names[c] if c < len(self.names) else str(c) for c in self.classes.tolist()]
+
+    @property
+    def category_ids(self) -> np.ndarray:
+        """Per detection, the dataset's category id (what COCO results carry)."""
+        return category_ids_of(self.classes, self.info.category_ids)
+
+    @property
+    def image_id(self) -> int | str:
+        """detect.py's name for this frame in COCO results: the file stem (an int when numeric, as COCO's own
+        file names are), ``stem_frame`` for a video frame, ``frame`` index alone when there is no path."""
+        stem = Path(self.path).stem if self.path else ""
+        if self.frame is not None:
+            return f"{stem}_{self.frame}" if stem else int(self.frame)
+        return int(stem) if stem.isnumeric() else stem
+
+    def summary(self) -> str:
+        """``2 circles, 1 square`` (detect.py's log line)."""
+        return summarize(self, self.names)
+
+    def plot(self, img: np.ndarray | None = None, semantic_alpha: float = 0.4, mask_alpha: float = 0.45,
+             boxes: bool | None = None) -> np.ndarray:
+        """A BGR copy of ``img`` (default: the frame) with everything drawn (:func:`utils.viz.draw.annotate`):
+        semantic overlay, masks, boxes (``boxes=None``: when ``det`` was asked for), caption banner."""
+        img = self.orig_img if img is None else img
+        if img is None:
+            raise ValueError("Results.plot: no image to draw on (this result carries no frame; pass img=...)")
+        return annotate(img, self, self.names, semantic_alpha, mask_alpha,
+                        boxes="det" in self.tasks if boxes is None else boxes)
+
+    def save(self, path: str | Path, **plot_kw: Any) -> Path:
+        """Writes :meth:`plot` (``plot_kw`` passed on) to ``path`` (any format cv2 writes); returns ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(path), self.plot(**plot_kw)):
+            raise ValueError(f"cannot write image {path} (unknown image suffix?)")
+        return path
+
+    def to_json(self, image_id: int | str | None = None) -> dict[str, Any]:
+        """A JSON-ready dict: ``image_id`` (default :attr:`image_id`), ``path``, ``shape`` ``[h, w]``,
+        ``detections`` (:func:`coco_results`: the dicts evaluation and ``predictions.json`` hold, dataset
+        category ids, RLE masks) and ``caption`` (``None`` without one)."""
+        image_id = self.image_id if image_id is None else image_id
+        return {"image_id": image_id, "path": self.path, "shape": [int(v) for v in self.shape],
+                "detections": coco_results(self, image_id, self.info.category_ids), "caption": self.caption}
+
+    def cpu(self) -> "Results":
+        """``self``: the arrays are numpy on the CPU already (kept for torch / Ultralytics habits)."""
+        return self
+
+    def numpy(self) -> "Results":
+        """``self``: the arrays are numpy already (kept for torch / Ultralytics habits)."""
+        return self
+
+    def __repr__(self) -> str:
+        cap = f", caption={self.caption!r}" if self.caption is not None else ""
+        h, w = self.shape
+        return f"Results({self.path or 'array'}{'' if self.frame is None else f'#{self.frame}'}, {h}x{w}, " \
+               f"{self.summary()}{cap})"

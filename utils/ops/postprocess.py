@@ -22,7 +22,7 @@ from utils.ops.nms import non_max_suppression
 if TYPE_CHECKING:  # annotations only: ops does not depend on data at run time
     from utils.data.vocab import Vocabulary
 
-__all__ = ["Result", "head_outputs", "postprocess", "coco_boxes", "coco_masks", "SPACES"]
+__all__ = ["Result", "head_outputs", "postprocess", "category_ids_of", "coco_boxes", "coco_masks", "SPACES"]
 
 SPACES = ("original", "input")  # where a Result's coordinates live: the original image or the letterboxed input
 
@@ -176,6 +176,11 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
 def _category(cls: int, category_ids: Sequence[int]) -> int:
     """A contiguous class index -> its dataset category id (the index itself when the model lists no id)."""
     return int(category_ids[cls]) if cls < len(category_ids) else int(cls)
+
+
+def category_ids_of(classes: np.ndarray, category_ids: Sequence[int]) -> np.ndarray:
+    """Contiguous class indices -> ``(n,)`` int64 dataset category ids, the ids :func:`coco_boxes` writes."""
+    return np.array([_category(int(c), category_ids) for c in classes], np.int64)
 
 
 def coco_boxes(r: Result, image_id: int | str, category_ids: Sequence[int]) -> list[dict]:
