@@ -118,7 +118,10 @@ class YOLOR:
         for s in parts:
             if isinstance(s, np.ndarray) and (s.ndim != 3 or s.shape[2] != 3 or s.dtype != np.uint8):
                 raise ValueError(f"an array source must be an (h, w, 3) uint8 BGR image, got {s.dtype} {s.shape}")
-        return (item for s in parts for item in ([(None, s, None)] if isinstance(s, np.ndarray) else _frames(s)))
+        # arrays are named image0, image1, ... by their place in the list (Ultralytics' names), so their COCO
+        # image ids differ
+        return (item for i, s in enumerate(parts)
+                for item in ([(f"image{i}", s, None)] if isinstance(s, np.ndarray) else _frames(s)))
 
     @staticmethod
     def _predict(predictor: Predictor, items: Iterable[_Item]) -> Iterator[Results]:

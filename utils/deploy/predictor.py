@@ -235,10 +235,12 @@ class Results(Result):
     @property
     def image_id(self) -> int | str:
         """detect.py's name for this frame in COCO results: the file stem (an int when numeric, as COCO's own
-        file names are), ``stem_frame`` for a video frame, ``frame`` index alone when there is no path."""
-        stem = Path(self.path).stem if self.path else ""
+        file names are), ``stem_frame`` for a video frame, the frame index (or 0) when there is no path."""
+        if not self.path:
+            return int(self.frame or 0)
+        stem = Path(self.path).stem
         if self.frame is not None:
-            return f"{stem}_{self.frame}" if stem else int(self.frame)
+            return f"{stem}_{self.frame}"
         return int(stem) if stem.isnumeric() else stem
 
     def summary(self) -> str:
