@@ -62,7 +62,7 @@ def write_scene_video(path: str | Path, boxes: np.ndarray, size: tuple[int, int]
                 if k % 2:
                     cv2.rectangle(img, (x1, y1), (x2, y2), color, -1)
                 else:
-                    cv2.ellipse(img, ((x1 + x2) / 2, (y1 + y2) / 2), (x2 - x1, y2 - y1), 0, color, -1)
+                    cv2.ellipse(img, (((x1 + x2) / 2, (y1 + y2) / 2), (float(x2 - x1), float(y2 - y1)), 0.0), color, -1)
             writer.write(img)
     finally:
         writer.release()
