@@ -4,6 +4,7 @@
     python detect.py --weights best.onnx --source images/       # a folder, a glob 'dir/*.jpg' or a list.txt
     python detect.py --weights best.pt --source video.mp4 --save-json --save-txt --save-masks
     python detect.py --weights best.pt --source 0               # webcam 0; rtsp:// or http(s):// for streams
+    python detect.py --weights best.pt --source video.mp4 --track --save-txt   # ByteTrack ids across frames
 
 Annotated images and videos (boxes, instance masks, semantic overlay, caption banner) are written to
 runs/detect/exp*/ under the source's name. A demo video to try this on:
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils.data.sources import LoadSource
+from utils.data.sources import LoadSource, is_video
 from utils.deploy.backends import load_backend
 from utils.deploy.predictor import (
     Predictor,
@@ -27,6 +28,7 @@ from utils.deploy.predictor import (
 )
 from utils.engine.cli import run_cli
 from utils.engine.torch_utils import increment_path, latest_run
+from utils.ops.track import ByteTracker, track_result
 from utils.tasks import parse_tasks
 from utils.viz.draw import annotate
 
@@ -36,7 +38,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default="", help=".pt or .onnx (default: newest runs/train/exp*/weights/best.pt)")
     p.add_argument("--source", required=True, help="file, folder, glob, .txt list, video, webcam index or stream URL")
     p.add_argument("--img", "--img-size", nargs="+", type=int, default=[640], help="inference size: one value or h w")
-    p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
+    p.add_argument("--conf-thres", type=float, default=None,
+                   help="confidence threshold (default 0.25; 0.1 with --track: ByteTrack's second stage needs "
+                        "the low-score detections)")
     p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
     p.add_argument("--device", default="", help="cuda device (0, 1, ...) or cpu; default: CUDA if available")
@@ -56,6 +60,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project", default="runs/detect", help="save results to project/name")
     p.add_argument("--name", default="exp", help="save results to project/name")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    p.add_argument("--track", action="store_true", help="ByteTrack ids across the frames of videos and streams")
+    p.add_argument("--track-thresh", type=float, default=0.5, help="--track: score of a high (first-stage) detection")
+    p.add_argument("--track-buffer", type=int, default=30, help="--track: frames a lost track is kept")
     return p.parse_args(argv)
 
 
@@ -99,13 +106,15 @@ def run(opt: argparse.Namespace) -> Path:
     if opt.beam < 1:
         raise ValueError(f"--beam {opt.beam}: must be >= 1")
     source = LoadSource(opt.source, opt.vid_stride)  # validated before the model loads: bad input fails fast
+    tracker = _tracker(opt, source)
     half = opt.half
     if half and (str(weights).endswith(".onnx") or opt.device == "cpu" or not _cuda()):
         print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an .onnx keeps its export precision)")
         half = False
     backend = load_backend(weights, opt.device, half)
     tasks = parse_tasks(opt.tasks) if opt.tasks else None
-    predictor = Predictor(backend, opt.img, opt.conf_thres, opt.iou_thres, opt.max_det, opt.classes,
+    conf_thres = opt.conf_thres if opt.conf_thres is not None else (0.1 if opt.track else 0.25)
+    predictor = Predictor(backend, opt.img, conf_thres, opt.iou_thres, opt.max_det, opt.classes,
                           opt.agnostic_nms, tasks, opt.beam)
     info = predictor.info
     for note in predictor.notes:
@@ -137,6 +146,10 @@ def run(opt: argparse.Namespace) -> Path:
             src = Path(frame.path)
             if frame.path != last_file:
                 file_i, last_file = file_i + 1, frame.path
+            if tracker is not None and frame.video is not None:  # images of a mixed folder stay untracked
+                if frame.index == 0:  # every video starts its own ids
+                    tracker.reset()
+                r = track_result(r, tracker)
             if frame.video is None:
                 stem, key = src.stem, src.name
                 prefix = f"image {file_i}/{n_files} {frame.path}:"
@@ -185,6 +198,18 @@ def run(opt: argparse.Namespace) -> Path:
     saved += ["labels/*.txt"] * opt.save_txt + ["predictions.json"] * opt.save_json + ["masks/*.png"] * save_masks
     print(f"Results saved to {save_dir}" + (f" ({', '.join(saved)})" if saved else ""))
     return save_dir
+
+
+def _tracker(opt: argparse.Namespace, source: LoadSource) -> ByteTracker | None:
+    """The ByteTracker ``--track`` asks for, or ``None``; an error when the source has no video to track in
+    (ids across unrelated images would mean nothing)."""
+    if not opt.track:
+        return None
+    if not source.stream and not any(is_video(f) for f in source.files):
+        raise ValueError(f"--track needs a video, webcam or stream source; {opt.source} has only images")
+    if "det" not in (parse_tasks(opt.tasks) if opt.tasks else ["det"]):
+        raise ValueError("--track needs the detection task (add det to --tasks)")
+    return ByteTracker(opt.track_thresh, opt.track_buffer)
 
 
 def _cuda() -> bool:

@@ -152,20 +152,26 @@ class Predictor:
 # --------------------------------------------------------------------------------------------------
 def coco_results(result: Result, image_id: int | str, category_ids: list[int]) -> list[dict]:
     """COCO result dicts of one frame (the conversion evaluation uses): original category ids, ``bbox`` ``x y w h``
-    in frame pixels, ``score``, and an RLE ``segmentation`` when the frame has instance masks."""
+    in frame pixels, ``score``, an RLE ``segmentation`` when the frame has instance masks, and ``track_id`` when
+    it was tracked."""
     out = coco_boxes(result, image_id, category_ids)
     for d, m in zip(out, coco_masks(result, image_id, category_ids)):
         d["segmentation"] = m["segmentation"]
+    if result.track_ids is not None:
+        for d, i in zip(out, result.track_ids.tolist()):
+            d["track_id"] = i
     return out
 
 
 def yolo_lines(result: Result, with_conf: bool = False) -> list[str]:
-    """YOLO label lines ``class xc yc w h [conf]``, coordinates normalized by the frame size."""
+    """YOLO label lines ``class xc yc w h [conf]``, coordinates normalized by the frame size, and the track id last
+    when the frame was tracked (``class xc yc w h [conf] id``, Ultralytics' MOT-style lines)."""
     h, w = result.shape
+    ids = result.track_ids.tolist() if result.track_ids is not None else [None] * len(result)
     lines = []
-    for (x1, y1, x2, y2), s, c in zip(result.boxes.tolist(), result.scores.tolist(), result.classes.tolist()):
+    for (x1, y1, x2, y2), s, c, i in zip(result.boxes.tolist(), result.scores.tolist(), result.classes.tolist(), ids):
         line = f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
-        lines.append(line + (f" {s:.6f}" if with_conf else ""))
+        lines.append(line + (f" {s:.6f}" if with_conf else "") + (f" {i}" if i is not None else ""))
     return lines
 
 

@@ -33,7 +33,8 @@ class Result:
 
     ``boxes`` ``(n, 4)`` float32 ``x1 y1 x2 y2``, ``scores`` ``(n,)`` float32, ``classes`` ``(n,)`` int64 contiguous
     indices; ``masks`` ``(n, h, w)`` bool or ``None``; ``semantic`` ``(h, w)`` semantic indices (uint8 when
-    there are at most 256 classes) or ``None``; ``tokens`` the caption ids and ``caption`` their words, or ``None``.
+    there are at most 256 classes) or ``None``; ``tokens`` the caption ids and ``caption`` their words, or ``None``;
+    ``track_ids`` ``(n,)`` int64 video track ids of the detections (:mod:`utils.ops.track`), or ``None``.
     """
 
     letterbox: Letterbox
@@ -45,6 +46,7 @@ class Result:
     tokens: np.ndarray | None = None
     caption: str | None = None
     at: str = "original"
+    track_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)

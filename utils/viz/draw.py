@@ -154,10 +154,11 @@ def outline_masks(image: np.ndarray, masks: np.ndarray, classes: np.ndarray, thi
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, names: Sequence[str],
                scores: np.ndarray | None = None, font_scale: float | None = None,
-               thickness: int | None = None) -> np.ndarray:
+               thickness: int | None = None, ids: np.ndarray | None = None) -> np.ndarray:
     """Rectangles in their class colour with a filled label tab (in place).
 
-    The tab reads ``name`` (ground truth, ``scores=None``) or ``name 0.87``; it sits above the box, or inside
+    The tab reads ``name`` (ground truth, ``scores=None``) or ``name 0.87``, after ``id:7`` when track ``ids``
+    are given (``id:7 person 0.91``); it sits above the box, or inside
     at its top edge when there is no room, and is shifted left to stay inside the image.
 
     Args:
@@ -175,6 +176,8 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, names:
         color = box_color(int(c))
         cv2.rectangle(image, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
         label = names[int(c)] if int(c) < len(names) else str(int(c))
+        if ids is not None:
+            label = f"id:{int(ids[k])} {label}"
         if scores is not None:
             label += f" {float(scores[k]):.2f}"
         (tw, th), base = cv2.getTextSize(label, FONT, fs, ft)
@@ -211,7 +214,7 @@ def annotate(image: np.ndarray, result: "Result", names: Sequence[str], semantic
     if result.masks is not None and len(result.masks):
         draw_masks(out, result.masks, result.classes, mask_alpha)
     if boxes and len(result.boxes):
-        draw_boxes(out, result.boxes, result.classes, names, result.scores)
+        draw_boxes(out, result.boxes, result.classes, names, result.scores, ids=result.track_ids)
     if result.caption is not None:
         draw_caption(out, result.caption)
     return out
