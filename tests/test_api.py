@@ -19,6 +19,7 @@ from utils.data.sources import SourceError
 from utils.deploy.api import YOLOR
 from utils.deploy.predictor import Results, coco_results
 from utils.ops.postprocess import Result
+from utils.ops.track import ByteTracker, track_result
 
 OPTS = {"conf": float(CONF), "imgsz": IMG}
 
@@ -164,3 +165,21 @@ def test_missing_weights_and_sources_are_clear_errors(models, tmp_path):
         torch.hub.load(str(ROOT), "custom", source="local")
     with pytest.raises(SourceError, match="nope.jpg"):  # at the call, not when the generator is first iterated
         models["pt"](tmp_path / "nope.jpg", stream=True)
+
+
+def test_track_gives_the_ids_of_bytetrack_over_the_same_frames(models, assets):
+    """model.track() = ByteTrack over model()'s frames (what detect.py --track does); images stay untracked."""
+    model = models["pt"]
+    # the test model's scores sit around 0.5: new tracks from >= thresh + 0.1, so tracks are born and confirmed
+    conf, thresh = 0.1, 0.3
+    tracked = model.track(assets["video"], conf=conf, track_thresh=thresh, imgsz=IMG)
+    tracker = ByteTracker(thresh)
+    expected = [track_result(r, tracker) for r in model(assets["video"], conf=conf, imgsz=IMG)]
+    assert len(tracked) == len(expected) == 6
+    for got, want in zip(tracked, expected):
+        assert got.track_ids is not None and len(got.track_ids) == len(got.boxes)
+        np.testing.assert_array_equal(got.track_ids, want.track_ids)
+        np.testing.assert_allclose(got.boxes, want.boxes)
+    assert sum(len(r) for r in tracked) > 0  # the comparison is not of empty frames
+    image = model.track(str(sorted(assets["images"].iterdir())[0]))[0]
+    assert image.track_ids is None

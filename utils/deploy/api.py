@@ -23,6 +23,7 @@ from utils.data.sources import LoadSource
 from utils.deploy.backends import load_backend
 from utils.deploy.interface import ModelInfo
 from utils.deploy.predictor import Predictor, Results
+from utils.ops.track import ByteTracker, track_result
 
 __all__ = ["YOLOR", "Source"]
 
@@ -105,6 +106,27 @@ class YOLOR:
         return results if stream else list(results)
 
     predict = __call__  # Ultralytics' spelling
+
+    def track(self, source: Source, stream: bool = False, conf: float = 0.1, track_thresh: float = 0.5,
+              track_buffer: int = 30, **kwargs) -> list[Results] | Iterator[Results]:
+        """Like calling the model, with ByteTrack ids across the frames of each video or stream
+        (``Results.track_ids``; detections without a confirmed track are dropped, with their masks), as
+        ``detect.py --track``. ``conf`` defaults to 0.1 so low-score detections reach ByteTrack's second
+        association stage; ``track_thresh`` splits high from low scores; lost tracks are kept
+        ``track_buffer`` frames. Every video starts its own ids; still images are returned untracked."""
+        tracker = ByteTracker(track_thresh, track_buffer)
+        results = self._track(tracker, self(source, stream=True, conf=conf, **kwargs))
+        return results if stream else list(results)
+
+    @staticmethod
+    def _track(tracker: ByteTracker, results: Iterable[Results]) -> Iterator[Results]:
+        for r in results:
+            if r.frame is None:  # a still image: nothing to carry an identity across
+                yield r
+                continue
+            if r.frame == 0:
+                tracker.reset()
+            yield track_result(r, tracker)
 
     @staticmethod
     def _items(source: Source, vid_stride: int) -> Iterable[_Item]:
