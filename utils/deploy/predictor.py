@@ -3,7 +3,9 @@ one :class:`~utils.ops.postprocess.Result` per frame in the frame's own pixels, 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -12,10 +14,14 @@ from utils.data.sample import Sample
 from utils.data.vocab import Vocabulary
 from utils.deploy.backends import Backend
 from utils.ops.letterbox import Letterbox
+from utils.ops.panoptic import PanopticSpec, coco_panoptic, id2rgb
 from utils.ops.postprocess import Result, coco_boxes, coco_masks, postprocess
 from utils.tasks import IGNORE_INDEX
 
-__all__ = ["Predictor", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines", "summarize"]
+PANOPTIC_NEEDS = ("det", "inst", "sem")  # the heads whose results the panoptic merge combines
+
+__all__ = ["Predictor", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines", "summarize",
+           "panoptic_png", "PanopticWriter"]
 
 
 def check_img_size(img: int | tuple[int, int] | list[int], stride: float) -> tuple[int, int]:
@@ -58,19 +64,34 @@ class Predictor:
     with timings.
 
     ``tasks``: which heads' results to produce (default: every head of the model); instance masks need the
-    detections, so they are computed whenever ``inst`` is asked for.
+    detections, so they are computed whenever ``inst`` is asked for. ``pan`` asks for the panoptic merge
+    (its det, inst and sem results are then computed too).
+    ``panoptic``: ``True`` merges with the default rule whenever det, inst and sem are all produced (or
+    ``pan`` is asked for) on a model that has them, a :class:`~utils.ops.panoptic.PanopticSpec` merges with
+    that rule, ``False`` never merges.
     """
 
     def __init__(self, backend: Backend, img_size: int | tuple[int, int] | list[int] = 640, conf_thres: float = 0.25,
                  iou_thres: float = 0.45, max_det: int = 300, classes: list[int] | None = None,
-                 agnostic: bool = False, tasks: list[str] | None = None, beam: int = 1):
+                 agnostic: bool = False, tasks: list[str] | None = None, beam: int = 1,
+                 panoptic: bool | PanopticSpec = True):
         self.backend, self.info = backend, backend.info
         self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
         self.classes, self.agnostic, self.beam = classes, agnostic, beam
         self.tasks = list(tasks) if tasks else list(self.info.tasks)
-        missing = [t for t in self.tasks if t not in self.info.tasks]
+        can_merge = all(t in self.info.tasks for t in PANOPTIC_NEEDS)
+        missing = [t for t in self.tasks if t not in self.info.tasks and not (t == "pan" and can_merge)]
         if missing:
-            raise ValueError(f"--tasks {','.join(missing)}: the model has no such head (it has {','.join(self.info.tasks)})")
+            raise ValueError(f"--tasks {','.join(missing)}: the model has no such head (it has "
+                             f"{','.join(self.info.tasks)}; pan needs {','.join(PANOPTIC_NEEDS)})")
+        if "pan" in self.tasks and panoptic is False:
+            raise ValueError("--tasks pan asks for the panoptic merge that panoptic=False switches off")
+        # what postprocess computes: the asked tasks, and what the merge needs when it is asked for
+        self.post_tasks = list(dict.fromkeys(self.tasks + (list(PANOPTIC_NEEDS) if "pan" in self.tasks else [])))
+        self.panoptic: PanopticSpec | None = None
+        if panoptic is not False and can_merge and all(t in self.post_tasks for t in PANOPTIC_NEEDS):
+            self.panoptic = panoptic if isinstance(panoptic, PanopticSpec) else PanopticSpec.from_meta(
+                self.info.category_ids, self.info.semantic_ids)
         self.vocab = Vocabulary.from_list(self.info.vocab) if "cap" in self.tasks and self.info.vocab else None
         if "cap" in self.tasks and self.vocab is None:
             raise ValueError("the model has a caption head but no vocabulary in its metadata")
@@ -110,8 +131,8 @@ class Predictor:
             outputs["cap_tokens"] = self.backend.caption_tokens(outputs["cap_memory"], self.beam)
         t2 = time.perf_counter()
         results = postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, boxes, self.conf_thres,
-                              self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.tasks,
-                              vocab=self.vocab)
+                              self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.post_tasks,
+                              vocab=self.vocab, panoptic=self.panoptic)
         t3 = time.perf_counter()
         return results, {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
 
@@ -159,3 +180,35 @@ def summarize(result: Result, names: list[str]) -> str:
         return "no detections"
     cls, n = np.unique(result.classes, return_counts=True)
     return ", ".join(f"{k} {names[c] if c < len(names) else c}{'s' * (k > 1)}" for c, k in zip(cls.tolist(), n.tolist()))
+
+
+def panoptic_png(ids: np.ndarray) -> np.ndarray:
+    """Segment ids -> the COCO panoptic PNG's pixels as OpenCV writes them (BGR of ``id = R + 256 G + 256^2 B``)."""
+    return np.ascontiguousarray(id2rgb(ids)[..., ::-1])
+
+
+class PanopticWriter:
+    """Collects COCO panoptic output: one PNG per frame in ``folder`` and, at :meth:`json`, the
+    ``panoptic.json`` dict (``images`` with the original sizes, ``annotations`` with ``segments_info`` in
+    original category ids, ``categories`` with ``isthing``)."""
+
+    def __init__(self, folder: Path, spec: PanopticSpec, thing_names: list[str], semantic_names: list[str]):
+        self.folder, self.spec = folder, spec
+        self.categories = spec.categories(thing_names, semantic_names)
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, result: Result, image_id: int | str, stem: str) -> None:
+        """Writes ``stem.png`` of ``result.panoptic`` and records its annotation (nothing without a merge)."""
+        if result.panoptic is None:
+            return
+        name = f"{stem}.png"
+        cv2.imwrite(str(self.folder / name), panoptic_png(result.panoptic.ids))
+        h, w = result.orig_shape
+        self.images.append({"id": image_id, "file_name": stem, "height": int(h), "width": int(w)})
+        self.annotations.append(coco_panoptic(result.panoptic, image_id, name))
+
+    def json(self) -> dict:
+        """The COCO panoptic JSON of everything added."""
+        return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
