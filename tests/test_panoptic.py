@@ -1,9 +1,8 @@
 """Panoptic: the merge rule, PQ (hand-checked and against torchmetrics), the ground truth files and their
-derivation, detect.py --save-panoptic round trip, and PQ after a short training run."""
+derivation, detect.py --save-panoptic round trip, and the metrics evaluate() reports."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import cv2
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from models.model import Model
 from tests.test_detect import run_detect
 from tests.test_export import IMG, train_tiny_model
 from utils.data.config import load_data_config
@@ -21,6 +19,7 @@ from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.eval.evaluate import evaluate
 from utils.eval.metrics.panoptic import PQStat
 from utils.ops.panoptic import PanopticSpec, id2rgb, merge_panoptic, rgb2id
+from utils.tasks import FITNESS_TERMS, fitness, task_of_key, task_score
 
 SPEC = PanopticSpec.from_meta([1, 3], [1, 3, 100, 101], stuff_area=6)  # things 1, 3; stuff 100, 101
 
@@ -226,33 +225,20 @@ def test_detect_save_panoptic_loads_back_and_scores_pq_1(weights: Path, tiny_dat
     assert (save / files[0].name).is_file()  # the panoptic overlay was drawn
 
 
-def _zero_class_priors(model: Model) -> Model:
-    """The detection class biases zeroed, as :func:`train_tiny_model` does to its checkpoint, so scores of an
-    untrained and a trained model are compared under the same prior."""
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if re.search(r"\.cls_out\.\d+\.conv\.bias$", name):
-                t.zero_()
-    return model
-
-
-def test_pq_rises_after_training(weights: Path, tiny_data: Path) -> None:
-    """evaluate() reports pq pq_th pq_st sq rq for a det + inst + sem model on the embedded split's panoptic
-    files, and one epoch of training scores a higher PQ than the same network untrained."""
-    ckpt = load_checkpoint(weights)
-    trained = build_from_checkpoint(ckpt)
-    torch.manual_seed(0)
-    untrained = Model(ckpt["cfg"], nc=len(ckpt["meta"]["names"]), tasks=ckpt.get("tasks"),
-                      head_kwargs=ckpt.get("head_kwargs"))
-    untrained.meta = ckpt["meta"]
+def test_evaluate_reports_panoptic_metrics_and_fitness_share(weights: Path, tiny_data: Path) -> None:
+    """evaluate() composes the panoptic evaluator for a det + inst + sem model on a split with panoptic files:
+    pq pq_th pq_st sq rq in [0, 1] over every val image; fitness counts the pan share only when pq is there."""
+    model = build_from_checkpoint(load_checkpoint(weights))
     data = load_data_config(tiny_data)
     dataset = CocoDataset(data, data.val, IMG, augment=False)
-    pq = {}
-    for name, model in (("untrained", _zero_class_priors(untrained)), ("trained", trained)):
-        res = evaluate(model, create_dataloader(dataset, 8, False, 0), dataset, data.category_ids,
-                       torch.device("cpu"), progress=False, num_semantic=len(data.semantic_ids),
-                       panoptic_stuff_area=64)
-        assert {"pq", "pq_th", "pq_st", "sq", "rq"} <= set(res.metrics)
-        assert res.scored_images["pan"] == len(dataset)
-        pq[name] = res.metrics["pq"]
-    assert pq["trained"] > pq["untrained"], pq
+    res = evaluate(model, create_dataloader(dataset, 8, False, 0), dataset, data.category_ids, torch.device("cpu"),
+                   progress=False, num_semantic=len(data.semantic_ids), panoptic_stuff_area=64)
+    assert {"pq", "pq_th", "pq_st", "sq", "rq"} <= set(res.metrics)
+    assert all(0.0 <= res.metrics[k] <= 1.0 for k in ("pq", "sq", "rq"))
+    assert res.scored_images["pan"] == len(dataset)
+    without = {k: v for k, v in res.metrics.items() if task_of_key(k) != "pan"}
+    scores = [task_score(t, without) for t in FITNESS_TERMS]
+    assert task_score("pan", without) is None
+    assert fitness(without) == pytest.approx(np.mean([v for v in scores if v is not None]))
+    with_pan = without | {"pq": 0.9}
+    assert fitness(with_pan) == pytest.approx(np.mean([v for v in scores if v is not None] + [0.9]))
