@@ -20,6 +20,7 @@ from pathlib import Path
 from utils.data.sources import LoadSource, is_video
 from utils.deploy.backends import load_backend
 from utils.deploy.predictor import (
+    PanopticWriter,
     Predictor,
     coco_results,
     semantic_png,
@@ -28,8 +29,9 @@ from utils.deploy.predictor import (
 )
 from utils.engine.cli import run_cli
 from utils.engine.torch_utils import increment_path, latest_run
+from utils.ops.panoptic import PanopticSpec
 from utils.ops.track import ByteTracker, track_result
-from utils.tasks import parse_tasks
+from utils.tasks import ALL_TASKS, parse_tasks
 from utils.viz.draw import annotate
 
 
@@ -49,12 +51,15 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-conf", action="store_true", help="add the confidence to --save-txt lines")
     p.add_argument("--save-json", action="store_true", help="save COCO results (predictions.json) and captions.json")
     p.add_argument("--save-masks", action="store_true", help="save semantic maps to masks/*.png (category_id - 1)")
+    p.add_argument("--save-panoptic", action="store_true",
+                   help="save COCO panoptic results: panoptic/*.png (id = R + 256G + 256^2B) and panoptic.json")
+    p.add_argument("--pan-stuff-area", type=int, default=4096, help="panoptic: stuff regions under this many pixels are void")
     p.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")
     p.add_argument("--classes", nargs="+", type=int, help="keep only these class indices")
     p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA, .pt only)")
     p.add_argument("--vid-stride", type=int, default=1, help="use every n-th video/stream frame")
-    p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap to show/save (default: all heads)")
+    p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap,pan to show/save (default: all heads; pan = panoptic overlay)")
     p.add_argument("--semantic-alpha", type=float, default=0.4, help="opacity of the semantic overlay (0 = off)")
     p.add_argument("--beam", type=int, default=1, help="caption beam width (1 = greedy)")
     p.add_argument("--project", default="runs/detect", help="save results to project/name")
@@ -112,10 +117,15 @@ def run(opt: argparse.Namespace) -> Path:
         print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an .onnx keeps its export precision)")
         half = False
     backend = load_backend(weights, opt.device, half)
-    tasks = parse_tasks(opt.tasks) if opt.tasks else None
+    tasks = parse_tasks(opt.tasks, ALL_TASKS) if opt.tasks else None
+    show_panoptic = tasks is not None and "pan" in tasks  # the overlay draws segments for --tasks pan only
+    if opt.save_panoptic and tasks is not None and "pan" not in tasks:
+        tasks.append("pan")  # the PNGs need the merge; the overlay still shows only what --tasks names
     conf_thres = opt.conf_thres if opt.conf_thres is not None else (0.1 if opt.track else 0.25)
     predictor = Predictor(backend, opt.img, conf_thres, opt.iou_thres, opt.max_det, opt.classes,
-                          opt.agnostic_nms, tasks, opt.beam)
+                          opt.agnostic_nms, tasks, opt.beam,
+                          PanopticSpec.from_meta(backend.info.category_ids, backend.info.semantic_ids,
+                                                 stuff_area=opt.pan_stuff_area))
     info = predictor.info
     for note in predictor.notes:
         print(f"note: {note}")
@@ -128,6 +138,11 @@ def run(opt: argparse.Namespace) -> Path:
         print("note: --save-masks ignored: no semantic head (or 'sem' not in --tasks)")
     if save_masks:
         (save_dir / "masks").mkdir(exist_ok=True)
+    panoptic = None
+    if opt.save_panoptic and predictor.panoptic is None:
+        print("note: --save-panoptic ignored: the panoptic merge needs det, inst and sem heads")
+    elif opt.save_panoptic:
+        panoptic = PanopticWriter(save_dir / "panoptic", predictor.panoptic, info.names, info.semantic_names)
     h, w = predictor.img_hw
     print(f"{weights}: {backend.name}, tasks {','.join(predictor.tasks)}, input {h}x{w}")
 
@@ -161,7 +176,7 @@ def run(opt: argparse.Namespace) -> Path:
                 prefix = f"{where}({frame.index + 1}{total}) {frame.path}:"
             need_image = not opt.nosave or view
             annotated = annotate(frame.image, r, info.names, opt.semantic_alpha,
-                                 boxes="det" in predictor.tasks) if need_image else None
+                                 boxes="det" in predictor.tasks, panoptic=show_panoptic) if need_image else None
             if not opt.nosave:
                 if frame.video is None:
                     cv2.imwrite(str(save_dir / src.name), annotated)
@@ -178,6 +193,8 @@ def run(opt: argparse.Namespace) -> Path:
                     captions[key] = r.caption
             if save_masks:
                 cv2.imwrite(str(save_dir / "masks" / f"{stem}.png"), semantic_png(r.semantic, info.semantic_ids))
+            if panoptic is not None:
+                panoptic.add(r, int(stem) if stem.isnumeric() else stem, stem)
             if view:
                 view = _show(frame.path, annotated)
             cap = f" '{r.caption}'" if r.caption is not None else ""
@@ -191,11 +208,14 @@ def run(opt: argparse.Namespace) -> Path:
         (save_dir / "predictions.json").write_text(json.dumps(coco))
         if captions:
             (save_dir / "captions.json").write_text(json.dumps(captions, indent=1))
+    if panoptic is not None:
+        (save_dir / "panoptic.json").write_text(json.dumps(panoptic.json()))
     n = max(seen, 1)
     print(f"Speed: {totals['pre'] / n:.1f}ms pre-process, {totals['infer'] / n:.1f}ms inference, "
           f"{totals['post'] / n:.1f}ms post-process per image at shape (1, 3, {h}, {w}); {seen} frame(s)")
     saved = [] if opt.nosave else ["annotated media"]
     saved += ["labels/*.txt"] * opt.save_txt + ["predictions.json"] * opt.save_json + ["masks/*.png"] * save_masks
+    saved += ["panoptic/*.png, panoptic.json"] * (panoptic is not None)
     print(f"Results saved to {save_dir}" + (f" ({', '.join(saved)})" if saved else ""))
     return save_dir
 

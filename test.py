@@ -36,6 +36,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sem-input-res", action="store_true",
                    help="faster mIoU at network input resolution on the letterboxed map (default: predictions "
                         "resized to each original image and compared with its original PNG, as COCO-Stuff reports)")
+    p.add_argument("--pan-stuff-area", type=int, default=4096,
+                   help="panoptic merge: stuff regions under this many original pixels become void")
     p.add_argument("--save-json", action="store_true", help="write COCO-format predictions")
     p.add_argument("--project", default="runs/test")
     p.add_argument("--name", default="exp")
@@ -69,7 +71,7 @@ def run(opt: argparse.Namespace) -> dict:
     vocab = Vocabulary.from_list(meta["vocab"]) if meta.get("vocab") else None
     res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det,
                    opt.half, vocab=vocab, beam=opt.beam, num_semantic=len(meta.get("semantic_ids", [])),
-                   semantic_at="input" if opt.sem_input_res else "original")
+                   semantic_at="input" if opt.sem_input_res else "original", panoptic_stuff_area=opt.pan_stuff_area)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     save_dir.mkdir(parents=True, exist_ok=True)
     print_report(res, data)
@@ -98,6 +100,9 @@ def print_report(res, data) -> None:
         print("captions: " + ", ".join(f"{k[4:]} {m[k]:.4f}" for k in m if k.startswith("cap_")))
         for iid, pred, refs in res.captions[:5]:
             print(f"  image {iid}: '{pred}'  (reference: '{refs[0] if refs else ''}')")
+    if "pq" in m:
+        print(f"panoptic: PQ {m['pq']:.4f} (things {m['pq_th']:.4f}, stuff {m['pq_st']:.4f}), SQ {m['sq']:.4f}, "
+              f"RQ {m['rq']:.4f}")
     s = res.speed_ms
     print(f"speed: {s['pre']:.1f} ms pre-process, {s['inference']:.1f} ms inference, {s['nms']:.1f} ms NMS per image")
 

@@ -211,7 +211,7 @@ def test_write_data_yaml(root: Path, tmp_path: Path) -> None:
     base = Path(data["path"])
     assert base == root.resolve()
     for key, split in (("train", "train2017"), ("val", "val2017")):
-        assert set(data[key]) == {"images", "instances", "semantic", "captions"}
+        assert set(data[key]) == {"images", "instances", "semantic", "captions", "panoptic"}
         assert all((base / p).exists() for p in data[key].values())
         assert data[key]["instances"] == f"annotations/instances_{split}.json"
     assert data["semantic_categories"] == "annotations/stuff_val2017.json"

@@ -7,12 +7,16 @@ the report can all depend on it without depending on each other.
 from __future__ import annotations
 
 TASKS: tuple[str, ...] = ("det", "inst", "sem", "cap")  # canonical order: outputs, tables, results.csv
+# tasks with no head of their own, made from the heads' results: panoptic = instances + semantic map merged
+DERIVED_TASKS: tuple[str, ...] = ("pan",)
+ALL_TASKS: tuple[str, ...] = TASKS + DERIVED_TASKS  # what metrics, tables and --tasks of detect.py may name
 IGNORE_INDEX = 255  # semantic maps: pixels with no (known) label; also COCO-Stuff's "unlabeled" PNG value
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # caption token ids: the head and the loss rely on them without a Vocabulary
 
 # results.csv / metrics.json keys -> task: the part after "train/" or "val/" starts with one of these
 TASK_KEY_PREFIXES: dict[str, tuple[str, ...]] = {"det": ("det_", "box_"), "inst": ("inst_", "mask_"),
-                                                 "sem": ("sem_",), "cap": ("cap_",)}
+                                                 "sem": ("sem_",), "cap": ("cap_",),
+                                                 "pan": ("pq", "sq", "rq")}  # pq pq_th pq_st sq rq ...
 
 # metric -> weight inside its task's score (each task scores in [0, 1]); the evaluator of a task reports
 # these metrics, and ``fitness`` averages the task scores
@@ -21,16 +25,19 @@ FITNESS_TERMS: dict[str, dict[str, float]] = {
     "inst": {"mask_map": 0.9, "mask_map50": 0.1},
     "sem": {"sem_miou": 1.0},
     "cap": {"cap_bleu4": 0.5, "cap_cider": 0.05},  # CIDEr-D is ~0..10: 0.05 puts it on BLEU-4's scale
+    # counted only where the panoptic evaluator reports pq (det + inst + sem model, panoptic ground truth):
+    # fitness averages the tasks that have metrics, so runs without it select best.pt as before
+    "pan": {"pq": 1.0},
 }
 
 
-def parse_tasks(text: str) -> list[str]:
+def parse_tasks(text: str, known: tuple[str, ...] = TASKS) -> list[str]:
     """``"det,sem"`` -> ``["det", "sem"]`` (a ``--tasks`` value); unknown names are an error naming the
-    known ones."""
+    ``known`` ones (the heads' tasks; ``ALL_TASKS`` where derived results such as ``pan`` may be asked for)."""
     wanted = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in wanted if t not in TASKS]
+    bad = [t for t in wanted if t not in known]
     if bad:
-        raise ValueError(f"--tasks {','.join(bad)}: unknown task(s); choose from {', '.join(TASKS)}")
+        raise ValueError(f"--tasks {','.join(bad)}: unknown task(s); choose from {', '.join(known)}")
     return wanted
 
 
@@ -64,6 +71,6 @@ def task_score(task: str, metrics: dict[str, float]) -> float | None:
 def fitness(metrics: dict[str, float]) -> float:
     """Multi-task model selection score for ``best.pt``: the mean over tasks that have metrics of each
     task's score (detection and masks as YOLOv5: 0.9 mAP50-95 + 0.1 mAP50; semantic: mIoU; captions:
-    0.5 BLEU-4 + 0.05 CIDEr-D), so no task can win ``best.pt`` by itself."""
+    0.5 BLEU-4 + 0.05 CIDEr-D; panoptic: PQ, when scored), so no task can win ``best.pt`` by itself."""
     scores = [s for t in FITNESS_TERMS if (s := task_score(t, metrics)) is not None]
     return sum(scores) / len(scores) if scores else 0.0

@@ -7,11 +7,13 @@ train:                                  # one split, or a list of splits
   instances: annotations/instances_train2017.json
   semantic: stuffthingmaps_trainval2017/train2017
   captions: annotations/captions_train2017.json
-val: {images: images/val2017, instances: ..., semantic: ..., captions: ...}
+  panoptic: annotations/panoptic_train2017.json  # its PNGs in annotations/panoptic_train2017/, as COCO ships
+val: {images: images/val2017, instances: ..., semantic: ..., captions: ..., panoptic: ...}
 semantic_categories: annotations/stuff_val2017.json   # stuff categories, merged by id with the things
 ```
 COCO-Stuff's category 183 'other' is dropped from the semantic classes: its maps never hold it (value 182).
-A missing task key means the split has no labels of that task. Class names come from the JSON categories;
+A missing task key means the split has no labels of that task (panoptic ground truth without ``panoptic`` is
+derived from ``instances`` + ``semantic`` when the split has both: :mod:`utils.data.panoptic`). Class names come from the JSON categories;
 contiguous indices are used inside the model, original category ids in everything written out.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from utils.tasks import IGNORE_INDEX, TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download"}
-SPLIT_KEYS = {"images", "instances", "semantic", "captions"}
+SPLIT_KEYS = {"images", "instances", "semantic", "captions", "panoptic"}
 # COCO-Stuff lists category 183 'other' in stuff_*.json, where it marks the thing pixels of the stuff-only
 # annotations; its stuffthingmaps never hold 'other' (value 182): those pixels carry their thing's id, or
 # 255 (unlabeled). As a class it would never see a pixel, so COCO's semantic head has 80 + 91 = 171 classes.
@@ -48,6 +50,17 @@ class SplitSpec:
     instances: Path | None = None
     semantic: Path | None = None
     captions: Path | None = None
+    panoptic: Path | None = None  # COCO panoptic JSON; the PNG folder is beside it, named as the JSON's stem
+
+    @property
+    def panoptic_pngs(self) -> Path | None:
+        """The folder of the panoptic PNGs: ``annotations/panoptic_val2017.json`` -> ``annotations/panoptic_val2017/``."""
+        return self.panoptic.with_suffix("") if self.panoptic else None
+
+    @property
+    def has_panoptic(self) -> bool:
+        """Panoptic ground truth exists: its own files, or instances + semantic maps to derive it from."""
+        return bool(self.panoptic or (self.instances and self.semantic))
 
     @property
     def tasks(self) -> set[str]:
@@ -233,7 +246,7 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
 def ensure_synthetic(root: Path, spec: dict, splits: list[SplitSpec]) -> None:
     """Generates the embedded dataset into ``root`` if any of its files are missing."""
     def complete(s: SplitSpec) -> bool:
-        files = [s.images] + [p for p in (s.instances, s.semantic, s.captions) if p]
+        files = [s.images] + [p for p in (s.instances, s.semantic, s.captions, s.panoptic, s.panoptic_pngs) if p]
         return all(p.exists() for p in files)
 
     if all(complete(s) for s in splits):

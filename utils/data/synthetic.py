@@ -6,7 +6,11 @@ to four coloured shapes on it. All four tasks get labels that agree exactly with
 * ``annotations/instances_<split>.json``: COCO instances (boxes, polygons) with non-contiguous thing ids;
 * ``stuffthingmaps/<split>/<id>.png``: COCO-Stuff style semantic maps (``category_id - 1``, 255 unlabeled);
 * ``annotations/stuff_<split>.json``: COCO-Stuff style stuff categories (ids in 92..182) and RLEs;
-* ``annotations/captions_<split>.json``: five true captions per image (colours, counts, positions).
+* ``annotations/captions_<split>.json``: five true captions per image (colours, counts, positions);
+* ``annotations/panoptic_<split>.json`` + ``annotations/panoptic_<split>/<id>.png``: COCO panoptic (segment
+  ids RGB-encoded ``R + 256 G + 256^2 B``): each shape a thing segment, each stuff class one stuff segment,
+  the unlabeled horizon void. Written from the same pixels without drawing a random number, so adding them
+  left every other file byte-identical.
 
 Shapes are drawn with ``cv2.fillPoly`` (``LINE_8``, no antialiasing) into the image and the semantic map.
 The polygon written to the JSON is the exact pixel outline of that drawn region (a polygon along pixel
@@ -228,8 +232,9 @@ def _texture(rng: np.random.Generator, w: int, h: int, bgr: Sequence[int], noise
 
 def _render(
     rng: np.random.Generator, w: int, h: int, exact_polygons: bool
-) -> tuple[np.ndarray, np.ndarray, list[_Shape], str, str]:
-    """Draws one scene; returns ``(image BGR uint8, semantic uint8, shapes, upper stuff, lower stuff)``."""
+) -> tuple[np.ndarray, np.ndarray, list[_Shape], str, str, np.ndarray]:
+    """Draws one scene; returns ``(image BGR uint8, semantic uint8, shapes, upper stuff, lower stuff,
+    instance map)``: the instance map is int32, ``k + 1`` on the pixels of ``shapes[k]``, 0 elsewhere."""
     upper = UPPER_STUFF[int(rng.integers(len(UPPER_STUFF)))]
     lower = LOWER_STUFF[int(rng.integers(len(LOWER_STUFF)))]
     stuff_id = {c["name"]: c["id"] for c in STUFF_CATEGORIES}
@@ -248,15 +253,17 @@ def _render(
 
     placed = _place_shapes(rng, w, h, exact_polygons)
     noise = rng.standard_normal((h, w, 3), dtype=np.float32) * 4
-    for shape, pts in placed:
+    instance_map = np.zeros((h, w), np.int32)
+    for k, (shape, pts) in enumerate(placed):
         mask = np.zeros((h, w), np.uint8)
         cv2.fillPoly(mask, [pts], 1, cv2.LINE_8)  # the same rasterization that produced the polygon
         m = mask.astype(bool)
         colour = np.asarray(PALETTE[shape.colour], np.float32) + rng.uniform(-15, 15, 3).astype(np.float32)
         img[m] = colour + noise[m]
         cv2.fillPoly(sem, [pts], shape.category_id - 1, cv2.LINE_8)
+        instance_map[m] = k + 1
     img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-    return img, sem, [s for s, _ in placed], upper, lower
+    return img, sem, [s for s, _ in placed], upper, lower, instance_map
 
 
 # ----------------------------------------------------------------------------------------------- captions
@@ -367,6 +374,29 @@ def _stuff_annotations(sem: np.ndarray, image_id: int, first_id: int) -> list[di
     return anns
 
 
+PANOPTIC_ID_STRIDE = 1000  # segment id = category_id * 1000 + instance number: ids above 255 use two bytes
+
+
+def _panoptic(sem: np.ndarray, instance_map: np.ndarray, shapes: list[_Shape]) -> tuple[np.ndarray, list[dict]]:
+    """One image's COCO panoptic ``(RGB PNG pixels, segments_info)``: the shapes as thing segments, each stuff
+    class of ``sem`` as one stuff segment, the unlabeled pixels (255) void (id 0)."""
+    ids = np.zeros(sem.shape, np.int64)
+    info = []
+    regions = [(PANOPTIC_ID_STRIDE * s.category_id + k + 1, s.category_id, instance_map == k + 1)
+               for k, s in enumerate(shapes)]
+    regions += [(PANOPTIC_ID_STRIDE * c["id"], c["id"], sem == c["id"] - 1) for c in STUFF_CATEGORIES]
+    for seg_id, cat_id, m in regions:
+        if not m.any():
+            continue
+        ids[m] = seg_id
+        ys, xs = np.nonzero(m)
+        info.append({"id": seg_id, "category_id": cat_id, "iscrowd": 0,
+                     "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+                     "area": int(m.sum())})
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    return rgb, info
+
+
 def generate(
     root: str | Path,
     splits: dict[str, int] = {"train2017": 800, "val2017": 200},  # noqa: B006 - read only
@@ -377,7 +407,8 @@ def generate(
     """Writes the synthetic dataset under ``root`` and returns ``root`` as a Path.
 
     Args:
-        root: dataset directory; ``images/``, ``annotations/`` and ``stuffthingmaps/`` are created in it.
+        root: dataset directory; ``images/``, ``annotations/`` (with ``panoptic_<split>/``) and
+            ``stuffthingmaps/`` are created in it.
         splits: split name -> number of images, e.g. ``{"train2017": 800, "val2017": 200}``.
         img_size: long side of every image; the short side is random in ``[0.6, 1.0] * img_size`` and
             the orientation random, so images differ in size and aspect ratio.
@@ -397,19 +428,23 @@ def generate(
     image_id, ann_id, cap_id, stuff_ann_id = FIRST_IMAGE_ID, 1, 1, FIRST_STUFF_ANN_ID
     for split, n in splits.items():
         img_dir, sem_dir = root / "images" / split, root / "stuffthingmaps" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        sem_dir.mkdir(parents=True, exist_ok=True)
+        pan_dir = root / "annotations" / f"panoptic_{split}"
+        for d in (img_dir, sem_dir, pan_dir):
+            d.mkdir(parents=True, exist_ok=True)
         split_key = zlib.crc32(split.encode())  # stable across runs, unlike hash()
-        images, instances, captions, stuff = [], [], [], []
+        images, instances, captions, stuff, panoptic = [], [], [], [], []
         for i in range(n):
             rng = np.random.default_rng([seed, split_key, i])
             long, short = img_size, int(round(img_size * rng.uniform(0.6, 1.0)))
             w, h = (long, short) if rng.random() < 0.5 else (short, long)
-            img, sem, shapes, upper, lower = _render(rng, w, h, polygons == "pixel")
+            img, sem, shapes, upper, lower, instance_map = _render(rng, w, h, polygons == "pixel")
             name = f"{image_id:012d}"
             jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
             _write_bytes(img_dir / f"{name}.jpg", jpg.tobytes())
             _write_bytes(sem_dir / f"{name}.png", cv2.imencode(".png", sem)[1].tobytes())
+            pan_rgb, segments_info = _panoptic(sem, instance_map, shapes)
+            _write_bytes(pan_dir / f"{name}.png", cv2.imencode(".png", pan_rgb[..., ::-1])[1].tobytes())
+            panoptic.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments_info})
             images.append({"id": image_id, "file_name": f"{name}.jpg", "width": w, "height": h, "license": 1})
             for s in shapes:
                 instances.append(
@@ -435,6 +470,8 @@ def generate(
         ann_dir = root / "annotations"
         _write_json(ann_dir / f"captions_{split}.json", {**common, "annotations": captions})
         _write_json(ann_dir / f"stuff_{split}.json", {**common, "annotations": stuff, "categories": list(STUFF_CATEGORIES)})
+        pan_cats = [{**c, "isthing": 1} for c in THING_CATEGORIES] + [{**c, "isthing": 0} for c in STUFF_CATEGORIES]
+        _write_json(ann_dir / f"panoptic_{split}.json", {**common, "annotations": panoptic, "categories": pan_cats})
         # Instances last: its presence marks the split as complete.
         instances_json = {**common, "annotations": instances, "categories": list(THING_CATEGORIES)}
         _write_json(ann_dir / f"instances_{split}.json", instances_json)
@@ -458,6 +495,7 @@ def write_data_yaml(root: str | Path, yaml_path: str | Path, splits: Sequence[st
             "instances": f"annotations/instances_{split}.json",
             "semantic": f"stuffthingmaps/{split}",
             "captions": f"annotations/captions_{split}.json",
+            "panoptic": f"annotations/panoptic_{split}.json",
         }
     data["semantic_categories"] = f"annotations/stuff_{keys.get('val', splits[-1])}.json"
     yaml_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
-
 import numpy as np
 import torch
 
@@ -20,12 +19,21 @@ from utils.data.vocab import Vocabulary
 from utils.deploy.backends import Backend
 from utils.deploy.interface import ModelInfo
 from utils.ops.letterbox import Letterbox
-from utils.ops.postprocess import Result, category_ids_of, coco_boxes, coco_masks, postprocess
+from utils.ops.panoptic import PanopticSpec, coco_panoptic, id2rgb
+from utils.ops.postprocess import (
+    Result,
+    category_ids_of,
+    coco_boxes,
+    coco_masks,
+    postprocess,
+)
 from utils.tasks import IGNORE_INDEX
 from utils.viz.draw import annotate
 
+PANOPTIC_NEEDS = ("det", "inst", "sem")  # the heads whose results the panoptic merge combines
+
 __all__ = ["Predictor", "Results", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines",
-           "summarize"]
+           "summarize", "panoptic_png", "PanopticWriter"]
 
 
 def check_img_size(img: int | tuple[int, int] | list[int], stride: float) -> tuple[int, int]:
@@ -67,19 +75,34 @@ class Predictor:
     :func:`~utils.ops.postprocess.postprocess` as evaluation (single-label NMS at the CLI thresholds), with timings.
 
     ``tasks``: which heads' results to produce (default: every head of the model); instance masks need the
-    detections, so they are computed whenever ``inst`` is asked for.
+    detections, so they are computed whenever ``inst`` is asked for. ``pan`` asks for the panoptic merge
+    (its det, inst and sem results are then computed too).
+    ``panoptic``: ``True`` merges with the default rule whenever det, inst and sem are all produced (or
+    ``pan`` is asked for) on a model that has them, a :class:`~utils.ops.panoptic.PanopticSpec` merges with
+    that rule, ``False`` never merges.
     """
 
     def __init__(self, backend: Backend, img_size: int | tuple[int, int] | list[int] = 640, conf_thres: float = 0.25,
                  iou_thres: float = 0.45, max_det: int = 300, classes: list[int] | None = None,
-                 agnostic: bool = False, tasks: list[str] | None = None, beam: int = 1):
+                 agnostic: bool = False, tasks: list[str] | None = None, beam: int = 1,
+                 panoptic: bool | PanopticSpec = True):
         self.backend, self.info = backend, backend.info
         self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
         self.classes, self.agnostic, self.beam = classes, agnostic, beam
         self.tasks = list(tasks) if tasks else list(self.info.tasks)
-        missing = [t for t in self.tasks if t not in self.info.tasks]
+        can_merge = all(t in self.info.tasks for t in PANOPTIC_NEEDS)
+        missing = [t for t in self.tasks if t not in self.info.tasks and not (t == "pan" and can_merge)]
         if missing:
-            raise ValueError(f"--tasks {','.join(missing)}: the model has no such head (it has {','.join(self.info.tasks)})")
+            raise ValueError(f"--tasks {','.join(missing)}: the model has no such head (it has "
+                             f"{','.join(self.info.tasks)}; pan needs {','.join(PANOPTIC_NEEDS)})")
+        if "pan" in self.tasks and panoptic is False:
+            raise ValueError("--tasks pan asks for the panoptic merge that panoptic=False switches off")
+        # what postprocess computes: the asked tasks, and what the merge needs when it is asked for
+        self.post_tasks = list(dict.fromkeys(self.tasks + (list(PANOPTIC_NEEDS) if "pan" in self.tasks else [])))
+        self.panoptic: PanopticSpec | None = None
+        if panoptic is not False and can_merge and all(t in self.post_tasks for t in PANOPTIC_NEEDS):
+            self.panoptic = panoptic if isinstance(panoptic, PanopticSpec) else PanopticSpec.from_meta(
+                self.info.category_ids, self.info.semantic_ids)
         self.vocab = Vocabulary.from_list(self.info.vocab) if "cap" in self.tasks and self.info.vocab else None
         if "cap" in self.tasks and self.vocab is None:
             raise ValueError("the model has a caption head but no vocabulary in its metadata")
@@ -122,8 +145,8 @@ class Predictor:
             outputs["cap_tokens"] = self.backend.caption_tokens(outputs["cap_memory"], self.beam)
         t2 = time.perf_counter()
         results = postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, boxes, self.conf_thres,
-                              self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.tasks,
-                              vocab=self.vocab)
+                              self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.post_tasks,
+                              vocab=self.vocab, panoptic=self.panoptic)
         t3 = time.perf_counter()
         speed = {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
         paths = list(paths) if paths is not None else [None] * len(frames)
@@ -195,7 +218,7 @@ class Results(Result):
 
     Data (numpy, CPU): ``boxes`` ``(n, 4)`` xyxy, ``scores``, ``classes`` (contiguous indices), :attr:`class_names`,
     :attr:`category_ids` (the dataset's), ``masks`` ``(n, h, w)`` bool, ``semantic`` ``(h, w)``, ``panoptic``
-    (``None`` until the model's results carry it), ``tokens`` / ``caption``; ``orig_img`` (BGR), ``path``,
+    (``None`` without the merge), ``tokens`` / ``caption``; ``orig_img`` (BGR), ``path``,
     ``frame`` (index in its video, ``None`` for images), ``speed`` (ms of the batch it ran in).
     A task switched off (``tasks``) leaves its field ``None`` (``boxes`` empty without ``det`` and ``inst``).
     """
@@ -215,13 +238,6 @@ class Results(Result):
         return cls(**{f.name: getattr(result, f.name) for f in fields(result) if f.init and hasattr(result, f.name)},
                    info=info, tasks=tuple(tasks), orig_img=orig_img, path=None if path is None else str(path),
                    frame=frame, speed=dict(speed or {}))
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: ``panoptic`` reads as None while Result has no such field
-        # (before the panoptic task lands, or for results made without it), so callers need no hasattr checks.
-        if name == "panoptic":
-            return None
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def names(self) -> list[str]:
@@ -292,3 +308,35 @@ class Results(Result):
         h, w = self.shape
         return f"Results({self.path or 'array'}{'' if self.frame is None else f'#{self.frame}'}, {h}x{w}, " \
                f"{self.summary()}{cap})"
+
+
+def panoptic_png(ids: np.ndarray) -> np.ndarray:
+    """Segment ids -> the COCO panoptic PNG's pixels as OpenCV writes them (BGR of ``id = R + 256 G + 256^2 B``)."""
+    return np.ascontiguousarray(id2rgb(ids)[..., ::-1])
+
+
+class PanopticWriter:
+    """Collects COCO panoptic output: one PNG per frame in ``folder`` and, at :meth:`json`, the
+    ``panoptic.json`` dict (``images`` with the original sizes, ``annotations`` with ``segments_info`` in
+    original category ids, ``categories`` with ``isthing``)."""
+
+    def __init__(self, folder: Path, spec: PanopticSpec, thing_names: list[str], semantic_names: list[str]):
+        self.folder, self.spec = folder, spec
+        self.categories = spec.categories(thing_names, semantic_names)
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, result: Result, image_id: int | str, stem: str) -> None:
+        """Writes ``stem.png`` of ``result.panoptic`` and records its annotation (nothing without a merge)."""
+        if result.panoptic is None:
+            return
+        name = f"{stem}.png"
+        cv2.imwrite(str(self.folder / name), panoptic_png(result.panoptic.ids))
+        h, w = result.orig_shape
+        self.images.append({"id": image_id, "file_name": stem, "height": int(h), "width": int(w)})
+        self.annotations.append(coco_panoptic(result.panoptic, image_id, name))
+
+    def json(self) -> dict:
+        """The COCO panoptic JSON of everything added."""
+        return {"images": self.images, "annotations": self.annotations, "categories": self.categories}

@@ -575,7 +575,7 @@ class Trainer:
         self.logger.join()  # the val loader forks its workers: no picture mid-draw (see run())
         res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
                        loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
-                       num_semantic=len(self.data.semantic_ids))
+                       num_semantic=len(self.data.semantic_ids), semantic_ids=self.data.semantic_ids)
         row |= res.metrics
         self.last_eval = res
 

@@ -18,9 +18,11 @@ from utils.eval.evaluators import (
     Evaluator,
     InstanceTruth,
     MaskEvaluator,
+    PanopticEvaluator,
     SemanticEvaluator,
 )
 from utils.ops.letterbox import to_float
+from utils.ops.panoptic import PanopticSpec
 from utils.ops.postprocess import head_outputs, postprocess
 
 
@@ -39,7 +41,7 @@ class EvalResult:
     speed_ms: dict[str, float] = field(default_factory=dict)
     images: int = 0
     image_ids: list[int] = field(default_factory=list)  # every evaluated image, with or without detections
-    scored_images: dict[str, int] = field(default_factory=dict)  # "box" / "sem" / "cap" -> images scored
+    scored_images: dict[str, int] = field(default_factory=dict)  # "box" / "sem" / "cap" / "pan" -> images scored
     ground_truth: object = None  # the pycocotools COCO of the boxes/masks scored (reused by the PR curves)
 
 
@@ -64,12 +66,15 @@ def image_splits(dataset: CocoDataset) -> dict[int, SplitSpec]:
 
 
 def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitSpec], category_ids: list[int],
-                     vocab: Vocabulary | None, num_semantic: int, semantic_at: str) -> list[Evaluator]:
-    """The evaluators of the tasks ``model`` has, in ``TASKS`` order (the order of the metric keys)."""
+                     vocab: Vocabulary | None, num_semantic: int, semantic_at: str,
+                     panoptic: PanopticSpec | None = None) -> list[Evaluator]:
+    """The evaluators of the tasks ``model`` has, in ``ALL_TASKS`` order (the order of the metric keys);
+    panoptic with ``panoptic`` given, a det + inst + sem model, maps at the original size and panoptic
+    ground truth in some split."""
     evaluators: list[Evaluator] = []
     tasks = model.tasks
+    truth = InstanceTruth(dataset, owner)
     if "det" in tasks:
-        truth = InstanceTruth(dataset, owner)
         evaluators.append(BoxEvaluator(truth, category_ids))
         if "inst" in tasks:  # masks are the kept boxes' masks
             evaluators.append(MaskEvaluator(truth, category_ids))
@@ -77,6 +82,9 @@ def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitS
         evaluators.append(SemanticEvaluator(num_semantic, dataset, semantic_at))
     if "cap" in tasks and vocab is not None:
         evaluators.append(CaptionEvaluator())
+    if (panoptic is not None and {"det", "inst", "sem"} <= set(tasks) and num_semantic and semantic_at == "original"
+            and any(s.has_panoptic for s in owner.values())):
+        evaluators.append(PanopticEvaluator(dataset, owner, truth, panoptic))
     return evaluators
 
 
@@ -84,7 +92,8 @@ def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitS
 def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int], device: torch.device,
              conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, half: bool = False,
              loss_fn=None, progress: bool = True, vocab: Vocabulary | None = None, beam: int = 1,
-             num_semantic: int = 0, semantic_at: str = "original") -> EvalResult:
+             num_semantic: int = 0, semantic_at: str = "original", semantic_ids: list[int] | None = None,
+             panoptic_stuff_area: int = 4096) -> EvalResult:
     """Runs ``model`` over ``loader`` and scores every task it has (and the data labels).
 
     Each task is scored on the images that carry its labels, so ``dataset`` may join splits with
@@ -97,13 +106,20 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
     original PNG; ``"input"`` is a faster approximation at network input resolution on the letterboxed map
     (padding ignored). Captions: BLEU / ROUGE-L / CIDEr-D of greedy (``beam`` 1) or beam-search captions
     against all references of the images that have references.
+    Panoptic (a det + inst + sem model with ``semantic_ids``, default ``model.meta``'s, and ``semantic_at``
+    ``"original"``): the Results' :func:`~utils.ops.panoptic.merge_panoptic` (default thresholds, stuff regions
+    under ``panoptic_stuff_area`` pixels dropped) scored as PQ / SQ / RQ over the images of splits with
+    panoptic ground truth (:class:`~utils.eval.evaluators.PanopticEvaluator`).
     ``loss_fn(outputs, batch) -> (loss, parts)`` adds validation losses as ``val/<part>`` keys when given.
     """
     if semantic_at not in SEMANTIC_AT:
         raise ValueError(f"semantic_at must be one of {SEMANTIC_AT}, got {semantic_at!r}")
     owner = image_splits(dataset)
-    evaluators = build_evaluators(model, dataset, owner, category_ids, vocab, num_semantic, semantic_at)
+    semantic_ids = semantic_ids if semantic_ids is not None else (getattr(model, "meta", None) or {}).get("semantic_ids")
+    spec = PanopticSpec.from_meta(category_ids, semantic_ids, stuff_area=panoptic_stuff_area) if semantic_ids else None
+    evaluators = build_evaluators(model, dataset, owner, category_ids, vocab, num_semantic, semantic_at, spec)
     sem_eval = next((e for e in evaluators if isinstance(e, SemanticEvaluator)), None)
+    pan_eval = next((e for e in evaluators if isinstance(e, PanopticEvaluator)), None)
     model.eval()
     result = EvalResult()
     seen: list[int] = []
@@ -124,9 +140,13 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
         outputs = head_outputs(out)
         if beam > 1 and out.cap is not None:
             outputs["cap_tokens"] = model.head("cap").beam_search(out.cap.memory, beam=beam)
+        wanted = [False] * len(batch)  # the semantic maps to make: scored ones and those panoptic merges use
+        for e in (sem_eval, pan_eval):
+            if e is not None:
+                wanted = [a or b for a, b in zip(wanted, e.wanted(batch))]
         results = postprocess(outputs, batch.letterboxes, conf_thres, iou_thres, max_det, multi_label=True,
-                              vocab=vocab, semantic_at=semantic_at,
-                              semantic_for=sem_eval.wanted(batch) if sem_eval is not None else [False] * len(batch))
+                              vocab=vocab, semantic_at=semantic_at, semantic_for=wanted,
+                              panoptic=spec if pan_eval is not None else None)
         for e in evaluators:
             e.process(batch, results)
         t3 = time.perf_counter()

@@ -8,22 +8,34 @@ task (panoptic next) is one new evaluator composed by :func:`utils.eval.evaluate
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import cv2
 import torch
 
+from utils.data.coco import read_semantic_map, semantic_path
 from utils.data.config import SplitSpec
 from utils.data.dataset import Batch, CocoDataset
+from utils.data.panoptic import (
+    PanopticTarget,
+    derive_panoptic,
+    load_panoptic_json,
+    read_panoptic_png,
+)
 from utils.eval.metrics.caption import caption_scores
 from utils.eval.metrics.detection import coco_map, load_ground_truth
+from utils.eval.metrics.panoptic import PQStat
 from utils.eval.metrics.semantic import SemanticMeter
+from utils.ops.panoptic import PanopticSpec
 from utils.ops.postprocess import Result, coco_boxes, coco_masks
 from utils.tasks import FITNESS_TERMS
 
 if TYPE_CHECKING:  # annotation only: evaluate.py imports this module
     from utils.eval.evaluate import EvalResult
 
-__all__ = ["Evaluator", "InstanceTruth", "BoxEvaluator", "MaskEvaluator", "SemanticEvaluator", "CaptionEvaluator"]
+__all__ = ["Evaluator", "InstanceTruth", "BoxEvaluator", "MaskEvaluator", "SemanticEvaluator", "CaptionEvaluator",
+           "PanopticEvaluator"]
 
 
 class Evaluator:
@@ -229,3 +241,78 @@ class CaptionEvaluator(Evaluator):
             result.scored_images["cap"] = len(self.references)
         result.captions = [(k, self.predicted[k], self.references.get(k, [])) for k in list(self.predicted)[:8]]
 
+
+
+class PanopticEvaluator(Evaluator):
+    """PQ / SQ / RQ (overall, things, stuff; :mod:`utils.eval.metrics.panoptic`) of each Result's ``panoptic``
+    against the split's panoptic ground truth: its ``panoptic`` files, or derived from its instances +
+    stuffthingmaps (:func:`~utils.data.panoptic.derive_panoptic`) where it has no panoptic files.
+
+    Scored over ``spec``'s categories (thing ids, then the stuff semantic ids) in original pixels.
+    """
+
+    task = "pan"
+
+    def __init__(self, dataset: CocoDataset, owner: dict[int, SplitSpec], truth: InstanceTruth, spec: PanopticSpec):
+        self.owner, self.truth, self.spec = owner, truth, spec
+        self.records = {int(rec.image_id): (split, rec) for split, rec in dataset.items}
+        self.categories = {c: True for c in spec.category_ids} | {
+            spec.semantic_ids[i]: False for i in spec.stuff_indices.tolist()}
+        self._json: dict[Path, dict[int, dict]] = {}  # panoptic JSON -> image id -> annotation, read once
+        self.reset()
+
+    def reset(self) -> None:
+        self.stat = PQStat()
+        self.images = 0
+        self.per_class: dict[int, float] = {}
+
+    def wanted(self, batch: Batch) -> list[bool]:
+        """Per image whether it has panoptic ground truth (its semantic map is then needed for the merge)."""
+        return [self.owner[int(i)].has_panoptic for i in batch.image_ids]
+
+    def ground_truth(self, image_id: int, shape: tuple[int, int]) -> PanopticTarget | None:
+        """``(ids, segments)`` of one image at ``shape``; ``None`` when its split has none for it."""
+        split, rec = self.records[image_id]
+        if split.panoptic is not None:
+            anns = self._json.get(split.panoptic)
+            if anns is None:
+                anns = self._json[split.panoptic] = load_panoptic_json(split.panoptic)
+            ann = anns.get(image_id)
+            ids = read_panoptic_png(split.panoptic_pngs / ann["file_name"]) if ann is not None else None
+            if ids is None:
+                return None
+            if ids.shape != shape:  # a PNG of another size than the image: nearest keeps ids whole
+                ids = cv2.resize(ids, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+            return ids, {int(s["id"]): s for s in ann["segments_info"]}
+        if split.instances is None or split.semantic is None:
+            return None
+        anns = self.truth.gt.imgToAnns.get(image_id, [])
+        # COCO polygons are in the JSON's image size; a differently stored image is rare, rescaled as a map
+        h, w = (rec.height, rec.width) if rec.width else shape
+        ids, segments = derive_panoptic(anns, read_semantic_map(semantic_path(split, rec)), self.spec.category_ids,
+                                        (h, w))
+        if ids.shape != shape:
+            ids = cv2.resize(ids, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        return ids, segments
+
+    def process(self, batch: Batch, results: list[Result]) -> None:
+        for iid, r in zip(batch.image_ids, results):
+            if r.panoptic is None or not self.owner[int(iid)].has_panoptic:
+                continue
+            gt = self.ground_truth(int(iid), r.orig_shape)
+            if gt is None:
+                continue
+            pred = {s["id"]: s for s in r.panoptic.segments}
+            self.stat.update(gt[0], gt[1], r.panoptic.ids, pred)
+            self.images += 1
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.images:
+            return {}
+        metrics, self.per_class = self.stat.summary(self.categories)
+        return metrics
+
+    def export(self, result: "EvalResult") -> None:
+        if self.images:
+            result.scored_images["pan"] = self.images
+            result.per_class["pq"] = self.per_class

@@ -18,6 +18,7 @@ from utils.ops.boxes import xyxy2xywh
 from utils.ops.letterbox import Letterbox, upsample_logits
 from utils.ops.masks import encode_rle, process_masks
 from utils.ops.nms import non_max_suppression
+from utils.ops.panoptic import Panoptic, PanopticSpec, merge_panoptic
 
 if TYPE_CHECKING:  # annotations only: ops does not depend on data at run time
     from utils.data.vocab import Vocabulary
@@ -34,6 +35,8 @@ class Result:
     ``boxes`` ``(n, 4)`` float32 ``x1 y1 x2 y2``, ``scores`` ``(n,)`` float32, ``classes`` ``(n,)`` int64 contiguous
     indices; ``masks`` ``(n, h, w)`` bool or ``None``; ``semantic`` ``(h, w)`` semantic indices (uint8 when
     there are at most 256 classes) or ``None``; ``tokens`` the caption ids and ``caption`` their words, or ``None``;
+    ``panoptic`` the merge of masks and semantic map (:class:`~utils.ops.panoptic.Panoptic`: int32 id map of
+    ``shape`` + segments with original category ids) or ``None``.
     ``track_ids`` ``(n,)`` int64 video track ids of the detections (:mod:`utils.ops.track`), or ``None``.
     """
 
@@ -46,6 +49,7 @@ class Result:
     tokens: np.ndarray | None = None
     caption: str | None = None
     at: str = "original"
+    panoptic: Panoptic | None = None
     track_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -107,7 +111,7 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
                 iou_thres: float = 0.45, max_det: int = 300, classes: Sequence[int] | None = None,
                 agnostic: bool = False, multi_label: bool = False, tasks: Sequence[str] | None = None,
                 vocab: "Vocabulary | None" = None, at: str = "original", semantic_at: str | None = None,
-                semantic_for: Sequence[bool] | None = None) -> list[Result]:
+                semantic_for: Sequence[bool] | None = None, panoptic: PanopticSpec | None = None) -> list[Result]:
     """Named head outputs of a batch (tensors, any device) + per-image letterboxes -> one :class:`Result` each.
 
     Args:
@@ -168,6 +172,8 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
             logits = sem_logits[i]
             label = lb.labels_to_original(logits) if semantic_at == "original" else logits.argmax(0)
             r.semantic = _semantic_indices(label, logits.shape[0])
+        if panoptic is not None and r.masks is not None and r.semantic is not None and semantic_at == at:
+            r.panoptic = merge_panoptic(r.masks, r.scores, r.classes, r.semantic, panoptic)
         if token_rows is not None:
             r.tokens = np.asarray(token_rows[i], np.int64)
             r.caption = vocab.decode(token_rows[i]) if vocab is not None else None

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only: drawing needs numpy and cv2, not torch
+    from utils.ops.panoptic import Panoptic
     from utils.ops.postprocess import Result
 
 Color = tuple[int, int, int]  # BGR
@@ -131,6 +132,38 @@ def draw_semantic(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.4, i
     return image
 
 
+def panoptic_colors(panoptic: "Panoptic") -> np.ndarray:
+    """``(max id + 1, 3)`` BGR per segment id: stuff in its semantic class colour (as :func:`draw_semantic`),
+    each thing in its class's box colour shifted in brightness by its rank among that class's instances, so
+    two touching instances of one class stay apart; void (0) black."""
+    top = max([s["id"] for s in panoptic.segments], default=0)
+    colors = np.zeros((top + 1, 3), np.uint8)
+    seen: dict[int, int] = {}
+    for s in panoptic.segments:
+        if s["isthing"]:
+            k = seen[s["label"]] = seen.get(s["label"], -1) + 1
+            shift = (k % 5 - 2) * 24  # -48 .. +48: five distinct shades before one repeats
+            colors[s["id"]] = np.clip(np.array(box_color(s["label"]), np.int32) + shift, 0, 255)
+        else:
+            colors[s["id"]] = SEMANTIC_PALETTE[s["label"]]
+    return colors
+
+
+def draw_panoptic(image: np.ndarray, panoptic: "Panoptic", alpha: float = 0.5) -> np.ndarray:
+    """Fills every panoptic segment translucently in its colour (:func:`panoptic_colors`) and outlines the
+    segments (in place); void pixels stay as they are."""
+    if alpha <= 0 or not panoptic.segments:
+        return image
+    ids = panoptic.ids
+    blended = cv2.addWeighted(panoptic_colors(panoptic)[ids], float(alpha), image, 1.0 - float(alpha), 0.0)
+    np.copyto(image, blended, where=(ids > 0)[..., None])
+    edge = np.zeros(ids.shape, bool)  # a pixel whose right or lower neighbour is another segment
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    edge[:-1] |= ids[:-1] != ids[1:]
+    image[edge] = WHITE
+    return image
+
+
 def draw_masks(image: np.ndarray, masks: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Fills each ``(h, w)`` bool mask translucently in its class's box colour (in place)."""
     for m, c in zip(masks, classes):
@@ -205,14 +238,19 @@ def draw_caption(image: np.ndarray, caption: str) -> np.ndarray:
 
 
 def annotate(image: np.ndarray, result: "Result", names: Sequence[str], semantic_alpha: float = 0.4,
-             mask_alpha: float = 0.45, boxes: bool = True) -> np.ndarray:
+             mask_alpha: float = 0.45, boxes: bool = True, panoptic: bool = False) -> np.ndarray:
     """A copy of ``image`` with a :class:`utils.ops.postprocess.Result` drawn on it, back to front: semantic
-    overlay, instance masks, boxes with scores (``boxes=False`` to leave them out), caption banner."""
+    overlay, instance masks, boxes with scores (``boxes=False`` to leave them out), caption banner.
+    ``panoptic=True`` draws the panoptic segments (:func:`draw_panoptic`) in place of the semantic overlay
+    and the masks, when the Result has them."""
     out = image.copy()
-    if result.semantic is not None:
-        draw_semantic(out, result.semantic, semantic_alpha)
-    if result.masks is not None and len(result.masks):
-        draw_masks(out, result.masks, result.classes, mask_alpha)
+    if panoptic and result.panoptic is not None:
+        draw_panoptic(out, result.panoptic, max(semantic_alpha, mask_alpha))
+    else:
+        if result.semantic is not None:
+            draw_semantic(out, result.semantic, semantic_alpha)
+        if result.masks is not None and len(result.masks):
+            draw_masks(out, result.masks, result.classes, mask_alpha)
     if boxes and len(result.boxes):
         draw_boxes(out, result.boxes, result.classes, names, result.scores, ids=result.track_ids)
     if result.caption is not None:

@@ -25,7 +25,7 @@ from utils.data.vocab import Vocabulary, tokenize
 from utils.eval.curves import Curves, normalize_rows
 from utils.ops.letterbox import to_float
 from utils.ops.postprocess import Result, head_outputs, postprocess
-from utils.tasks import IGNORE_INDEX, TASKS, is_metric_key, task_of_key
+from utils.tasks import ALL_TASKS, IGNORE_INDEX, is_metric_key, task_of_key
 from utils.viz.draw import GREY, SEMANTIC_PALETTE, WHITE, YELLOW, box_color
 from utils.viz.mosaic import TileLabels, draw_mosaic, imwrite
 
@@ -79,7 +79,7 @@ def results_layout(rows: list[dict[str, float]], balance: str | None = None
     weights share one panel, shown for a dynamic ``balance`` (or, with ``balance=None``, if they changed).
     """
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    panels: dict[str, list[tuple[str, list[str]]]] = {t: [] for t in (*TASKS, "other")}
+    panels: dict[str, list[tuple[str, list[str]]]] = {t: [] for t in (*ALL_TASKS, "other")}
     for k in keys:  # losses: train/<x> with its val/<x>; val-only losses alone; then metrics
         t = task_of_key(k)
         if k.startswith("train/"):

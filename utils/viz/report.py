@@ -17,7 +17,7 @@ from typing import Sequence
 
 import yaml
 
-from utils.tasks import TASKS, fitness, is_metric_key, task_of_key
+from utils.tasks import ALL_TASKS, fitness, is_metric_key, task_of_key
 from utils.viz.plots import read_results
 
 TASK_TITLES = {"det": "Detection (boxes)", "inst": "Instance segmentation (masks)",
@@ -91,7 +91,7 @@ def write_report(save_dir: Path, tasks: Sequence[str] | None = None,
     csv_path = save_dir / "results.csv"
     rows = read_results(csv_path) if csv_path.is_file() else []
     if tasks is None:
-        tasks = [t for t in TASKS if any(task_of_key(k) == t for r in rows for k in r)]
+        tasks = [t for t in ALL_TASKS if any(task_of_key(k) == t for r in rows for k in r)]
     parts = [f"<h1>{html.escape(save_dir.name)}</h1>",
              f'<p class="meta">{html.escape(str(save_dir.resolve()))} &middot; written '
              f'{time.strftime("%Y-%m-%d %H:%M:%S")} &middot; tasks {html.escape(", ".join(tasks))}</p>']
