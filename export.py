@@ -87,11 +87,11 @@ def run(opt: argparse.Namespace) -> dict[str, Path]:
     if opt.batch < 1:
         raise ValueError(f"--batch {opt.batch}: must be >= 1")
     device = select_device(opt.device)
-    if opt.half and device.type != "cuda":
-        raise ValueError("--half needs a CUDA device (--device 0): FP16 graphs are exported and verified on the GPU")
     if opt.half and "openvino" in opt.include:
         raise ValueError("--half with --include openvino: the OpenVINO model is FP32 (OpenVINO runs on the CPU here, "
                          "where FP16 graphs gain nothing); export it without --half")
+    if opt.half and device.type != "cuda":
+        raise ValueError("--half needs a CUDA device (--device 0): FP16 graphs are exported and verified on the GPU")
     if "openvino" in opt.include and "onnx" not in opt.include:
         opt.include = ["onnx", *opt.include]  # OpenVINO converts the ONNX graphs verified just before
     tasks = parse_tasks(opt.tasks) if opt.tasks else None
