@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def run(opt: argparse.Namespace) -> dict[str, Path]:
                          "where FP16 graphs gain nothing); export it without --half")
     if opt.half and device.type != "cuda":
         raise ValueError("--half needs a CUDA device (--device 0): FP16 graphs are exported and verified on the GPU")
+    if "openvino" in opt.include and importlib.util.find_spec("openvino") is None:
+        raise ValueError("--include openvino needs the openvino package: pip install openvino")
     if "openvino" in opt.include and "onnx" not in opt.include:
         opt.include = ["onnx", *opt.include]  # OpenVINO converts the ONNX graphs verified just before
     tasks = parse_tasks(opt.tasks) if opt.tasks else None

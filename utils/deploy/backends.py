@@ -167,7 +167,10 @@ def openvino_model(path: str | Path, threads: int | None = None, precision: str 
     ``precision`` is the CPU plugin's inference precision hint: left alone, OpenVINO runs bf16 (or f16) inside
     on CPUs that have it (AMX / AVX512-BF16), which would not meet the FP32 parity tolerance; ``f32`` pins it.
     """
-    import openvino as ov  # optional dependency (requirements: export), imported only when a model runs
+    try:
+        import openvino as ov  # optional dependency (requirements: export), imported only when a model runs
+    except ImportError:
+        raise ValueError(f"{path}: an OpenVINO model needs the openvino package (pip install openvino)") from None
 
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
