@@ -1,7 +1,8 @@
-"""Run a yolor-mt model (.pt checkpoint or exported .onnx) on images, videos, webcams and streams.
+"""Run a yolor-mt model (.pt checkpoint, exported .onnx or OpenVINO folder) on images, videos, webcams and streams.
 
     python detect.py --source img.jpg                           # newest runs/train/exp*/weights/best.pt
     python detect.py --weights best.onnx --source images/       # a folder, a glob 'dir/*.jpg' or a list.txt
+    python detect.py --weights best_openvino_model/ --source images/   # OpenVINO (export.py --include openvino)
     python detect.py --weights best.pt --source video.mp4 --save-json --save-txt --save-masks
     python detect.py --weights best.pt --source 0               # webcam 0; rtsp:// or http(s):// for streams
     python detect.py --weights best.pt --source video.mp4 --track --save-txt   # ByteTrack ids across frames
@@ -37,7 +38,8 @@ from utils.viz.draw import annotate
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="", help=".pt or .onnx (default: newest runs/train/exp*/weights/best.pt)")
+    p.add_argument("--weights", default="", help=".pt, .onnx or an OpenVINO <stem>_openvino_model/ folder "
+                   "(default: newest runs/train/exp*/weights/best.pt)")
     p.add_argument("--source", required=True, help="file, folder, glob, .txt list, video, webcam index or stream URL")
     p.add_argument("--img", "--img-size", nargs="+", type=int, default=[640], help="inference size: one value or h w")
     p.add_argument("--conf-thres", type=float, default=None,
@@ -113,8 +115,8 @@ def run(opt: argparse.Namespace) -> Path:
     source = LoadSource(opt.source, opt.vid_stride)  # validated before the model loads: bad input fails fast
     tracker = _tracker(opt, source)
     half = opt.half
-    if half and (str(weights).endswith(".onnx") or opt.device == "cpu" or not _cuda()):
-        print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an .onnx keeps its export precision)")
+    if half and (not str(weights).endswith(".pt") or opt.device == "cpu" or not _cuda()):
+        print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an exported model keeps its precision)")
         half = False
     backend = load_backend(weights, opt.device, half)
     tasks = parse_tasks(opt.tasks, ALL_TASKS) if opt.tasks else None

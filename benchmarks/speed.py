@@ -1,4 +1,4 @@
-"""Inference speed of a yolor-mt model: eager (unfused, fused), onnxruntime and optionally TorchScript.
+"""Inference speed of a yolor-mt model: eager (unfused, fused), onnxruntime, OpenVINO and optionally TorchScript.
 
     python -m benchmarks.speed --quick                  # nano cfg, random weights, 256/320 px, batch 1 and 8
     python -m benchmarks.speed                          # 256/320/640 px
@@ -6,7 +6,9 @@
 
 Prints one table of latency (ms per image) and throughput (images/s) per backend, size and batch, then
 parameters and GFLOPs per head (torch.utils.flop_counter, 2 FLOPs per multiply-add) and the speed ratios
-fused/unfused and onnxruntime/fused at batch 1, 320 px. Timed is the vision graph (every head's outputs,
+fused/unfused, onnxruntime/fused and OpenVINO/fused at batch 1, 320 px. OpenVINO (CPU plugin, f32
+inference precision, as export.py verifies it) is converted from the same ONNX graph; it is skipped with a
+note when the ``openvino`` package is not installed. Timed is the vision graph (every head's outputs,
 ``cap_memory`` for captions, no NMS or caption decoding); the caption decoder's cost per step is listed with
 the FLOPs. Without --weights the model is ``--cfg`` with random weights (no training needed; speed does not
 depend on the values), with 13 semantic classes and a 60-word caption vocabulary.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import platform
 import sys
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 from models.model import Model, format_counts, module_counts
-from utils.deploy.backends import ort_session
+from utils.deploy.backends import openvino_model, ort_session
 from utils.deploy.export import export_vision, quiet_export
 from utils.deploy.interface import DeployModel, export_metadata
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
@@ -169,6 +172,20 @@ def main(argv: list[str] | None = None) -> int:
             sess.run(names, {"images": x.numpy()})
 
         backends[ort_label] = {s: ort_run for s in opt.sizes}
+        ov_label = None
+        if importlib.util.find_spec("openvino") is None:
+            print("note: no OpenVINO column: the openvino package is not installed (pip install openvino)")
+        elif device.type == "cuda":
+            print("note: no OpenVINO column on a CUDA device (OpenVINO runs on the CPU here)")
+        else:
+            # OpenVINO reads the ONNX graph with the frontend export.py's conversion uses (same model as the IR)
+            compiled = openvino_model(path, threads)  # CPU plugin, f32 inference precision
+
+            def ov_run(x):
+                compiled([x.numpy()])
+
+            ov_label = "openvino CPU f32"
+            backends[ov_label] = {s: ov_run for s in opt.sizes}
         if opt.torchscript:
             ts = {}
             with quiet_export():
@@ -203,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     r = {c: results[c, s_ref, b_ref] for c in cols}
     print(f"\nat batch {b_ref}, {s_ref} px: fused/unfused latency {r['eager fused'] / r['eager unfused']:.2f}x, "
           f"ORT/fused {r[ort_label] / r['eager fused']:.2f}x"
+          + (f", OpenVINO/fused {r[ov_label] / r['eager fused']:.2f}x" if ov_label else "")
           + (f", TorchScript/fused {r['torchscript'] / r['eager fused']:.2f}x" if "torchscript" in r else "")
           + "  (< 1: faster)")
     return 0

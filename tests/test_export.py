@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import detect as detect_script
 import export as export_script
 import train as train_script
 from tests.conftest import tiny_cfg
@@ -24,6 +26,7 @@ from utils.deploy.export import (
     export_onnx,
     export_vision,
     failures,
+    graph_nodes,
     load_torchscript,
     run_deploy,
     verification_images,
@@ -270,9 +273,64 @@ def test_simplify_keeps_parity(weights, tmp_path):
     (["--half", "--device", "cpu"], "--half needs a CUDA device"),
     (["--opset", "9"], "--opset 9"),
     (["--weights", "missing.pt"], "weights not found"),
+    (["--tasks", "inst,sem"], "inst needs det"),
+    (["--tasks", "det,depth"], "--tasks depth"),
 ])
 def test_export_errors_are_one_line(weights, capsys, args, message):
     argv = ["--weights", str(weights), "--img", str(IMG)] + args
     assert export_script.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+@pytest.fixture(scope="module")
+def subset(weights, tmp_path_factory) -> Path:
+    """``--tasks det,inst``: a dynamic graph with the box and mask heads only."""
+    w = copy_weights(weights, tmp_path_factory.mktemp("subset"))
+    rc, out = run_export(["--weights", str(w), "--img", str(IMG), "--dynamic", "--tasks", "det,inst"])
+    assert rc == 0, out
+    assert "tasks det,inst," in out and "sem_logits" not in out and "cap_decoder" not in out
+    return w.with_suffix(".onnx")
+
+
+def test_subset_graph_is_smaller_and_matches_the_full_one(subset, exported, fused):
+    """The semantic and caption heads are not in the graph (fewer nodes, smaller file, no decoder graph); the
+    det/inst outputs are the full graph's on the same images."""
+    full = exported[0]
+    assert graph_nodes(subset) < 0.7 * graph_nodes(full)
+    assert subset.stat().st_size < full.stat().st_size and not subset.with_name(f"{subset.stem}_cap_decoder.onnx").exists()
+    small, big = OnnxBackend(subset), OnnxBackend(full)
+    assert small.output_names == ["det_pred", "inst_coeffs", "inst_protos"]
+    assert small.info.tasks == ["det", "inst"] and small.metadata["outputs"] == small.output_names
+    assert "cap_decoder" not in small.metadata and small.info.vocab == fused[0].meta["vocab"]
+    x = verification_images(fused[1], (IMG + 32, IMG), 2).float().numpy() / 255.0
+    a, b = small(x), big(x)
+    for name in small.output_names:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_detect_on_subset_graph_draws_what_is_there(subset, tiny_data, tmp_path):
+    """detect.py on a det,inst graph: boxes with masks, no semantic map, no caption, no error."""
+    images = tiny_data.parent / "images/val2017"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = detect_script.main(["--weights", str(subset), "--source", str(images), "--img", str(IMG), "--conf-thres",
+                                 "0.3", "--save-json", "--save-masks", "--project", str(tmp_path), "--device", "cpu"])
+    text = out.getvalue()
+    assert rc == 0, text
+    save = Path(re.search(r"^Results saved to (\S+)", text, re.M).group(1))
+    assert "tasks det,inst," in text and "--save-masks ignored" in text and not (save / "masks").exists()
+    preds = json.loads((save / "predictions.json").read_text())
+    assert preds and all("segmentation" in p for p in preds)
+    assert not (save / "captions.json").exists() and len(list(save.glob("*.jpg"))) == len(list(images.glob("*.jpg")))
+
+
+def test_build_subset_refuses_a_head_the_checkpoint_lacks(weights):
+    ckpt = load_checkpoint(weights)
+    model = build_from_checkpoint(ckpt, tasks=["det"])
+    assert model.tasks == ["det"] and sum(model.built) < len(model.built)
+    full = build_from_checkpoint(ckpt)
+    assert all(torch.equal(t, full.state_dict()[k]) for k, t in model.state_dict().items())  # the same weights
+    ckpt["tasks"] = ["det", "inst"]
+    with pytest.raises(ValueError, match="tasks sem: the checkpoint has no such head"):
+        build_from_checkpoint(ckpt, tasks=["det", "sem"])

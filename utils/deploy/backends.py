@@ -1,20 +1,29 @@
-"""Backends behind one interface for detect.py, export.py's checks and the benchmarks: a ``.pt`` checkpoint or an
-exported ``.onnx`` maps a float batch ``(B, 3, H, W)`` (RGB, 0..1) to a dict of numpy arrays named as the vision
-graph's outputs (:func:`utils.deploy.interface.output_names`), and decodes captions from ``cap_memory``.
+"""Backends behind one interface for detect.py, export.py's checks and the benchmarks: a ``.pt`` checkpoint, an
+exported ``.onnx`` or an OpenVINO folder ``<stem>_openvino_model/`` maps a float batch ``(B, 3, H, W)`` (RGB, 0..1)
+to a dict of numpy arrays named as the vision graph's outputs (:func:`utils.deploy.interface.output_names`), and
+decodes captions from ``cap_memory``.
 
-Captions: :class:`PyTorchBackend` decodes with the head's own ``greedy`` / ``beam_search``; :class:`OnnxBackend`
-runs the decoder-step graph inside :mod:`utils.deploy.caption_decode`.
+Captions: :class:`PyTorchBackend` decodes with the head's own ``greedy`` / ``beam_search``; the graph backends
+(:class:`OnnxBackend`, :class:`OpenVINOBackend`) run the decoder-step graph inside
+:mod:`utils.deploy.caption_decode`.
 """
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from models.model import format_counts, module_counts
 from utils.deploy.caption_decode import beam_search_decode, greedy_decode
-from utils.deploy.interface import DeployModel, ModelInfo, read_onnx_metadata
+from utils.deploy.interface import (
+    OPENVINO_METADATA,
+    DeployModel,
+    ModelInfo,
+    read_onnx_metadata,
+)
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.torch_utils import select_device
 
@@ -72,7 +81,54 @@ def ort_session(path: str | Path, device: str | torch.device = "cpu", threads: i
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-class OnnxBackend:
+class GraphBackend:
+    """What the exported-graph backends share: the interface read from the graph's metadata and input, the
+    outputs as float32 / int64 numpy, and caption decoding through the decoder-step graph. Subclasses set the
+    runtime up, then call :meth:`_set_interface`, and implement :meth:`_run` and :meth:`decode_step`."""
+
+    output_names: list[str]
+    name: str
+
+    def _set_interface(self, source: Path, md: dict, dims: list[int | None], fp16: bool) -> None:
+        """``md``: the export metadata; ``dims``: the input shape (``None`` for a dynamic axis)."""
+        if "tasks" not in md:
+            raise ValueError(f"{source}: no yolor-mt metadata (export it with export.py)")
+        self.metadata = md
+        self.info = ModelInfo.from_metadata(md)
+        self.fp16 = fp16
+        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
+        self.fixed_hw = (dims[2], dims[3]) if all(isinstance(d, int) for d in dims[2:]) else None
+        self.nms = md.get("nms") or None
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """``(B, 3, H, W)`` float RGB 0..1 -> named outputs as numpy (float32 / int64)."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        outs = self._run(images.astype(np.float16 if self.fp16 else np.float32, copy=False))
+        return {n: _canonical(o) for n, o in zip(self.output_names, outs)}
+
+    def decode_step(self, memory: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Next-token logits ``(B, V)`` from the decoder graph (``CaptionHead.decode_step``)."""
+        raise NotImplementedError
+
+    def caption_tokens(self, memory: np.ndarray, beam: int = 1) -> np.ndarray:
+        if beam <= 1:
+            return greedy_decode(self.decode_step, memory, self.info.cap_max_len)
+        return beam_search_decode(self.decode_step, memory, beam, self.info.cap_max_len)
+
+
+def _canonical(o: np.ndarray) -> np.ndarray:
+    """float32 for floats, int64 for integers: the dtypes post-processing expects from every backend (an FP16
+    graph returns float16; OpenVINO may return its integer outputs as int32)."""
+    if np.issubdtype(o.dtype, np.floating):
+        return o.astype(np.float32, copy=False)
+    return o.astype(np.int64, copy=False)
+
+
+class OnnxBackend(GraphBackend):
     """An exported ``.onnx`` vision graph (+ its caption decoder graph) behind the backend interface."""
 
     def __init__(self, weights: str | Path, device: str | torch.device = "cpu", threads: int | None = None):
@@ -84,18 +140,10 @@ class OnnxBackend:
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
             raise ValueError(f"{weights}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         md = read_onnx_metadata(self.session)
-        if "tasks" not in md:
-            raise ValueError(f"{weights}: no yolor-mt metadata (export it with export.py)")
-        self.metadata = md
-        self.info = ModelInfo.from_metadata(md)
-        self.output_names = [o.name for o in self.session.get_outputs()]
         inp = self.session.get_inputs()[0]
+        self._set_interface(weights, md, list(inp.shape), "float16" in inp.type)
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_name = inp.name
-        self.fp16 = "float16" in inp.type
-        dims = list(inp.shape)
-        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
-        self.fixed_hw = (dims[2], dims[3]) if all(isinstance(d, int) for d in dims[2:]) else None
-        self.nms = md.get("nms") or None
         self.decoder = None
         if "cap" in self.info.tasks:
             dec = weights.with_name(md.get("cap_decoder", f"{weights.stem}_cap_decoder.onnx"))
@@ -105,33 +153,90 @@ class OnnxBackend:
             self.memory_fp16 = "float16" in self.decoder.get_inputs()[0].type
         self.name = f"ONNX Runtime ({self.session.get_providers()[0]})"
 
-    def __call__(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        """``(B, 3, H, W)`` float RGB 0..1 -> named outputs as numpy (float32 / int64)."""
-        if isinstance(images, torch.Tensor):
-            images = images.detach().cpu().numpy()
-        x = images.astype(np.float16 if self.fp16 else np.float32, copy=False)
-        outs = self.session.run(self.output_names, {self.input_name: x})
-        return {n: o.astype(np.float32) if o.dtype == np.float16 else o for n, o in zip(self.output_names, outs)}
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: x})
 
     def decode_step(self, memory: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """Next-token logits ``(B, V)`` from the decoder graph (``CaptionHead.decode_step``)."""
         mem = memory.astype(np.float16 if self.memory_fp16 else np.float32, copy=False)
         return self.decoder.run(["logits"], {"memory": mem, "tokens": tokens.astype(np.int64, copy=False)})[0]
 
-    def caption_tokens(self, memory: np.ndarray, beam: int = 1) -> np.ndarray:
-        if beam <= 1:
-            return greedy_decode(self.decode_step, memory, self.info.cap_max_len)
-        return beam_search_decode(self.decode_step, memory, beam, self.info.cap_max_len)
+
+def openvino_model(path: str | Path, threads: int | None = None, precision: str = "f32"):
+    """An OpenVINO ``.xml`` compiled for the CPU; ``threads`` defaults to torch's.
+
+    ``precision`` is the CPU plugin's inference precision hint: left alone, OpenVINO runs bf16 (or f16) inside
+    on CPUs that have it (AMX / AVX512-BF16), which would not meet the FP32 parity tolerance; ``f32`` pins it.
+    """
+    try:
+        import openvino as ov  # optional dependency (requirements: export), imported only when a model runs
+    except ImportError:
+        raise ValueError(f"{path}: an OpenVINO model needs the openvino package (pip install openvino)") from None
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
-Backend = PyTorchBackend | OnnxBackend
+class OpenVINOBackend(GraphBackend):
+    """An OpenVINO export folder ``<stem>_openvino_model/`` (or its vision ``.xml``) behind the backend interface:
+    the vision model, the caption decoder model and ``metadata.yaml``, run by OpenVINO's CPU plugin.
+
+    ``precision``: see :func:`openvino_model` (``f32`` by default, as export.py verifies it).
+    """
+
+    def __init__(self, weights: str | Path, device: str | torch.device = "cpu", threads: int | None = None,
+                 precision: str = "f32"):
+        path = Path(weights)
+        folder = path.parent if path.suffix.lower() == ".xml" else path
+        md_file = folder / OPENVINO_METADATA
+        if not path.exists():
+            raise FileNotFoundError(f"weights not found: {path}")
+        if not md_file.is_file():
+            raise ValueError(f"{folder}: no {OPENVINO_METADATA} (export the OpenVINO model with export.py --include openvino)")
+        md = yaml.safe_load(md_file.read_text()) or {}
+        xml = path if path.suffix.lower() == ".xml" else folder / md.get("model", f"{folder.name}.xml")
+        if not xml.is_file():
+            raise FileNotFoundError(f"{folder}: its model {xml.name} is missing")
+        try:
+            self.model = openvino_model(xml, threads, precision)
+        except RuntimeError as e:  # OpenVINO reports unreadable or truncated IR files as RuntimeError
+            raise ValueError(f"{xml}: not a loadable OpenVINO model ({str(e).strip().splitlines()[0][:200]})") from None
+        inp = self.model.input(0)
+        dims = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
+        self._set_interface(folder, md, dims, inp.get_element_type().get_type_name() == "f16")
+        self.output_names = [o.get_any_name() for o in self.model.outputs]
+        self.decoder = None
+        if "cap" in self.info.tasks:
+            dec = folder / md.get("cap_decoder", "")
+            if not dec.is_file():
+                raise FileNotFoundError(f"{folder}: its caption decoder model {dec.name} is missing (export both with export.py)")
+            self.decoder = openvino_model(dec, threads, precision)
+        if str(device) not in ("", "cpu"):
+            print(f"note: OpenVINO runs on the CPU here (--device {device} is a CUDA device)")
+        self.name = f"OpenVINO {importlib.metadata.version('openvino')} (CPU, {precision})"
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        res = self.model([x])
+        return [res[o] for o in self.model.outputs]
+
+    def decode_step(self, memory: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        res = self.decoder({"memory": memory.astype(np.float32, copy=False), "tokens": tokens.astype(np.int64, copy=False)})
+        return res[self.decoder.output(0)]
+
+
+Backend = PyTorchBackend | OnnxBackend | OpenVINOBackend
 
 
 def load_backend(weights: str | Path, device: str = "", half: bool = False) -> Backend:
-    """``.pt`` -> :class:`PyTorchBackend`, ``.onnx`` -> :class:`OnnxBackend`."""
-    suffix = Path(weights).suffix.lower()
+    """``.pt`` -> :class:`PyTorchBackend`, ``.onnx`` -> :class:`OnnxBackend`, a folder (``<stem>_openvino_model/``)
+    or ``.xml`` -> :class:`OpenVINOBackend`."""
+    path = Path(weights)
+    suffix = path.suffix.lower()
     if suffix == ".pt":
         return PyTorchBackend(weights, device, half)
     if suffix == ".onnx":
         return OnnxBackend(weights, device)
-    raise ValueError(f"--weights {weights}: unsupported format '{suffix}' (use a .pt checkpoint or an exported .onnx)")
+    if suffix == ".xml" or path.is_dir():
+        return OpenVINOBackend(weights, device)
+    raise ValueError(f"--weights {weights}: unsupported format '{suffix}' (use a .pt checkpoint, an exported .onnx "
+                     f"or an OpenVINO folder <stem>_openvino_model/)")

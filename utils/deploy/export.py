@@ -8,6 +8,9 @@ Two graphs are written per model:
   ``tokens (B, T)`` int64 -> ``logits (B, V)`` of the next token, so the greedy / beam loops of
   :mod:`utils.deploy.caption_decode` can decode with onnxruntime alone.
 
+OpenVINO (:func:`export_openvino`) converts those verified ONNX graphs into ``<stem>_openvino_model/``
+(``.xml`` + ``.bin`` per graph, FP32 weights, and ``metadata.yaml`` with the ONNX metadata).
+
 Why the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) and not the dynamo one: it
 needs no extra dependency (``onnxscript``), our graphs are free of data-dependent Python control flow once
 the caption head is split into encoder and decoder step (see :class:`CaptionEncoder`), and every export is
@@ -25,12 +28,19 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from models.heads.caption import CaptionHead
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
-from utils.deploy.interface import INPUT_NAME, INT_OUTPUTS, DeployModel
+from utils.deploy.interface import (
+    INPUT_NAME,
+    INT_OUTPUTS,
+    OPENVINO_METADATA,
+    OPENVINO_SUFFIX,
+    DeployModel,
+)
 
 # Parity tolerances on the normalized difference (see compare_outputs): fusing BN/implicit layers changes
 # only float rounding, so it is held to 1e-4; another runtime (onnxruntime) may reorder sums, so 1e-3.
@@ -189,6 +199,41 @@ def simplify_onnx(path: str | Path, out: str | Path) -> Path:
     onnx.save(slim, str(out))
     onnx.checker.check_model(str(out))
     return Path(out)
+
+
+def graph_nodes(path: str | Path) -> int:
+    """Number of nodes of an ONNX graph's top level (what a smaller export, e.g. ``--tasks det,inst``, saves)."""
+    import onnx
+
+    return len(onnx.load(str(path)).graph.node)
+
+
+def export_openvino(vision: str | Path, decoder: str | Path | None, metadata: dict[str, Any]) -> Path:
+    """Converts the ONNX vision graph (and the caption decoder graph) with OpenVINO into the folder
+    ``<stem>_openvino_model/`` next to it: ``<stem>.xml/.bin``, ``<stem>_cap_decoder.xml/.bin`` and
+    ``metadata.yaml`` (``metadata`` plus the file names). Returns the folder.
+
+    Weights stay FP32 (``compress_to_fp16=False``: ``save_model`` halves them by default, which would make
+    the OpenVINO model differ from the verified ONNX one).
+    """
+    import openvino as ov  # optional dependency (requirements: export), imported only when converting
+
+    vision = Path(vision)
+    folder = vision.with_name(f"{vision.stem}{OPENVINO_SUFFIX}")
+    folder.mkdir(exist_ok=True)
+    md = dict(metadata) | {"format": "openvino", "model": f"{vision.stem}.xml", "openvino": ov.__version__}
+    graphs = [vision]
+    if decoder is not None:
+        graphs.append(Path(decoder))
+        md["cap_decoder"] = f"{Path(decoder).stem}.xml"
+    try:
+        for src in graphs:
+            ov.save_model(ov.convert_model(str(src)), str(folder / f"{src.stem}.xml"), compress_to_fp16=False)
+    except Exception as e:  # OpenVINO raises its own types for unsupported operators; one line with the cause
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ValueError(f"OpenVINO conversion of {src.name} failed: {type(e).__name__}: {msg}") from e
+    (folder / OPENVINO_METADATA).write_text(yaml.safe_dump(md, sort_keys=False))
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ INPUT_NAME = "images"
 NMS_OUTPUTS = ("det_boxes", "det_scores", "det_classes", "det_anchor_index", "det_count")
 INT_OUTPUTS = frozenset({"det_classes", "det_anchor_index", "det_count"})
 DECODER_SUFFIX = "_cap_decoder"
+OPENVINO_SUFFIX = "_openvino_model"  # the export folder <stem>_openvino_model/ (the Ultralytics layout)
+OPENVINO_METADATA = "metadata.yaml"  # in that folder: the ONNX metadata, plus the .xml file names
 
 
 @dataclass

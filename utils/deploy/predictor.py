@@ -109,7 +109,7 @@ class Predictor:
         if backend.fixed_hw is not None:
             hw = check_img_size(img_size, self.info.stride) if img_size else backend.fixed_hw
             if tuple(hw) != tuple(backend.fixed_hw):
-                print(f"note: this ONNX model has a fixed input size {backend.fixed_hw[0]}x{backend.fixed_hw[1]}; "
+                print(f"note: this exported model has a fixed input size {backend.fixed_hw[0]}x{backend.fixed_hw[1]}; "
                       f"using it instead of {hw[0]}x{hw[1]} (export with --dynamic for any size)")
             self.img_hw = tuple(backend.fixed_hw)
         else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -43,13 +43,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True):
-    """Rebuilds the ``Model`` a checkpoint describes and loads its (EMA) weights."""
+def build_from_checkpoint(ckpt: dict[str, Any], ema: bool = True, tasks: Sequence[str] | None = None):
+    """Rebuilds the ``Model`` a checkpoint describes and loads its (EMA) weights.
+
+    ``tasks``: build only these heads of the checkpoint (e.g. an export without the semantic and caption
+    heads); the weights of the heads left out are not loaded, those of the others must all be there.
+    """
 
     meta = ckpt.get("meta", {})
-    model = Model(ckpt["cfg"], nc=len(meta.get("names", [])) or None, tasks=ckpt.get("tasks"),
-                  head_kwargs=ckpt.get("head_kwargs"))
+    model = Model(ckpt["cfg"], nc=len(meta.get("names", [])) or None,
+                  tasks=tasks if tasks is not None else ckpt.get("tasks"), head_kwargs=ckpt.get("head_kwargs"))
     state = ckpt.get("ema") if ema and ckpt.get("ema") is not None else ckpt["model"]
+    if tasks is not None:
+        have = ckpt.get("tasks") or model.tasks  # the trainer always stores the list; a hand-made checkpoint may not
+        absent = [t for t in tasks if t not in have or t not in model.tasks]
+        if absent:
+            raise ValueError(f"tasks {','.join(absent)}: the checkpoint has no such head (it has {','.join(have)})")
+        # rows not built are the heads left out (the parser skips head rows only): their weights stay behind
+        dropped = tuple(f"layers.{i}." for i, built in enumerate(model.built) if not built)
+        state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint weights do not match its cfg: missing {missing[:3]}, unexpected {unexpected[:3]}")
