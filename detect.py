@@ -166,7 +166,7 @@ def run(opt: argparse.Namespace) -> Path:
             if tracker is not None and frame.video is not None:  # images of a mixed folder stay untracked
                 if frame.index == 0:  # every video starts its own ids
                     tracker.reset()
-                r = track_result(r, tracker)
+                r = track_result(r, tracker, predictor.panoptic)
             if frame.video is None:
                 stem, key = src.stem, src.name
                 prefix = f"image {file_i}/{n_files} {frame.path}:"

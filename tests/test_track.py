@@ -17,6 +17,7 @@ import detect as detect_script
 from benchmarks.track import moving_scene, run_scene, write_scene_video
 from tests.test_export import IMG, train_tiny_model
 from utils.ops.letterbox import Letterbox
+from utils.ops.panoptic import PanopticSpec, merge_panoptic
 from utils.ops.postprocess import Result
 from utils.ops.track import ByteTracker, linear_assignment, track_result
 from utils.viz.draw import draw_boxes
@@ -119,6 +120,26 @@ def test_track_result_drops_untracked_detections_with_their_masks():
     assert out.track_ids.dtype == np.int64 and out.track_ids.tolist() == [1, 2]
     assert out.classes.tolist() == [0, 2] and np.array_equal(out.masks, masks[[0, 2]])
     assert r.track_ids is None and len(r) == 3  # the input is left as it was
+
+
+def test_tracked_panoptic_has_no_segment_of_a_dropped_detection():
+    """The merge is redone from the kept detections: the dropped one's pixels go to stuff, not to a segment."""
+    boxes = np.array([[10, 10, 40, 40], [50, 50, 90, 90]], np.float32)
+    masks = np.zeros((2, 100, 100), bool)
+    for m, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
+        m[y1:y2, x1:x2] = True
+    semantic = np.full((100, 100), 2, np.uint8)  # semantic index 2: a stuff class everywhere
+    spec = PanopticSpec.from_meta([1, 3], [1, 3, 124], score_thres=0.2, stuff_area=1)
+    scores, classes = np.array([0.9, 0.3], np.float32), np.array([0, 1])
+    r = Result(Letterbox.identity((100, 100)), boxes, scores, classes, masks=masks, semantic=semantic,
+               panoptic=merge_panoptic(masks, scores, classes, semantic, spec))
+    assert sorted(s["category_id"] for s in r.panoptic.segments) == [1, 3, 124]  # both instances merged
+    out = track_result(r, ByteTracker(), spec)  # the 0.3 detection gets no track
+    assert out.track_ids.tolist() == [1]
+    assert sorted(s["category_id"] for s in out.panoptic.segments) == [1, 124]
+    stuff = next(s["id"] for s in out.panoptic.segments if s["category_id"] == 124)
+    assert (out.panoptic.ids[50:90, 50:90] == stuff).all()  # the dropped object's pixels are stuff again
+    assert track_result(r, ByteTracker()).panoptic is None  # no rule to redo the merge with: none kept
 
 
 def test_draw_boxes_labels_carry_the_ids():

@@ -23,6 +23,7 @@ from utils.data.sources import LoadSource
 from utils.deploy.backends import load_backend
 from utils.deploy.interface import ModelInfo
 from utils.deploy.predictor import Predictor, Results
+from utils.ops.panoptic import PanopticSpec
 from utils.ops.track import ByteTracker, track_result
 
 __all__ = ["YOLOR", "Source"]
@@ -115,18 +116,20 @@ class YOLOR:
         association stage; ``track_thresh`` splits high from low scores; lost tracks are kept
         ``track_buffer`` frames. Every video starts its own ids; still images are returned untracked."""
         tracker = ByteTracker(track_thresh, track_buffer)
-        results = self._track(tracker, self(source, stream=True, conf=conf, **kwargs))
+        # the rule the Predictor merges with by default, to redo the merge without the dropped detections
+        rule = PanopticSpec.from_meta(self.info.category_ids, self.info.semantic_ids)
+        results = self._track(tracker, self(source, stream=True, conf=conf, **kwargs), rule)
         return results if stream else list(results)
 
     @staticmethod
-    def _track(tracker: ByteTracker, results: Iterable[Results]) -> Iterator[Results]:
+    def _track(tracker: ByteTracker, results: Iterable[Results], rule: PanopticSpec) -> Iterator[Results]:
         for r in results:
             if r.frame is None:  # a still image: nothing to carry an identity across
                 yield r
                 continue
             if r.frame == 0:
                 tracker.reset()
-            yield track_result(r, tracker)
+            yield track_result(r, tracker, rule)
 
     @staticmethod
     def _items(source: Source, vid_stride: int) -> Iterable[_Item]:

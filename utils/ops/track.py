@@ -40,6 +40,7 @@ import dataclasses
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from utils.ops.panoptic import PanopticSpec, merge_panoptic
 from utils.ops.postprocess import Result
 
 __all__ = ["KalmanFilterXYAH", "ByteTracker", "box_iou_np", "linear_assignment", "track_result"]
@@ -268,11 +269,16 @@ class ByteTracker:
         return ids
 
 
-def track_result(result: Result, tracker: ByteTracker) -> Result:
+def track_result(result: Result, tracker: ByteTracker, panoptic: PanopticSpec | None = None) -> Result:
     """``result`` reduced to the detections ``tracker`` gives an id, with those ids in ``track_ids``; boxes,
-    scores, classes and masks are cut together, so detection ``i``'s mask stays with detection ``i``'s id."""
+    scores, classes and masks are cut together, so detection ``i``'s mask stays with detection ``i``'s id.
+    A panoptic merge in ``result`` is redone from the kept detections with ``panoptic`` (the rule it was made
+    with), so no segment belongs to a detection the tracker dropped; without a rule it is dropped."""
     ids = tracker.update(result.boxes, result.scores, result.classes)
     keep = ids >= 0
+    masks = None if result.masks is None else result.masks[keep]
+    merged = None
+    if result.panoptic is not None and panoptic is not None and result.semantic is not None:
+        merged = merge_panoptic(masks, result.scores[keep], result.classes[keep], result.semantic, panoptic)
     return dataclasses.replace(result, boxes=result.boxes[keep], scores=result.scores[keep],
-                               classes=result.classes[keep], track_ids=ids[keep],
-                               masks=None if result.masks is None else result.masks[keep])
+                               classes=result.classes[keep], track_ids=ids[keep], masks=masks, panoptic=merged)
