@@ -2,7 +2,11 @@
 the Results object (plot, save, to_json, the same object detect.py writes from)."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import shutil
 import types
 from dataclasses import fields
 from pathlib import Path
@@ -12,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import export as export_script
 from tests.conftest import ROOT
 from tests.test_detect import CONF, assets, run_detect  # noqa: F401  (assets: the shared module fixture)
 from tests.test_export import IMG
@@ -26,7 +31,15 @@ OPTS = {"conf": float(CONF), "imgsz": IMG}
 
 @pytest.fixture(scope="module")
 def models(assets) -> dict[str, YOLOR]:  # noqa: F811  (the fixture imported above)
-    return {fmt: YOLOR(assets[fmt], device="cpu") for fmt in ("pt", "onnx")}
+    """The same weights as ``.pt``, ``.onnx`` and, where openvino is installed (a requirement, so in CI), an
+    OpenVINO folder exported from that checkpoint."""
+    out = {fmt: YOLOR(assets[fmt], device="cpu") for fmt in ("pt", "onnx")}
+    if importlib.util.find_spec("openvino") is not None:
+        w = Path(shutil.copytree(assets["pt"].parent, assets["root"] / "ov_weights")) / assets["pt"].name
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert export_script.main(["--weights", str(w), "--img", str(IMG), "--dynamic", "--include", "openvino"]) == 0
+        out["openvino"] = YOLOR(w.parent / f"{w.stem}_openvino_model", device="cpu")
+    return out
 
 
 def _same_boxes(a: Results, b: Results) -> None:
@@ -37,7 +50,7 @@ def _same_boxes(a: Results, b: Results) -> None:
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-def test_image_folder_and_video_agree_between_pt_and_onnx(models, assets):
+def test_image_folder_and_video_agree_between_pt_onnx_and_openvino(models, assets):
     images = sorted(assets["images"].iterdir())
     got: dict[str, dict[str, list[Results]]] = {}
     for fmt, model in models.items():
@@ -57,10 +70,11 @@ def test_image_folder_and_video_agree_between_pt_and_onnx(models, assets):
         assert all(r.orig_img.shape[:2] == (64, 96) for r in video)
         _same_boxes(one[0], folder[0])  # a file alone or within its folder: the same frame, the same result
     assert sum(len(r) for r in got["pt"]["folder"] + got["pt"]["video"]) > 0  # the comparison compares boxes
-    for kind in ("image", "folder", "video"):
-        for a, b in zip(got["pt"][kind], got["onnx"][kind], strict=True):
-            _same_boxes(a, b)
-            assert a.caption == b.caption and a.caption is not None
+    for fmt in [f for f in got if f != "pt"]:
+        for kind in ("image", "folder", "video"):
+            for a, b in zip(got["pt"][kind], got[fmt][kind], strict=True):
+                _same_boxes(a, b)
+                assert a.caption == b.caption and a.caption is not None, fmt
 
 
 def test_arrays_and_lists(models, assets):
