@@ -220,6 +220,10 @@ def export_openvino(vision: str | Path, decoder: str | Path | None, metadata: di
 
     vision = Path(vision)
     folder = vision.with_name(f"{vision.stem}{OPENVINO_SUFFIX}")
+    if folder.is_dir():  # a re-export starts clean: no stale decoder of an earlier export stays beside it
+        for old in folder.iterdir():
+            if old.is_file() and (old.suffix in (".xml", ".bin") or old.name == OPENVINO_METADATA):
+                old.unlink()
     folder.mkdir(exist_ok=True)
     md = dict(metadata) | {"format": "openvino", "model": f"{vision.stem}.xml", "openvino": ov.__version__}
     graphs = [vision]
