@@ -100,6 +100,16 @@ class GraphBackend:
         self.fixed_hw = (dims[2], dims[3]) if all(isinstance(d, int) for d in dims[2:]) else None
         self.nms = md.get("nms") or None
 
+    def _decoder_file(self, model: Path, name: str) -> Path | None:
+        """The caption decoder graph ``name`` beside ``model`` (``None`` without a caption head); a missing one
+        is an error (a caption model is exported as two graphs)."""
+        if "cap" not in self.info.tasks:
+            return None
+        dec = model.with_name(name)
+        if not dec.is_file():
+            raise FileNotFoundError(f"{model}: its caption decoder graph {dec.name} is missing (export both with export.py)")
+        return dec
+
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
 
@@ -144,13 +154,9 @@ class OnnxBackend(GraphBackend):
         self._set_interface(weights, md, list(inp.shape), "float16" in inp.type)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_name = inp.name
-        self.decoder = None
-        if "cap" in self.info.tasks:
-            dec = weights.with_name(md.get("cap_decoder", f"{weights.stem}_cap_decoder.onnx"))
-            if not dec.is_file():
-                raise FileNotFoundError(f"{weights}: its caption decoder graph {dec.name} is missing (export both with export.py)")
-            self.decoder = ort_session(dec, device, threads)
-            self.memory_fp16 = "float16" in self.decoder.get_inputs()[0].type
+        dec = self._decoder_file(weights, md.get("cap_decoder", f"{weights.stem}_cap_decoder.onnx"))
+        self.decoder = None if dec is None else ort_session(dec, device, threads)
+        self.memory_fp16 = dec is not None and "float16" in self.decoder.get_inputs()[0].type
         self.name = f"ONNX Runtime ({self.session.get_providers()[0]})"
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
@@ -205,12 +211,8 @@ class OpenVINOBackend(GraphBackend):
         dims = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
         self._set_interface(folder, md, dims, inp.get_element_type().get_type_name() == "f16")
         self.output_names = [o.get_any_name() for o in self.model.outputs]
-        self.decoder = None
-        if "cap" in self.info.tasks:
-            dec = folder / md.get("cap_decoder", "")
-            if not dec.is_file():
-                raise FileNotFoundError(f"{folder}: its caption decoder model {dec.name} is missing (export both with export.py)")
-            self.decoder = openvino_model(dec, threads, precision)
+        dec = self._decoder_file(xml, md.get("cap_decoder", ""))
+        self.decoder = None if dec is None else openvino_model(dec, threads, precision)
         if str(device) not in ("", "cpu"):
             print(f"note: OpenVINO runs on the CPU here (--device {device} is a CUDA device)")
         self.name = f"OpenVINO {importlib.metadata.version('openvino')} (CPU, {precision})"
