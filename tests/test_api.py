@@ -2,11 +2,7 @@
 the Results object (plot, save, to_json, the same object detect.py writes from)."""
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
-import shutil
 import types
 from dataclasses import fields
 from pathlib import Path
@@ -16,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import export as export_script
 from tests.conftest import ROOT
 from tests.test_detect import CONF, assets, run_detect  # noqa: F401  (assets: the shared module fixture)
 from tests.test_export import IMG
@@ -31,15 +26,7 @@ OPTS = {"conf": float(CONF), "imgsz": IMG}
 
 @pytest.fixture(scope="module")
 def models(assets) -> dict[str, YOLOR]:  # noqa: F811  (the fixture imported above)
-    """The same weights as ``.pt``, ``.onnx`` and, where openvino is installed (a requirement, so in CI), an
-    OpenVINO folder exported from that checkpoint."""
-    out = {fmt: YOLOR(assets[fmt], device="cpu") for fmt in ("pt", "onnx")}
-    if importlib.util.find_spec("openvino") is not None:
-        w = Path(shutil.copytree(assets["pt"].parent, assets["root"] / "ov_weights")) / assets["pt"].name
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert export_script.main(["--weights", str(w), "--img", str(IMG), "--dynamic", "--include", "openvino"]) == 0
-        out["openvino"] = YOLOR(w.parent / f"{w.stem}_openvino_model", device="cpu")
-    return out
+    return {fmt: YOLOR(assets[fmt], device="cpu") for fmt in ("pt", "onnx")}  # OpenVINO: tests/openvino_checks.py
 
 
 def _same_boxes(a: Results, b: Results) -> None:
@@ -50,7 +37,7 @@ def _same_boxes(a: Results, b: Results) -> None:
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-def test_image_folder_and_video_agree_between_pt_onnx_and_openvino(models, assets):
+def test_image_folder_and_video_agree_between_pt_and_onnx(models, assets):
     images = sorted(assets["images"].iterdir())
     got: dict[str, dict[str, list[Results]]] = {}
     for fmt, model in models.items():
