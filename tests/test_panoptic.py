@@ -223,6 +223,15 @@ def test_detect_save_panoptic_loads_back_and_scores_pq_1(weights: Path, tiny_dat
     m, _ = stat.summary(cats)
     assert m["pq"] == pytest.approx(1.0)
     assert (save / files[0].name).is_file()  # the panoptic overlay was drawn
+    # the files as the reference implementation reads them: each image's (category, segment id) pairs scored
+    # against themselves by torchmetrics' PanopticQuality (one image at a time: their sizes differ)
+    tm = pytest.importorskip("torchmetrics.detection")
+    metric = tm.PanopticQuality(things={c for c, t in cats.items() if t}, stuffs={c for c, t in cats.items() if not t})
+    for ann in out["annotations"]:
+        pairs = torch.from_numpy(_torchmetrics_input(read_panoptic_png(save / "panoptic" / ann["file_name"]),
+                                                     {s["id"]: s for s in ann["segments_info"]}))[None].long()
+        metric.update(pairs, pairs)
+    assert float(metric.compute()) == pytest.approx(1.0)
 
 
 def test_evaluate_reports_panoptic_metrics_and_fitness_share(weights: Path, tiny_data: Path) -> None:
