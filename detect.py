@@ -31,7 +31,7 @@ from utils.deploy.predictor import (
 from utils.engine.cli import run_cli
 from utils.engine.torch_utils import increment_path, latest_run
 from utils.ops.panoptic import PanopticSpec
-from utils.ops.track import ByteTracker, track_result
+from utils.ops.track import ByteTracker
 from utils.tasks import ALL_TASKS, parse_tasks
 from utils.viz.draw import annotate
 
@@ -103,7 +103,6 @@ def run(opt: argparse.Namespace) -> Path:
     """Runs detection over ``opt.source``; returns the folder results were saved to."""
     import cv2
 
-
     weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
     if not weights:
         raise FileNotFoundError("no --weights given and no runs/train/exp*/weights/best.pt found; "
@@ -127,7 +126,7 @@ def run(opt: argparse.Namespace) -> Path:
     predictor = Predictor(backend, opt.img, conf_thres, opt.iou_thres, opt.max_det, opt.classes,
                           opt.agnostic_nms, tasks, opt.beam,
                           PanopticSpec.from_meta(backend.info.category_ids, backend.info.semantic_ids,
-                                                 stuff_area=opt.pan_stuff_area))
+                                                 stuff_area=opt.pan_stuff_area), tracker)
     info = predictor.info
     for note in predictor.notes:
         print(f"note: {note}")
@@ -155,7 +154,8 @@ def run(opt: argparse.Namespace) -> Path:
     file_i = 0
     try:
         for frame in source:
-            results, t = predictor([frame.image])
+            # a video frame's index (ids are tracked across it with --track); None for an image
+            results, t = predictor([frame.image], indices=[frame.index if frame.video is not None else None])
             r = results[0]
             for k in totals:
                 totals[k] += t[k]
@@ -163,10 +163,6 @@ def run(opt: argparse.Namespace) -> Path:
             src = Path(frame.path)
             if frame.path != last_file:
                 file_i, last_file = file_i + 1, frame.path
-            if tracker is not None and frame.video is not None:  # images of a mixed folder stay untracked
-                if frame.index == 0:  # every video starts its own ids
-                    tracker.reset()
-                r = track_result(r, tracker, predictor.panoptic)
             if frame.video is None:
                 stem, key = src.stem, src.name
                 prefix = f"image {file_i}/{n_files} {frame.path}:"

@@ -23,8 +23,7 @@ from utils.data.sources import LoadSource
 from utils.deploy.backends import load_backend
 from utils.deploy.interface import ModelInfo
 from utils.deploy.predictor import Predictor, Results
-from utils.ops.panoptic import PanopticSpec
-from utils.ops.track import ByteTracker, track_result
+from utils.ops.track import ByteTracker
 
 __all__ = ["YOLOR", "Source"]
 
@@ -73,16 +72,16 @@ class YOLOR:
 
     def predictor(self, imgsz: int | Sequence[int] = 640, conf: float = 0.25, iou: float = 0.45,
                   max_det: int = 300, classes: Sequence[int] | None = None, agnostic: bool = False,
-                  tasks: Sequence[str] | None = None, beam: int = 1) -> Predictor:
+                  tasks: Sequence[str] | None = None, beam: int = 1, tracker: ByteTracker | None = None) -> Predictor:
         """The :class:`~utils.deploy.predictor.Predictor` for these options (cheap: the backend is shared)."""
         return Predictor(self.backend, imgsz if isinstance(imgsz, int) else list(imgsz), conf, iou, max_det,
                          list(classes) if classes is not None else None, agnostic,
-                         list(tasks) if tasks is not None else None, beam)
+                         list(tasks) if tasks is not None else None, beam, tracker=tracker)
 
     def __call__(self, source: Source, stream: bool = False, conf: float = 0.25, iou: float = 0.45,
                  max_det: int = 300, classes: Sequence[int] | None = None, agnostic: bool = False,
                  imgsz: int | Sequence[int] = 640, tasks: Sequence[str] | None = None, beam: int = 1,
-                 vid_stride: int = 1) -> list[Results] | Iterator[Results]:
+                 vid_stride: int = 1, tracker: ByteTracker | None = None) -> list[Results] | Iterator[Results]:
         """One :class:`~utils.deploy.predictor.Results` per image or video frame of ``source``.
 
         Args:
@@ -97,11 +96,12 @@ class YOLOR:
                 fields stay ``None`` in the results.
             beam: caption beam width (1 = greedy).
             vid_stride: use every ``vid_stride``-th frame of videos and streams.
+            tracker: track ids across video frames with this tracker (what :meth:`track` passes).
         Raises:
             utils.data.sources.SourceError: an input that cannot be read (checked before any frame runs).
             ValueError: a task the model has no head for.
         """
-        predictor = self.predictor(imgsz, conf, iou, max_det, classes, agnostic, tasks, beam)
+        predictor = self.predictor(imgsz, conf, iou, max_det, classes, agnostic, tasks, beam, tracker)
         items = self._items(source, vid_stride)  # sources are opened now, so bad input fails at the call
         results = self._predict(predictor, items)
         return results if stream else list(results)
@@ -115,21 +115,7 @@ class YOLOR:
         ``detect.py --track``. ``conf`` defaults to 0.1 so low-score detections reach ByteTrack's second
         association stage; ``track_thresh`` splits high from low scores; lost tracks are kept
         ``track_buffer`` frames. Every video starts its own ids; still images are returned untracked."""
-        tracker = ByteTracker(track_thresh, track_buffer)
-        # the rule the Predictor merges with by default, to redo the merge without the dropped detections
-        rule = PanopticSpec.from_meta(self.info.category_ids, self.info.semantic_ids)
-        results = self._track(tracker, self(source, stream=True, conf=conf, **kwargs), rule)
-        return results if stream else list(results)
-
-    @staticmethod
-    def _track(tracker: ByteTracker, results: Iterable[Results], rule: PanopticSpec) -> Iterator[Results]:
-        for r in results:
-            if r.frame is None:  # a still image: nothing to carry an identity across
-                yield r
-                continue
-            if r.frame == 0:
-                tracker.reset()
-            yield track_result(r, tracker, rule)
+        return self(source, stream, conf=conf, tracker=ByteTracker(track_thresh, track_buffer), **kwargs)
 
     @staticmethod
     def _items(source: Source, vid_stride: int) -> Iterable[_Item]:

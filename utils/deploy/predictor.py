@@ -27,6 +27,7 @@ from utils.ops.postprocess import (
     coco_masks,
     postprocess,
 )
+from utils.ops.track import ByteTracker, track_result
 from utils.tasks import IGNORE_INDEX
 from utils.viz.draw import annotate
 
@@ -80,13 +81,17 @@ class Predictor:
     ``panoptic``: ``True`` merges with the default rule whenever det, inst and sem are all produced (or
     ``pan`` is asked for) on a model that has them, a :class:`~utils.ops.panoptic.PanopticSpec` merges with
     that rule, ``False`` never merges.
+    ``tracker``: a :class:`~utils.ops.track.ByteTracker` gives the frames of videos and streams (those called
+    with an index) track ids (:func:`~utils.ops.track.track_result`; reset at each video's frame 0); still
+    images stay untracked.
     """
 
     def __init__(self, backend: Backend, img_size: int | tuple[int, int] | list[int] = 640, conf_thres: float = 0.25,
                  iou_thres: float = 0.45, max_det: int = 300, classes: list[int] | None = None,
                  agnostic: bool = False, tasks: list[str] | None = None, beam: int = 1,
-                 panoptic: bool | PanopticSpec = True):
+                 panoptic: bool | PanopticSpec = True, tracker: ByteTracker | None = None):
         self.backend, self.info = backend, backend.info
+        self.tracker = tracker
         self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
         self.classes, self.agnostic, self.beam = classes, agnostic, beam
         self.tasks = list(tasks) if tasks else list(self.info.tasks)
@@ -147,12 +152,23 @@ class Predictor:
         results = postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, boxes, self.conf_thres,
                               self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.post_tasks,
                               vocab=self.vocab, panoptic=self.panoptic)
-        t3 = time.perf_counter()
-        speed = {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
         paths = list(paths) if paths is not None else [None] * len(frames)
         indices = list(indices) if indices is not None else [None] * len(frames)
+        if self.tracker is not None:
+            results = [self._track(r, i) for r, i in zip(results, indices)]
+        t3 = time.perf_counter()
+        speed = {"pre": 1e3 * (t1 - t0), "infer": 1e3 * (t2 - t1), "post": 1e3 * (t3 - t2)}
         return [Results.of(r, self.info, self.tasks, f, p, i, speed)
                 for r, f, p, i in zip(results, frames, paths, indices)], speed
+
+    def _track(self, result: Result, index: int | None) -> Result:
+        """A video frame's result with track ids (every video starts its own ids); a still image's as it is.
+        The panoptic merge is redone with this predictor's rule from the detections that keep a track."""
+        if index is None:  # a still image: nothing to carry an identity across
+            return result
+        if index == 0:
+            self.tracker.reset()
+        return track_result(result, self.tracker, self.panoptic)
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Backend call; a graph exported for a fixed batch gets the batch padded (and the outputs cut)."""
