@@ -10,6 +10,7 @@ TASKS: tuple[str, ...] = ("det", "inst", "sem", "cap")  # canonical order: outpu
 # tasks with no head of their own, made from the heads' results: panoptic = instances + semantic map merged
 DERIVED_TASKS: tuple[str, ...] = ("pan",)
 ALL_TASKS: tuple[str, ...] = TASKS + DERIVED_TASKS  # what metrics, tables and --tasks of detect.py may name
+PANOPTIC_NEEDS: tuple[str, ...] = ("det", "inst", "sem")  # the heads whose results the panoptic merge combines
 IGNORE_INDEX = 255  # semantic maps: pixels with no (known) label; also COCO-Stuff's "unlabeled" PNG value
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # caption token ids: the head and the loss rely on them without a Vocabulary
 

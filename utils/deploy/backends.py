@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -130,6 +131,14 @@ class GraphBackend:
         return beam_search_decode(self.decode_step, memory, beam, self.info.cap_max_len)
 
 
+def _load(load: Callable[[], Any], path: Path, kind: str, errors: tuple[type[Exception], ...]) -> Any:
+    """``load()``, its runtime's own exception types (``errors``) turned into one line naming the file."""
+    try:
+        return load()
+    except errors as e:
+        raise ValueError(f"{path}: not a loadable {kind} model ({str(e).strip().splitlines()[0][:200]})") from None
+
+
 def _canonical(o: np.ndarray) -> np.ndarray:
     """float32 for floats, int64 for integers: the dtypes post-processing expects from every backend (an FP16
     graph returns float16; OpenVINO may return its integer outputs as int32)."""
@@ -145,10 +154,8 @@ class OnnxBackend(GraphBackend):
         weights = Path(weights)
         if not weights.is_file():
             raise FileNotFoundError(f"weights not found: {weights}")
-        try:
-            self.session = ort_session(weights, device, threads)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise ValueError(f"{weights}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        # onnxruntime raises its own exception types for unreadable files
+        self.session = _load(lambda: ort_session(weights, device, threads), weights, "ONNX", (Exception,))
         md = read_onnx_metadata(self.session)
         inp = self.session.get_inputs()[0]
         self._set_interface(weights, md, list(inp.shape), "float16" in inp.type)
@@ -203,10 +210,8 @@ class OpenVINOBackend(GraphBackend):
         xml = path if path.suffix.lower() == ".xml" else folder / md.get("model", f"{folder.name}.xml")
         if not xml.is_file():
             raise FileNotFoundError(f"{folder}: its model {xml.name} is missing")
-        try:
-            self.model = openvino_model(xml, threads, precision)
-        except RuntimeError as e:  # OpenVINO reports unreadable or truncated IR files as RuntimeError
-            raise ValueError(f"{xml}: not a loadable OpenVINO model ({str(e).strip().splitlines()[0][:200]})") from None
+        # OpenVINO reports unreadable or truncated IR files as RuntimeError
+        self.model = _load(lambda: openvino_model(xml, threads, precision), xml, "OpenVINO", (RuntimeError,))
         inp = self.model.input(0)
         dims = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
         self._set_interface(folder, md, dims, inp.get_element_type().get_type_name() == "f16")

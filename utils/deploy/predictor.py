@@ -28,10 +28,8 @@ from utils.ops.postprocess import (
     postprocess,
 )
 from utils.ops.track import ByteTracker, track_result
-from utils.tasks import IGNORE_INDEX
+from utils.tasks import IGNORE_INDEX, PANOPTIC_NEEDS
 from utils.viz.draw import annotate
-
-PANOPTIC_NEEDS = ("det", "inst", "sem")  # the heads whose results the panoptic merge combines
 
 __all__ = ["Predictor", "Results", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines",
            "summarize", "panoptic_png", "PanopticWriter"]

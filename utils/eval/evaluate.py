@@ -24,6 +24,7 @@ from utils.eval.evaluators import (
 from utils.ops.letterbox import to_float
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.postprocess import head_outputs, postprocess
+from utils.tasks import PANOPTIC_NEEDS
 
 
 @dataclass
@@ -82,7 +83,7 @@ def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitS
         evaluators.append(SemanticEvaluator(num_semantic, dataset, semantic_at))
     if "cap" in tasks and vocab is not None:
         evaluators.append(CaptionEvaluator())
-    if (panoptic is not None and {"det", "inst", "sem"} <= set(tasks) and num_semantic and semantic_at == "original"
+    if (panoptic is not None and set(PANOPTIC_NEEDS) <= set(tasks) and num_semantic and semantic_at == "original"
             and any(s.has_panoptic for s in owner.values())):
         evaluators.append(PanopticEvaluator(dataset, owner, truth, panoptic))
     return evaluators

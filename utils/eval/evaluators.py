@@ -89,8 +89,7 @@ class _CocoEvaluator(Evaluator):
     """COCOeval of one iou type over the images with instance labels (all predictions kept when none has)."""
 
     iou_type = ""
-    prefix = ""
-    per_class_key = ""
+    per_class_key = ""  # EvalResult.per_class key of the per-class AP
     keys: dict[str, str] = {}  # coco_map key -> metric key
 
     def __init__(self, truth: InstanceTruth, category_ids: Sequence[int]):
@@ -121,6 +120,10 @@ class _CocoEvaluator(Evaluator):
         self.stats = coco_map(self.truth.gt, self.predictions, self.scored_ids, self.category_ids, self.iou_type)
         return {v: self.stats[k] for k, v in self.keys.items()}
 
+    def export(self, result: "EvalResult") -> None:
+        if self.stats is not None:
+            result.per_class[self.per_class_key] = self.stats["per_class"]
+
 
 class BoxEvaluator(_CocoEvaluator):
     """Box mAP (COCOeval ``bbox``) in original pixels and category ids."""
@@ -132,11 +135,11 @@ class BoxEvaluator(_CocoEvaluator):
         return coco_boxes(r, int(image_id), self.category_ids)
 
     def export(self, result: "EvalResult") -> None:
+        super().export(result)
         result.detections = self.predictions
         if self.stats is not None:
             result.scored_images["box"] = len(self.scored_ids)
             result.ground_truth = self.truth.gt
-            result.per_class["box"] = self.stats["per_class"]
 
 
 class MaskEvaluator(_CocoEvaluator):
@@ -149,9 +152,8 @@ class MaskEvaluator(_CocoEvaluator):
         return coco_masks(r, int(image_id), self.category_ids)
 
     def export(self, result: "EvalResult") -> None:
+        super().export(result)
         result.masks = self.predictions
-        if self.stats is not None:
-            result.per_class["mask"] = self.stats["per_class"]
 
 
 class SemanticEvaluator(Evaluator):
@@ -240,7 +242,6 @@ class CaptionEvaluator(Evaluator):
         if self.references:
             result.scored_images["cap"] = len(self.references)
         result.captions = [(k, self.predicted[k], self.references.get(k, [])) for k in list(self.predicted)[:8]]
-
 
 
 class PanopticEvaluator(Evaluator):

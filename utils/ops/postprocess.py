@@ -19,6 +19,7 @@ from utils.ops.letterbox import Letterbox, upsample_logits
 from utils.ops.masks import encode_rle, process_masks
 from utils.ops.nms import non_max_suppression
 from utils.ops.panoptic import Panoptic, PanopticSpec, merge_panoptic
+from utils.tasks import TASKS
 
 if TYPE_CHECKING:  # annotations only: ops does not depend on data at run time
     from utils.data.vocab import Vocabulary
@@ -137,7 +138,7 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
     if at not in SPACES or (semantic_at or at) not in SPACES:
         raise ValueError(f"at / semantic_at must be one of {SPACES}, got {at!r} / {semantic_at!r}")
     semantic_at = semantic_at or at
-    tasks = list(tasks) if tasks is not None else ["det", "inst", "sem", "cap"]
+    tasks = list(tasks) if tasks is not None else list(TASKS)
     n_img = len(letterboxes)
     dets: list[torch.Tensor] = []
     idx: list[torch.Tensor] = []
