@@ -274,7 +274,8 @@ def check_geometry(split: SplitSpec, rec: ImageRecord, header: ImageHeader | Non
     rec.semantic_values = np.flatnonzero(np.bincount(m.ravel(), minlength=256)).astype(np.uint8)
 
 
-def check_semantic_values(records: list[ImageRecord], semantic_ids: list[int], report: LabelReport) -> None:
+def check_semantic_values(split: SplitSpec, records: list[ImageRecord], semantic_ids: list[int],
+                          report: LabelReport) -> None:
     """Counts the maps holding values that map to no semantic class (the loader's LUT sends them to 255).
 
     Each is named with its values, ``file.png:200,201``: a map written with another id convention (index
@@ -286,7 +287,7 @@ def check_semantic_values(records: list[ImageRecord], semantic_ids: list[int], r
         if rec.semantic_values is not None:
             bad = rec.semantic_values[unknown[rec.semantic_values]]
             if len(bad):
-                name = rec.file.rsplit(".", 1)[0] + ".png"
+                name = semantic_path(split, rec).name
                 report.add("semantic maps with values of no category (ignored)", f"{name}:{','.join(map(str, bad))}")
 
 
@@ -452,7 +453,7 @@ def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, u
         check_geometry(split, rec, header, local)
         good.append(rec)
     if semantic_ids is not None:
-        check_semantic_values(good, semantic_ids, local)
+        check_semantic_values(split, good, semantic_ids, local)
     report.merge(local)
     if use_cache:
         tmp = cache.with_suffix(".cache.tmp")

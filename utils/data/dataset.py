@@ -123,7 +123,7 @@ class CocoDataset(Dataset):
         if not scanned:
             return []
         return [name for cid, name in zip(self.semantic_ids, self.semantic_names)
-                if not (0 <= cid - 1 < 255 and present[cid - 1])]
+                if not (0 <= cid - 1 < IGNORE_INDEX and present[cid - 1])]
 
     def warn_absent_semantic_classes(self) -> list[str]:
         """Warns once, naming them, about training classes no map has a pixel of; returns their names.
