@@ -1,0 +1,188 @@
+"""The joint model side by side with Ultralytics' single-task models at the same budget, scored the same way.
+
+    python -m benchmarks.peers                                   # 10 epochs, 192 px, CPU (about 2 h on 2 cores)
+    python -m benchmarks.peers --epochs 20 --img 256 --at 5,10,15,20 --device 0     # the full table, on a GPU
+    python -m benchmarks.peers --only joint                      # retrain ours only; the rest is read back
+
+Trains, one after another with the same data, epochs, image size, batch, seed and device:
+- ours: the joint model (all four tasks) and our det + inst model (``--tasks det,inst``), by ``train.py``;
+- Ultralytics YOLOv8n-seg and YOLO26n-seg (and YOLO26n-sem where the installed Ultralytics has it), from
+  their yaml with their default recipe, no weights. Ultralytics is installed by this script, pinned, into
+  ``<project>/_ultralytics`` (``pip --target``, without its dependencies: it would replace our headless
+  OpenCV with ``opencv-python``), never into the project's environment; it runs in a process of its own
+  (:mod:`benchmarks.ultralytics_peer`) on labels converted from what our loader reads.
+
+Every model is scored by our evaluation (pycocotools on original image and category ids, conf 0.001, IoU 0.7,
+300 detections; mIoU at the original resolution): ours by ``train.py``'s validation (``results.csv``), the
+peers by :func:`benchmarks.ultralytics_peer.score` on their checkpoint after each epoch of ``--at``. The table
+gives box / mask mAP50-95, mIoU and CIDEr-D per epoch, params, train img/s (training loop only) and minutes.
+Beside our captions: the constant-caption floor, CIDEr-D of the most frequent training caption given to every
+val image. A run whose results are complete is read back, not retrained (``--only`` retrains).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.common import (
+    add_training_args,
+    params_and_gflops,
+    run_trainings,
+    train_args,
+)
+from utils.data.config import load_data_config
+from utils.data.dataset import CocoDataset
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.eval.metrics.caption import caption_scores
+from utils.viz.plots import read_results
+
+# Pinned so a rerun trains the same peers; installed without dependencies (see the module docstring), so
+# the ones Ultralytics imports that the project lacks are listed here.
+ULTRALYTICS = ["ultralytics==8.4.190", "ultralytics-thop==2.2.3", "polars==2.1.0", "polars-runtime-32==2.1.0",
+               "psutil>=5.8"]
+# name -> (Ultralytics model yaml, data yaml kind)
+PEERS = {"yolov8n-seg": ("yolov8n-seg.yaml", "seg"), "yolo26n-seg": ("yolo26n-seg.yaml", "seg"),
+         "yolo26n-sem": ("yolo26n-sem.yaml", "sem")}
+OURS = {"joint": "", "ours-det+inst": "det,inst"}  # run name -> train.py --tasks ("" = all the data has)
+COLUMNS = {"box": "box_map", "mask": "mask_map", "mIoU": "sem_miou", "CIDEr": "cap_cider"}
+
+
+def peer_env(site: Path, project: Path) -> dict[str, str]:
+    """The environment of a peer process: Ultralytics' folder first on the path, its settings in the run."""
+    path = os.pathsep.join([str(site.resolve()), str(Path.cwd())] + ([os.environ["PYTHONPATH"]]
+                                                                      if os.environ.get("PYTHONPATH") else []))
+    return os.environ | {"PYTHONPATH": path, "YOLO_CONFIG_DIR": str((project / "_ultralytics_settings").resolve()),
+                         "YOLO_OFFLINE": "1"}
+
+
+def ensure_ultralytics(site: Path, env: dict[str, str]) -> str:
+    """Installs the pinned Ultralytics into ``site`` unless it imports from there; returns its version."""
+    probe = [sys.executable, "-c", "import ultralytics; print(ultralytics.__version__)"]
+    done = subprocess.run(probe, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"installing {ULTRALYTICS[0]} into {site} (pip --target, no dependencies) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(site), "--no-deps",
+                        *ULTRALYTICS], check=True)
+        done = subprocess.run(probe, env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def run_peer(args: list[str], env: dict[str, str], log: Path | None = None) -> str:
+    """Runs :mod:`benchmarks.ultralytics_peer` with ``args``; output to ``log`` when given, else returned."""
+    cmd = [sys.executable, "-m", "benchmarks.ultralytics_peer", *args]
+    if log is None:
+        return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    with open(log, "w") as f:
+        if subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode != 0:
+            raise SystemExit(f"{' '.join(args[:3])} failed; see {log}")
+    return ""
+
+
+def constant_caption_floor(data: str) -> tuple[str, float]:
+    """The most frequent training caption and its CIDEr-D when given to every val image with references."""
+    cfg = load_data_config(data)
+    train = CocoDataset(cfg, cfg.train, augment=False)
+    val = CocoDataset(cfg, cfg.val, augment=False)
+    counts = Counter(c for _, rec in train.items for c in rec.captions)
+    if not counts:
+        return "", math.nan
+    caption = counts.most_common(1)[0][0]
+    refs = {int(rec.image_id): list(rec.captions) for _, rec in val.items if rec.captions}
+    return caption, caption_scores({i: caption for i in refs}, refs)["cider"] if refs else math.nan
+
+
+def ours_row(run: Path, at: list[int], img: int) -> dict:
+    """Our run's metrics at the epochs ``at`` (from its ``results.csv``), params and train img/s."""
+    results = read_results(run / "results.csv")
+    by_epoch = {int(r["epoch"]): r for r in results}
+    model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt"))
+    n_params, _ = params_and_gflops(model, img)
+    train_s = sum(r["time/train_s"] for r in results)
+    images = sum(r["time/train_s"] * r["time/img_per_s"] for r in results)
+    return {"at": {e: by_epoch.get(e, {}) for e in at}, "params": n_params, "img_s": images / max(train_s, 1e-9),
+            "train_min": train_s / 60}
+
+
+def peer_row(run: Path, at: list[int], n_train: int) -> dict:
+    """A peer's scores at ``at`` (``our_scores.json``), params (from its checkpoint) and train img/s."""
+    scores = {int(k): v for k, v in json.loads((run / "our_scores.json").read_text()).items()}
+    times = json.loads((run / "epoch_times.json").read_text())
+    info = json.loads((run / "model_info.json").read_text()) if (run / "model_info.json").is_file() else {}
+    return {"at": {e: scores.get(e, {}) for e in at}, "params": info.get("params", math.nan),
+            "img_s": n_train * len(times) / max(sum(times), 1e-9), "train_min": sum(times) / 60}
+
+
+def print_table(rows: dict[str, dict], at: list[int], floor: tuple[str, float], opt: argparse.Namespace) -> None:
+    print(f"\nbudget: {opt.epochs} epochs, {opt.img} px, batch {opt.batch_size}, seed {opt.seed}, device {opt.device}, "
+          f"data {opt.data}, {os.cpu_count()} CPU cores; metrics by our evaluation (pycocotools, original pixels)")
+    head = f"{'model':>16} {'epoch':>5} " + " ".join(f"{c:>7}" for c in COLUMNS) + f" {'params(M)':>9} {'img/s':>6} {'train min':>9}"
+    print(head)
+    for name, r in rows.items():
+        for k, e in enumerate(at):
+            m = r["at"][e]
+            cells = [f"{m[key]:>7.4f}" if isinstance(m.get(key), float) and math.isfinite(m[key]) else f"{'-':>7}"
+                     for key in COLUMNS.values()]
+            tail = (f" {r['params'] / 1e6:>9.2f} {r['img_s']:>6.2f} {r['train_min']:>9.1f}" if k == len(at) - 1
+                    else "")
+            print(f"{name if k == 0 else '':>16} {e:>5} " + " ".join(cells) + tail)
+    caption, cider = floor
+    print(f"constant-caption floor: CIDEr-D {cider:.4f} for {caption!r} (the most frequent training caption) on "
+          "every val image")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p, epochs=10, img=192, project="runs/bench/peers")
+    p.add_argument("--at", default="", help="comma list of epochs to report (default: half-way and the last)")
+    p.add_argument("--only", default="", help="comma list of runs to (re)train and score: "
+                   f"{','.join([*OURS, *PEERS])}; the others are read from --project when complete")
+    p.add_argument("--peers", default=",".join(PEERS), help="which Ultralytics models to run")
+    opt = p.parse_args(argv)
+    project = Path(opt.project)
+    project.mkdir(parents=True, exist_ok=True)
+    at = sorted({int(e) for e in opt.at.split(",") if e} or {max(opt.epochs // 2, 1), opt.epochs})
+    only = set(opt.only.split(",")) if opt.only else None
+
+    def wanted(name: str, done: bool) -> bool:
+        return (name in only) if only is not None else not done
+
+    todo = {name: train_args(opt, tasks) for name, tasks in OURS.items()
+            if wanted(name, (project / name / "weights/last.pt").is_file())}
+    run_trainings(todo, project, threads=opt.threads)
+
+    site = project / "_ultralytics"
+    env = peer_env(site, project)
+    print(f"Ultralytics {ensure_ultralytics(site, env)} from {site}", flush=True)
+    yamls = {k: Path(v) for k, v in json.loads(run_peer(["convert", "--data", opt.data, "--out",
+                                                         str(project / "yolo-data")], env)).items()}
+    common = ["--img", str(opt.img), "--device", str(opt.device)]
+    for name in [n.strip() for n in opt.peers.split(",") if n.strip()]:
+        model, kind = PEERS[name]
+        run = project / name
+        if kind not in yamls:
+            print(f"{name}: skipped (the data has no {kind} labels)")
+            continue
+        if wanted(name, (run / "weights/last.pt").is_file()):
+            print(f"training {name} (log {run}.log) ...", flush=True)
+            run_peer(["train", "--model", model, "--data-yaml", str(yamls[kind]), "--run", str(run), "--epochs",
+                      str(opt.epochs), "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers",
+                      str(opt.workers), *common], env, project / f"{name}.log")
+        if wanted(name, (run / "our_scores.json").is_file()) or not (run / "our_scores.json").is_file():
+            print(f"scoring {name} at epochs {at} ...", flush=True)
+            run_peer(["score", "--run", str(run), "--data", opt.data, "--epochs", ",".join(map(str, at)), *common],
+                     env, project / f"{name}.score.log")
+
+    n_train = len(CocoDataset(load_data_config(opt.data), load_data_config(opt.data).train, augment=False))
+    rows = {name: ours_row(project / name, at, opt.img) for name in OURS}
+    rows |= {name: peer_row(project / name, at, n_train) for name in PEERS if (project / name / "our_scores.json").is_file()}
+    print_table(rows, at, constant_caption_floor(opt.data), opt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""One Ultralytics peer of ``benchmarks/peers.py``: converts a data yaml to Ultralytics' formats, trains one of
+their models from its yaml (no weights: nothing is downloaded), and scores its checkpoints with *our* evaluators.
+
+Runs in a process of its own with Ultralytics on ``sys.path`` (``peers.py`` installs it into a folder of the
+run, never into the project's environment)::
+
+    python -m benchmarks.ultralytics_peer convert --data data/shapes.yaml --out runs/bench/peers/yolo-data
+    python -m benchmarks.ultralytics_peer train --model yolov8n-seg.yaml --data-yaml .../seg.yaml --run DIR ...
+    python -m benchmarks.ultralytics_peer score --run DIR --data data/shapes.yaml --epochs 5,10
+
+The labels the peer trains on are the ones our loader reads (same crowd handling, same semantic indices), one
+YOLO polygon line per instance (several polygons of one instance merged as Ultralytics' COCO converter
+does); semantic masks are PNGs of our semantic indices (255 ignored). Scores: each chosen epoch's checkpoint
+predicts every val image at ``--img`` with conf 0.001, IoU 0.7, 300 detections (our validation's thresholds),
+masks and maps at the original resolution, and our Box / Mask / Semantic evaluators (pycocotools, original
+image and category ids) score them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from utils.data.config import load_data_config
+from utils.data.dataset import CocoDataset, collate
+from utils.eval.evaluate import image_splits
+from utils.eval.evaluators import (
+    BoxEvaluator,
+    InstanceTruth,
+    MaskEvaluator,
+    SemanticEvaluator,
+)
+from utils.ops.postprocess import Result
+
+
+def convert(data: str, out: Path) -> dict[str, Path]:
+    """Writes ``out/{images,labels,masks}/{train,val}`` (images linked, not copied) and the two data yamls
+    (``seg.yaml`` for detection + instance models, ``sem.yaml`` for semantic ones); returns their paths."""
+    from ultralytics.data.converter import (
+        merge_multi_segment,  # the peer's own rule for multi-part polygons
+    )
+
+    cfg = load_data_config(data)
+    has_sem = False
+    for split, specs in (("train", cfg.train), ("val", cfg.val)):
+        ds = CocoDataset(cfg, specs, augment=False, use_cache=True)
+        for d in ("images", "labels", "masks"):
+            (out / d / split).mkdir(parents=True, exist_ok=True)
+        for i in range(len(ds)):
+            s = ds.load(i)
+            if s is None:
+                continue
+            src = Path(s.path).resolve()
+            stem = f"{s.image_id:012d}"
+            link = out / "images" / split / f"{stem}{src.suffix}"
+            if not link.exists():
+                link.symlink_to(src)
+            h, w = s.orig_shape
+            lines = []
+            for c, box, polys in zip(s.classes.tolist(), s.boxes, s.segments):
+                polys = [p for p in polys if len(p) >= 3]
+                if not polys:  # no polygon (a crowd RLE): its box as one
+                    x1, y1, x2, y2 = box.tolist()
+                    poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
+                elif len(polys) > 1:
+                    poly = np.concatenate(merge_multi_segment([p.reshape(-1).tolist() for p in polys]), 0)
+                else:
+                    poly = polys[0]
+                poly = np.clip(poly / np.array([w, h], np.float32), 0, 1)
+                lines.append(" ".join([str(c)] + [f"{v:.6f}" for v in poly.reshape(-1)]))
+            (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+            if s.semantic is not None:
+                has_sem = True
+                cv2.imwrite(str(out / "masks" / split / f"{stem}.png"), s.semantic)
+    yamls = {"seg": out / "seg.yaml"}
+    common = {"path": str(out.resolve()), "train": "images/train", "val": "images/val"}
+    yamls["seg"].write_text(yaml.safe_dump(common | {"names": dict(enumerate(cfg.names))}))
+    if has_sem:
+        yamls["sem"] = out / "sem.yaml"
+        yamls["sem"].write_text(yaml.safe_dump(common | {"masks_dir": "masks",
+                                                         "names": dict(enumerate(cfg.semantic_names))}))
+    return yamls
+
+
+def train(model: str, data_yaml: str, run: Path, epochs: int, img: int, batch: int, seed: int, device: str,
+          workers: int) -> None:
+    """Trains ``model`` (an Ultralytics yaml) from scratch into ``run`` with the peer's defaults otherwise, a
+    checkpoint every epoch, and the seconds of each epoch's training loop (validation excluded) in
+    ``run/epoch_times.json``."""
+    from ultralytics import YOLO
+
+    times: list[float] = []
+    state = {}
+
+    def start(_trainer) -> None:
+        state["t0"] = time.perf_counter()
+
+    def end(_trainer) -> None:
+        times.append(time.perf_counter() - state["t0"])
+        (run / "epoch_times.json").write_text(json.dumps(times))
+
+    yolo = YOLO(model)
+    yolo.add_callback("on_train_epoch_start", start)
+    yolo.add_callback("on_train_epoch_end", end)
+    yolo.train(data=data_yaml, epochs=epochs, imgsz=img, batch=batch, seed=seed, deterministic=True,
+               device=device, workers=workers, project=str(run.parent.resolve()), name=run.name, exist_ok=True,
+               pretrained=False, plots=False, save_period=1, verbose=False)
+
+
+def score(run: Path, data: str, epochs: list[int], img: int, device: str) -> dict[int, dict[str, float]]:
+    """Our metrics of ``run``'s checkpoint after each of ``epochs`` (1-based; Ultralytics names the checkpoint
+    after epoch N ``weights/epoch{N-1}.pt``; the last epoch falls back to ``last.pt``)."""
+    from ultralytics import YOLO
+
+    cfg = load_data_config(data)
+    ds = CocoDataset(cfg, cfg.val, img_size=img, augment=False)
+    owner = image_splits(ds)
+    scores = {}
+    for epoch in epochs:
+        weights = run / "weights" / f"epoch{epoch - 1}.pt"
+        if not weights.is_file() and epoch == max(epochs):
+            weights = run / "weights" / "last.pt"
+        if not weights.is_file():
+            continue
+        yolo = YOLO(str(weights))
+        (run / "model_info.json").write_text(json.dumps({"params": sum(q.numel() for q in yolo.model.parameters())}))
+        truth = InstanceTruth(ds, owner)
+        semantic = yolo.task == "semantic"
+        evaluators = ([SemanticEvaluator(len(cfg.semantic_ids), ds)] if semantic else
+                      [BoxEvaluator(truth, cfg.category_ids), MaskEvaluator(truth, cfg.category_ids)])
+        for i in range(len(ds)):
+            batch = collate([ds[i]])
+            pred = yolo.predict(batch.paths[0], imgsz=img, conf=0.001, iou=0.7, max_det=300, retina_masks=True,
+                                device=device, verbose=False)[0]
+            lb = batch.letterboxes[0]
+            if semantic:
+                r = Result(lb, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                           semantic=pred.semantic_mask.data.cpu().numpy().astype(np.uint8))
+            else:
+                b = pred.boxes
+                masks = pred.masks.data.cpu().numpy() > 0.5 if pred.masks is not None else None
+                r = Result(lb, b.xyxy.cpu().numpy().astype(np.float32), b.conf.cpu().numpy().astype(np.float32),
+                           b.cls.cpu().numpy().astype(np.int64), masks=masks)
+            for e in evaluators:
+                e.process(batch, [r])
+        metrics: dict[str, float] = {}
+        for e in evaluators:
+            metrics.update(e.evaluate())
+        scores[epoch] = metrics
+        print(f"{run.name} epoch {epoch}: {metrics}", flush=True)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["convert", "train", "score"])
+    p.add_argument("--data", default="data/shapes.yaml")
+    p.add_argument("--out", default="runs/bench/peers/yolo-data")
+    p.add_argument("--model", default="yolov8n-seg.yaml")
+    p.add_argument("--data-yaml", default="")
+    p.add_argument("--run", default="")
+    p.add_argument("--epochs", default="10", help="train: the epoch count; score: a comma list of epochs")
+    p.add_argument("--img", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1)
+    opt = p.parse_args(argv)
+    if opt.action == "convert":
+        print(json.dumps({k: str(v) for k, v in convert(opt.data, Path(opt.out)).items()}))
+    elif opt.action == "train":
+        train(opt.model, opt.data_yaml, Path(opt.run), int(opt.epochs), opt.img, opt.batch_size, opt.seed,
+              opt.device, opt.workers)
+    else:
+        epochs = [int(e) for e in opt.epochs.split(",")]
+        scores = score(Path(opt.run), opt.data, epochs, opt.img, opt.device)
+        (Path(opt.run) / "our_scores.json").write_text(json.dumps(scores, indent=1))
+
+
+if __name__ == "__main__":
+    main()
