@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help="comma list of runs to (re)train and score: "
                    f"{','.join([*OURS, *PEERS])}; the others are read from --project when complete")
     p.add_argument("--peers", default=",".join(PEERS), help="which Ultralytics models to run")
+    p.add_argument("--ours", default=",".join(OURS), help="which of our models to run")
     opt = p.parse_args(argv)
     project = Path(opt.project)
     project.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     def wanted(name: str, done: bool) -> bool:
         return (name in only) if only is not None else not done
 
-    todo = {name: train_args(opt, tasks) for name, tasks in OURS.items()
+    ours = {name: OURS[name] for name in opt.ours.split(",") if name}
+    todo = {name: train_args(opt, tasks) for name, tasks in ours.items()
             if wanted(name, (project / name / "weights/last.pt").is_file())}
     run_trainings(todo, project, threads=opt.threads)
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                      env, project / f"{name}.score.log")
 
     n_train = len(CocoDataset(load_data_config(opt.data), load_data_config(opt.data).train, augment=False))
-    rows = {name: ours_row(project / name, at, opt.img) for name in OURS}
+    rows = {name: ours_row(project / name, at, opt.img) for name in ours}
     rows |= {name: peer_row(project / name, at, n_train) for name in PEERS if (project / name / "our_scores.json").is_file()}
     print_table(rows, at, constant_caption_floor(opt.data), opt)
 
