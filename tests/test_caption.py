@@ -274,6 +274,32 @@ def test_targets_pick_one_reference_deterministically(vocab):
     assert empty[0].tolist()[:2] == [BOS, EOS]
 
 
+def test_several_references_per_step_are_the_mean_of_single_reference_losses(vocab):
+    caps = [["a red circle", "two blue squares"], ["near the bottom", "on the left", "a red side"], []]
+    multi = CaptionLoss(vocab, {"cap_max_len": MAX_LEN, "label_smoothing": 0.0, "cap_refs": 3})
+    tokens = multi.targets(caps, 1)
+    assert tokens.shape[:2] == (3, 3)
+    assert [vocab.decode_batch(t) for t in tokens] == [["two blue squares", "a red circle", ""],
+                                                      ["a red side", "near the bottom", "on the left"], ["", "", ""]]
+    head = tiny_head(len(vocab))
+    xs = [torch.cat([f, f[:1]]) for f in feats()]  # a third image, with no captions
+    out = head(xs, tokens)
+    assert out.logits.shape == (3, 3, tokens.shape[2] - 1, len(vocab))
+    present = torch.tensor([True, True, False])
+    loss, _ = multi(out.logits, tokens, present)
+    # the same from one reference at a time: image 0 has two references (its third slot is empty), image 1 three
+    single = CaptionLoss(vocab, {"cap_max_len": MAX_LEN, "label_smoothing": 0.0})
+    per_ref = []
+    for r in range(3):
+        ids = tokens[:, r]
+        per_image = [single(head(xs, ids).logits[i:i + 1], ids[i:i + 1], torch.tensor([True]))[0] for i in range(2)]
+        per_ref.append(per_image)
+    expected = ((per_ref[0][0] + per_ref[1][0]) / 2 + (per_ref[0][1] + per_ref[1][1] + per_ref[2][1]) / 3) / 2
+    assert torch.allclose(loss, expected, atol=1e-5)
+    none, _ = multi(out.logits, tokens, torch.tensor([False, False, False]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
 # --------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------

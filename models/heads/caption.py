@@ -35,7 +35,8 @@ class CaptionOutput:
 
     Attributes:
         memory: ``(B, S, d_model)`` the flattened, position-encoded features the decoder attends to.
-        logits: ``(B, T-1, V)`` next-token logits under teacher forcing when token ids were given, else ``None``.
+        logits: ``(B, T-1, V)`` (``(B, R, T-1, V)`` for R references per image) next-token logits under teacher
+            forcing when token ids were given, else ``None``.
         tokens: ``(B, L)`` greedy-decoded ids (``<bos>`` first, ``<pad>`` after ``<eos>``) in eval mode when no
             ids were given, else ``None``.
     """
@@ -221,11 +222,17 @@ class CaptionHead(nn.Module):
         return tokens.view(b, k, -1)[torch.arange(b, device=dev), best]
 
     def forward(self, xs: list[torch.Tensor], captions: torch.Tensor | None = None) -> CaptionOutput:
-        """``captions``: ``(B, T)`` token ids for teacher forcing (``logits`` for ids ``1..T-1``); without them
-        an eval-mode head greedy-decodes ``tokens``."""
+        """``captions``: ``(B, T)`` token ids for teacher forcing (``logits`` ``(B, T-1, V)`` for ids ``1..T-1``),
+        or ``(B, R, T)`` for R references per image (``logits`` ``(B, R, T-1, V)``); without them an eval-mode
+        head greedy-decodes ``tokens``."""
         memory = self.encode(xs)
         if captions is not None:
-            logits = self.out(self._decode(memory, captions[:, :-1].to(memory.device)))
+            captions = captions.to(memory.device)
+            if captions.dim() == 3:  # (B, R, T): R references per image read the same memory
+                b, r, t = captions.shape
+                logits = self.out(self._decode(memory.repeat_interleave(r, 0), captions.reshape(b * r, t)[:, :-1]))
+                return CaptionOutput(memory, logits=logits.view(b, r, t - 1, -1))
+            logits = self.out(self._decode(memory, captions[:, :-1]))
             return CaptionOutput(memory, logits=logits)
         if self.training:
             return CaptionOutput(memory)

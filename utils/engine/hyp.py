@@ -10,7 +10,7 @@ HYP_KEYS = {"lr0", "lr0_adamw", "lrf", "momentum", "weight_decay", "warmup_epoch
             "warmup_bias_lr", "grad_clip", "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees",
             "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
             "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite", "mask", "sem_dice", "cap_max_len",
-            "cap_min_count", "cap_view", "mtcp_k", "dwa_temp", "anchor_box", "anchor_obj", "anchor_cls", "anchor_t"}
+            "cap_min_count", "cap_view", "cap_refs", "mtcp_k", "dwa_temp", "anchor_box", "anchor_obj", "anchor_cls", "anchor_t"}
 
 
 def load_hyp(path: str | Path) -> dict:

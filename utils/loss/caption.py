@@ -1,8 +1,11 @@
 """Captioning loss: label-smoothed token cross-entropy under teacher forcing, per image, masked by presence.
 
-COCO has ~5 reference captions per image; each step trains on ONE of them per image. The choice is a pure
-function of a seed and the image's id (or position in the batch; or of a passed ``torch.Generator``), so a run and
-its resumed copy see the same targets.
+COCO has ~5 reference captions per image. With ``cap_refs: 1`` each step trains on ONE of them per image; with
+``cap_refs: R > 1`` on up to R of them at once: the decoder (cheap next to the body) reads the image's memory once
+per reference, and each image's loss is the mean over its references. That is the cross-entropy against the
+references' whole distribution instead of one draw from it, R times the caption signal of a body forward pass
+(measured in benchmarks/peers.py's ablation). Which references is a pure function of a seed and the image's id
+(or position in the batch; or of a passed ``torch.Generator``), so a run and its resumed copy see the same targets.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 
 from utils.data.vocab import Vocabulary
 from utils.engine.distributed import LOCAL, DistInfo
-from utils.tasks import PAD
+from utils.tasks import EOS, PAD
 
 
 class CaptionLoss:
@@ -20,56 +23,73 @@ class CaptionLoss:
     Args:
         vocab: the training vocabulary (ids of :meth:`targets`).
         hyp: hyperparameters; reads ``label_smoothing`` (default 0.1) and ``cap_max_len`` (default 24,
-            the longest id sequence with ``<bos>``/``<eos>``; match the head's ``max_len``).
+            the longest id sequence with ``<bos>``/``<eos>``; match the head's ``max_len``) and ``cap_refs``
+            (default 1: references per image per step; more makes :meth:`targets` ``(B, R, T)``).
     """
 
     def __init__(self, vocab: Vocabulary, hyp: dict):
         self.vocab = vocab
         self.label_smoothing = float(hyp.get("label_smoothing", 0.1))
         self.max_len = int(hyp.get("cap_max_len", 24))
+        self.refs = int(hyp.get("cap_refs", 1))
+        if self.refs < 1:
+            raise ValueError(f"cap_refs must be >= 1, got {self.refs}")
 
     def targets(self, captions: list[list[str]], seed: int | torch.Generator = 0,
                 keys: list[int] | None = None) -> torch.Tensor:
-        """``(B, T)`` ids of one reference caption per image, padded with ``<pad>``.
+        """Ids of the reference captions trained on, padded with ``<pad>``: ``(B, T)``, one per image, with
+        ``cap_refs`` 1, else ``(B, R, T)``, up to ``R = cap_refs`` per image.
 
-        ``seed``: an int picks reference ``(seed + key_i) % len(refs)`` for image ``i`` (pass e.g. the global
-        step so every reference gets used over training); ``keys`` default to the positions in the batch,
-        the trainer passes the image ids so the choice does not depend on how images are split into batches
-        (one process or many). A ``torch.Generator`` draws the index from it instead.
-        An image without captions gets ``[<bos>, <eos>]`` (mask it out with ``present``).
+        ``seed``: an int makes reference ``(seed + key_i + r) % len(refs)`` the ``r``-th of image ``i`` (pass
+        e.g. the global step so every reference gets used over training); ``keys`` default to the positions
+        in the batch, the trainer passes the image ids so the choice does not depend on how images are split
+        into batches (one process or many). A ``torch.Generator`` draws the first index from it instead.
+        A slot without a caption (an image without captions, or with fewer than R) is ``[<bos>, <eos>]``: the
+        loss skips such slots, and ``present`` masks the image out.
         """
         chosen = []
         keys = list(range(len(captions))) if keys is None else keys
         for i, refs in zip(keys, captions):
             if not refs:
-                chosen.append("")
+                chosen += [""] * self.refs
                 continue
             if isinstance(seed, torch.Generator):
                 j = int(torch.randint(len(refs), (1,), generator=seed))
             else:
-                j = (int(seed) + i) % len(refs)
-            chosen.append(refs[j])
-        return self.vocab.encode_batch(chosen, self.max_len)
+                j = int(seed) + i
+            chosen += [refs[(j + r) % len(refs)] if r < len(refs) else "" for r in range(self.refs)]
+        tokens = self.vocab.encode_batch(chosen, self.max_len)
+        return tokens if self.refs == 1 else tokens.view(len(captions), self.refs, -1)
 
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor,
                  sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float]]:
         """Args:
-            logits: ``(B, T-1, V)`` teacher-forced logits (``CaptionOutput.logits``).
-            tokens: ``(B, T)`` the ids the logits were computed from; ``tokens[:, 1:]`` are the targets.
+            logits: ``(B, T-1, V)`` teacher-forced logits (``CaptionOutput.logits``), or ``(B, R, T-1, V)``
+                for R references per image.
+            tokens: ``(B, T)`` (or ``(B, R, T)``) the ids the logits were computed from; ``[..., 1:]`` are the
+                targets.
             present: ``(B,)`` bool, whether the image has captions.
             sync: under DDP the number of captioned images that normalises the loss is the mean over ranks.
-        Returns: the mean over present images of each image's mean token loss (pads ignored), and its value
-            as ``{"ce": float}``. With no image present: a zero that still has a graph to ``logits``.
+        Returns: the mean over present images of each image's mean token loss (pads ignored; with several
+            references, the mean over its captioned slots of each slot's mean token loss), and its value as
+            ``{"ce": float}``. With no image present: a zero that still has a graph to ``logits``.
         """
-        b, t1, v = logits.shape
-        target = tokens[:, 1:].to(logits.device)
-        if target.shape != (b, t1):
+        if logits.dim() == 3:
+            logits, tokens = logits[:, None], tokens[:, None]
+        b, r, t1, v = logits.shape
+        target = tokens[..., 1:].to(logits.device)
+        if target.shape != (b, r, t1):
             raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}: "
-                             "expected logits for tokens[:, 1:]")
+                             "expected logits for tokens[..., 1:]")
         ce = F.cross_entropy(logits.float().reshape(-1, v), target.reshape(-1), ignore_index=PAD,
-                             label_smoothing=self.label_smoothing, reduction="none").view(b, t1)
-        n_tok = (target != PAD).sum(1).clamp(min=1)
-        per_image = ce.sum(1) / n_tok  # each image weighs the same, whatever its caption length
+                             label_smoothing=self.label_smoothing, reduction="none").view(b, r, t1)
+        n_tok = (target != PAD).sum(2).clamp(min=1)
+        per_slot = ce.sum(2) / n_tok  # each caption weighs the same, whatever its length
+        filled = (target[..., 0] != EOS).to(per_slot.dtype)  # an empty slot is [<bos>, <eos>]
+        # each image weighs the same, whatever its number of references; one slot keeps a caption-less image's
+        # zero in the graph (it is masked out by ``present`` below)
+        filled[:, 0] = torch.where(filled.sum(1) > 0, filled[:, 0], torch.ones_like(filled[:, 0]))
+        per_image = (per_slot * filled).sum(1) / filled.sum(1)
         keep = present.to(device=logits.device, dtype=per_image.dtype)
         # masked sum (not indexing) keeps the graph and a finite zero when nothing is present
         images = sync.mean(keep.sum()).clamp(min=1.0 / sync.world).to(keep.device)  # one process: max(n, 1)
