@@ -22,13 +22,17 @@ val image. A run whose results are complete is read back, not retrained (``--onl
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 from benchmarks.common import (
     add_training_args,
@@ -36,8 +40,12 @@ from benchmarks.common import (
     run_trainings,
     train_args,
 )
+from benchmarks.speed import time_fn
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
+from utils.deploy.backends import ort_session
+from utils.deploy.export import export_vision
+from utils.deploy.interface import DeployModel, export_metadata
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.eval.metrics.caption import caption_scores
 from utils.viz.plots import read_results
@@ -118,6 +126,27 @@ def peer_row(run: Path, at: list[int], n_train: int) -> dict:
             "img_s": n_train * len(times) / max(sum(times), 1e-9), "train_min": sum(times) / 60}
 
 
+def our_latency(run: Path, img: int, threads: int) -> tuple[float, float]:
+    """Median onnxruntime ms of one ``img`` image through our fused vision graph (every head, no NMS, caption
+    memory only), and the greedy caption decoding's ms (eager) on its memory, reported separately."""
+    torch.set_num_threads(threads)
+    model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt")).eval()
+    fused = copy.deepcopy(model).fuse()
+    x = torch.rand(1, 3, img, img)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "peers.onnx"
+        export_vision(DeployModel(fused), x, path, 17, True,
+                      export_metadata(fused, (img, img), 1, None, True, False, "peers"))
+        sess = ort_session(path, torch.device("cpu"), threads)
+        ms = 1e3 * time_fn(lambda t: sess.run(None, {"images": t.numpy()}), x, 3, 20)
+    decode_ms = math.nan
+    if "cap" in model.tasks:
+        with torch.inference_mode():
+            memory = model(x).cap.memory
+            decode_ms = 1e3 * time_fn(lambda m: model.head("cap").greedy(m), memory, 1, 5)
+    return ms, decode_ms
+
+
 def print_table(rows: dict[str, dict], at: list[int], floor: tuple[str, float], opt: argparse.Namespace) -> None:
     print(f"\nbudget: {opt.epochs} epochs, {opt.img} px, batch {opt.batch_size}, seed {opt.seed}, device {opt.device}, "
           f"data {opt.data}, {os.cpu_count()} CPU cores; metrics by our evaluation (pycocotools, original pixels)")
@@ -144,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                    f"{','.join([*OURS, *PEERS])}; the others are read from --project when complete")
     p.add_argument("--peers", default=",".join(PEERS), help="which Ultralytics models to run")
     p.add_argument("--ours", default=",".join(OURS), help="which of our models to run")
+    p.add_argument("--latency", type=int, default=640, help="also time onnxruntime at this size, batch 1, "
+                   "1 thread, ours (the trained joint model) against each peer's graph (0: skip)")
     opt = p.parse_args(argv)
     project = Path(opt.project)
     project.mkdir(parents=True, exist_ok=True)
@@ -184,6 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = {name: ours_row(project / name, at, opt.img) for name in ours}
     rows |= {name: peer_row(project / name, at, n_train) for name in PEERS if (project / name / "our_scores.json").is_file()}
     print_table(rows, at, constant_caption_floor(opt.data), opt)
+    if opt.latency:
+        ms, decode_ms = our_latency(project / "joint", opt.latency, 1)
+        print(f"\nonnxruntime, {opt.latency} px, batch 1, 1 thread (median of 20): joint (all heads) {ms:.1f} ms; "
+              f"its greedy caption decoding {decode_ms:.1f} ms more (eager)")
+        for name in [n.strip() for n in opt.peers.split(",") if n.strip()]:
+            model, kind = PEERS[name]
+            if kind in yamls:
+                peer_ms = json.loads(run_peer(["latency", "--model", model, "--data-yaml", str(yamls[kind]),
+                                               "--img", str(opt.latency), "--workers", "1"], env).strip()
+                                     .splitlines()[-1])["ms"]
+                print(f"  {name}: {peer_ms:.1f} ms (joint / {name}: {ms / peer_ms:.2f}x)")
 
 
 if __name__ == "__main__":

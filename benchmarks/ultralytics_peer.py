@@ -156,9 +156,33 @@ def score(run: Path, data: str, epochs: list[int], img: int, device: str) -> dic
     return scores
 
 
+def latency(model: str, data_yaml: str, img: int, threads: int) -> float:
+    """Median onnxruntime ms of one ``img`` x ``img`` image through ``model`` (its yaml, random weights: speed
+    does not depend on the values) exported by Ultralytics' own ONNX exporter with ``data_yaml``'s classes."""
+    import onnxruntime as ort
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from benchmarks.speed import time_fn
+
+    spec = yaml_model_load(model)  # the model yaml as a dict, its scale resolved from the name
+    spec["nc"] = len(yaml.safe_load(Path(data_yaml).read_text())["names"])  # the data's class count
+    sized = Path(data_yaml).parent / model
+    sized.write_text(yaml.safe_dump(spec))
+    yolo = YOLO(str(sized))
+    path = Path(yolo.export(format="onnx", imgsz=img, simplify=True, verbose=False))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = torch.rand(1, 3, img, img)
+    return 1e3 * time_fn(lambda t: sess.run(None, {name: t.numpy()}), x, 3, 20)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["convert", "train", "score"])
+    p.add_argument("action", choices=["convert", "train", "score", "latency"])
     p.add_argument("--data", default="data/shapes.yaml")
     p.add_argument("--out", default="runs/bench/peers/yolo-data")
     p.add_argument("--model", default="yolov8n-seg.yaml")
@@ -173,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     opt = p.parse_args(argv)
     if opt.action == "convert":
         print(json.dumps({k: str(v) for k, v in convert(opt.data, Path(opt.out)).items()}))
+    elif opt.action == "latency":
+        print(json.dumps({"ms": latency(opt.model, opt.data_yaml, opt.img, opt.workers)}))
     elif opt.action == "train":
         train(opt.model, opt.data_yaml, Path(opt.run), int(opt.epochs), opt.img, opt.batch_size, opt.seed,
               opt.device, opt.workers)
