@@ -38,12 +38,14 @@ from utils.eval.evaluators import (
 from utils.ops.postprocess import Result
 
 
-def convert(data: str, out: Path) -> dict[str, Path]:
+def convert(data: str, out: Path, merge=None) -> dict[str, Path]:
     """Writes ``out/{images,labels,masks}/{train,val}`` (images linked, not copied) and the two data yamls
-    (``seg.yaml`` for detection + instance models, ``sem.yaml`` for semantic ones); returns their paths."""
-    from ultralytics.data.converter import (
-        merge_multi_segment,  # the peer's own rule for multi-part polygons
-    )
+    (``seg.yaml`` for detection + instance models, ``sem.yaml`` for semantic ones); returns their paths.
+
+    ``merge`` joins the flat ``[x0, y0, x1, ...]`` polygons of one instance into ``(k, 2)`` pieces of one
+    outline; default Ultralytics' own ``merge_multi_segment`` (the rule of its COCO converter)."""
+    if merge is None:
+        from ultralytics.data.converter import merge_multi_segment as merge
 
     cfg = load_data_config(data)
     has_sem = False
@@ -68,7 +70,7 @@ def convert(data: str, out: Path) -> dict[str, Path]:
                     x1, y1, x2, y2 = box.tolist()
                     poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
                 elif len(polys) > 1:
-                    poly = np.concatenate(merge_multi_segment([p.reshape(-1).tolist() for p in polys]), 0)
+                    poly = np.concatenate(merge([p.reshape(-1).tolist() for p in polys]), 0)
                 else:
                     poly = polys[0]
                 poly = np.clip(poly / np.array([w, h], np.float32), 0, 1)

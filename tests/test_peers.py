@@ -1,0 +1,62 @@
+"""benchmarks/peers.py's conversion to Ultralytics' label formats and its constant-caption floor (the
+peers themselves need Ultralytics, which the benchmark installs; the tests do not)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from benchmarks.peers import constant_caption_floor
+from benchmarks.ultralytics_peer import convert
+from utils.data.config import load_data_config
+from utils.data.dataset import CocoDataset
+from utils.eval.metrics.caption import caption_scores
+
+
+def join(polys: list[list[float]]) -> list[np.ndarray]:
+    return [np.asarray(p, np.float32).reshape(-1, 2) for p in polys]
+
+
+def test_yolo_labels_and_masks_are_what_our_loader_reads(tiny_data, tmp_path):
+    yamls = convert(str(tiny_data), tmp_path, merge=join)
+    seg = yaml.safe_load(yamls["seg"].read_text())
+    cfg = load_data_config(tiny_data)
+    assert seg["names"] == dict(enumerate(cfg.names))
+    sem = yaml.safe_load(yamls["sem"].read_text())
+    assert sem["names"] == dict(enumerate(cfg.semantic_names)) and sem["masks_dir"] == "masks"
+    ds = CocoDataset(cfg, cfg.val, augment=False)
+    checked = 0
+    for i in range(len(ds)):
+        s = ds.load(i)
+        stem = f"{s.image_id:012d}"
+        assert (tmp_path / "images/val" / (stem + Path(s.path).suffix)).resolve() == Path(s.path).resolve()
+        lines = [ln.split() for ln in (tmp_path / "labels/val" / f"{stem}.txt").read_text().splitlines()]
+        assert len(lines) == len(s)
+        h, w = s.orig_shape
+        for line, c, box in zip(lines, s.classes.tolist(), s.boxes):
+            xy = np.array(line[1:], np.float32).reshape(-1, 2)
+            assert int(line[0]) == c and xy.min() >= 0 and xy.max() <= 1
+            # the outline spans the instance's box (pixels back from normalized coordinates)
+            x1, y1 = xy.min(0) * (w, h)
+            x2, y2 = xy.max(0) * (w, h)
+            assert np.allclose([x1, y1, x2, y2], box, atol=2.0)
+            checked += 1
+        mask = cv2.imread(str(tmp_path / "masks/val" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(mask, s.semantic)
+    assert checked > 0
+
+
+def test_constant_caption_floor_is_the_most_frequent_training_caption(tiny_data):
+    cfg = load_data_config(tiny_data)
+    train = json.loads(cfg.train[0].captions.read_text())["annotations"]
+    caption, cider = constant_caption_floor(str(tiny_data))
+    counts = Counter(" ".join(a["caption"].strip().split()) for a in train)
+    assert counts[caption] == max(counts.values())
+    val = CocoDataset(cfg, cfg.val, augment=False)
+    refs = {int(r.image_id): r.captions for _, r in val.items if r.captions}
+    assert cider == caption_scores({i: caption for i in refs}, refs)["cider"]
+    assert cider < caption_scores({i: c[0] for i, c in refs.items()}, refs)["cider"]  # a floor, below a real caption
