@@ -53,9 +53,11 @@ batches) are not in it. What is in it and not the same every epoch: the loader's
 mid-epoch checkpoints (``--save-period``, off by default), the pictures of epoch 1's first batches (off with
 ``--noplots``), Python's GC (< 0.5 s for a full collection); EMA, the optimizer step and DWA cost the same
 every epoch, and every training image is drawn the same way each epoch. Together under 1 s of a ~70 s epoch,
-so none doubles one. The doubled epochs are other processes on the same cores: the benchmark's results.csv
-(``--results``) read 70.5, 108.0, 68.3, 83.7, 74.5, 137.6 s for epochs 1-6 (ratio 1.74 for epoch 6), and the
-epochs that overlapped this script's own runs and other sessions' pytest runs are the slow ones.
+so none doubles one. What does is other processes on the same cores (train_s is wall time): the benchmark's
+results.csv (``--results``) read 70.5, 108.0, 68.3, 83.7, 74.5, 137.6 s for epochs 1-6 (ratios 0.86 to
+1.74) while this script and other test runs shared its 2 cores, and the 2-thread batch above varied 8x
+within one minute for the same reason. Rerun an epoch-time comparison on an otherwise idle machine (or with
+``--threads 1`` per job and jobs x threads <= cores) before reading anything into one slow epoch.
 """
 from __future__ import annotations
 
