@@ -9,6 +9,7 @@ pictures) lives in hooks (utils/engine/hooks.py), called at named events; ``Trai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -174,6 +175,9 @@ class Trainer:
         self.is_best = False
         self.rank_rng: list[dict] | None = None  # every rank's RNG state at the end of the epoch (DDP)
         self.last_eval = None  # the latest validation (its predictions feed the curves drawn at the end)
+        # section(name) -> context manager around each named part of a training batch (head_inputs, to_device,
+        # forward, loss, backward, step, ema); a no-op unless a profiler sets it (benchmarks/profile_step.py)
+        self.section: Callable[[str], contextlib.AbstractContextManager] = _no_section
 
     def _build_run_folder(self) -> None:
         """The run folder (a new runs/train/expN, or the resumed one), decided by rank 0."""
@@ -500,32 +504,41 @@ class Trainer:
         epoch, progress = self.epoch, self.progress
         ni = i + self.nb * epoch
         self._warmup(ni, warmup)
-        x = to_float(batch.images, self.device)
-        inputs = self.loss.head_inputs(batch, ni)
-        head_inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        section = self.section
+        with section("to_device"):
+            x = to_float(batch.images, self.device)
+        with section("head_inputs"):
+            inputs = self.loss.head_inputs(batch, ni)
+        with section("to_device"):
+            head_inputs = {k: v.to(self.device) for k, v in inputs.items()}
         self.batch, self.batch_inputs = batch, inputs
         self._fire("before_batch")
         with torch.autocast(device_type=self.device.type, enabled=self.cuda):
-            out = self.net(x, **head_inputs)
-            loss, parts = self.loss(out, batch, head_inputs, self.dist)
-            if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
-                loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
+            with section("forward"):
+                out = self.net(x, **head_inputs)
+            with section("loss"):
+                loss, parts = self.loss(out, batch, head_inputs, self.dist)
+                if self.dist.enabled:  # DDP needs every output in the graph, even a masked-out task's
+                    loss = loss + 0.0 * sum(t.float().sum() for t in output_tensors(out))
         # every rank skips together: one rank skipping backward() alone would leave the others
         # waiting in DDP's gradient all-reduce for ever
         if not self.dist.all_true(bool(torch.isfinite(loss))):
             self._skip_batch(i, loss, parts)
             return
         self.nonfinite_run = 0
-        self.scaler.scale(loss).backward()
+        with section("backward"):
+            self.scaler.scale(loss).backward()
         progress.add(parts)  # before the step: a checkpoint written there includes this batch
         if i - progress.last_step >= self.accumulate or i == self.nb - 1:
-            self.dist.average_gradients(self.loss.balancer.parameters())  # not inside DDP's module
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp.get("grad_clip", 10.0))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.ema.update(self.model)
+            with section("step"):
+                self.dist.average_gradients(self.loss.balancer.parameters())  # not inside DDP's module
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp.get("grad_clip", 10.0))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            with section("ema"):
+                self.ema.update(self.model)
             progress.step(i)
             self._fire("after_step")  # right after the step: a mid-epoch checkpoint needs no gradient kept
 
@@ -578,6 +591,11 @@ class Trainer:
                        num_semantic=len(self.data.semantic_ids), semantic_ids=self.data.semantic_ids)
         row |= res.metrics
         self.last_eval = res
+
+
+def _no_section(name: str) -> contextlib.AbstractContextManager:
+    """``Trainer.section`` when nothing profiles the loop: times nothing."""
+    return contextlib.nullcontext()
 
 
 def output_tensors(obj) -> list[torch.Tensor]:

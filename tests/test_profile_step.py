@@ -1,0 +1,32 @@
+"""benchmarks/profile_step.py: the timed parts of a training batch cover the batch, and profiling leaves the
+trainer as it found it (no timed assertion: only shares of one measured total)."""
+from __future__ import annotations
+
+from benchmarks import profile_step
+from utils.engine.trainer import _no_section
+
+
+def test_parts_cover_the_measured_batch(tiny_cfg_file, tiny_data, tmp_path):
+    opt = profile_step.parse_opt(["--cfg", str(tiny_cfg_file), "--data", str(tiny_data), "--img", "64",
+                                  "--batch-size", "4", "--workers", "0", "--steps", "2", "--warmup", "1",
+                                  "--accumulate", "1", "--project", str(tmp_path)])
+    trainer = profile_step.build_trainer(opt)
+    tasks = trainer.model.tasks
+    assert tasks == ["det", "inst", "sem", "cap"]
+    sec, walls, _ = profile_step.profile_steps(trainer, opt.steps, opt.warmup, opt.accumulate)
+    assert len(walls) == 2
+    for t in tasks:  # every head and every task loss timed once per timed batch
+        assert sec.calls[f"head/{t}"] == 2 and sec.calls[f"loss/{t}"] == 2, t
+    for part in ("loader", "forward", "loss", "backward", "step", "ema"):
+        assert sec.calls[part] == 2, part
+    rows = {name.strip(): seconds for name, _, seconds in profile_step.step_rows(sec, walls, tasks)}
+    total = sum(walls)
+    # the named parts account for the batch: what no section covers is under 10% of the measured wall time
+    assert abs(rows["other (hooks, warmup lr, bookkeeping)"]) < 0.10 * total, rows
+    assert sum(sec.seconds[f"head/{t}"] for t in tasks) <= sec.seconds["forward"]
+    assert sum(sec.seconds[f"loss/{t}"] for t in tasks) <= sec.seconds["loss"]
+    # the trainer is left unprofiled: its section hook and its loss callables are the originals again
+    assert trainer.section is _no_section
+    assert not any(isinstance(getattr(trainer.loss, t), profile_step.Timed) for t in tasks)
+    assert not trainer.model._forward_hooks and not trainer.model._forward_pre_hooks
+    trainer.logger.close()
