@@ -39,6 +39,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         "that --resume continues exactly (<1: off). Not YOLOv5's epochN.pt every N epochs")
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without improvement")
+    p.add_argument("--close-mosaic", type=int, default=0,
+                   help="no mosaic in the last N epochs (Ultralytics' close_mosaic; its default is 10, ours 0: off, "
+                        "mosaic every epoch as before)")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
     p.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCERS),
                    help="task loss balancing: dwa (default, measured best; see utils/loss/balance.py), fixed "

@@ -189,6 +189,42 @@ def test_augmentation_is_reproducible(tiny_data):
     assert not torch.equal(a["image"], ds[3]["image"])
 
 
+def _same_item(a: dict, b: dict) -> None:
+    """Two dataset items are byte-identical: image, every label, and the letterbox."""
+    assert torch.equal(a["image"], b["image"]) and a["letterbox"] == b["letterbox"]
+    sa, sb = a["sample"], b["sample"]
+    assert np.array_equal(sa.boxes, sb.boxes) and np.array_equal(sa.classes, sb.classes)
+    assert len(sa.segments) == len(sb.segments)
+    for pa, pb in zip(sa.segments, sb.segments):
+        assert len(pa) == len(pb) and all(np.array_equal(x, y) for x, y in zip(pa, pb))
+    assert (sa.semantic is None) == (sb.semantic is None)
+    assert sa.semantic is None or np.array_equal(sa.semantic, sb.semantic)
+    assert sa.captions == sb.captions and sa.present == sb.present and sa.orig_shape == sb.orig_shape
+
+
+def test_closed_mosaic_is_exactly_the_no_mosaic_view(tiny_data, monkeypatch):
+    """``mosaic = False`` (--close-mosaic) never builds a mosaic, and each item is the one a dataset with
+    ``hyp mosaic: 0`` gives (letterbox + perspective + flips, the same draws)."""
+    from utils.data import augment as A
+
+    calls = []
+    real = A.mosaic4
+    monkeypatch.setattr(A, "mosaic4", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = load_data_config(tiny_data)
+    hyp = {"mosaic": 1.0, "fliplr": 0.5, "flipud": 0.5, "degrees": 10.0, "scale": 0.3}
+    ds = CocoDataset(data, data.train, 96, augment=True, hyp=hyp, seed=4)
+    plain = CocoDataset(data, data.train, 96, augment=True, hyp=hyp | {"mosaic": 0.0}, seed=4)
+    ds[0]
+    assert calls  # open: mosaics
+    calls.clear()
+    ds.mosaic = False
+    for epoch in (0, 1):
+        ds.epoch = plain.epoch = epoch
+        for i in range(len(ds)):
+            _same_item(ds[i], plain[i])
+    assert not calls
+
+
 def test_collate_without_semantic():
     from utils.data.sample import Sample
     from utils.ops.letterbox import Letterbox

@@ -84,6 +84,10 @@ class CocoDataset(Dataset):
         seed: base seed; each item's augmentation draws from ``(seed, epoch, index)`` so runs and resumed
             runs see the same augmentation regardless of worker count.
         caption_view: fraction of captioned training images given the weak, caption-safe view.
+
+    Attributes set per epoch by the trainer, before it iterates the loader (its workers are forked at each
+    epoch, ``persistent_workers=False``, so they see the values of that epoch): ``epoch``, and ``mosaic``
+    (False: no item is a mosaic, as with ``hyp mosaic: 0``; train.py's ``--close-mosaic N``).
     """
 
     def __init__(self, data: DataConfig, splits: list[SplitSpec], img_size: int = 640, augment: bool = False,
@@ -91,6 +95,7 @@ class CocoDataset(Dataset):
         self.img_size, self.augment, self.hyp, self.seed = img_size, augment, hyp or {}, seed
         self.caption_view = caption_view
         self.epoch = 0
+        self.mosaic = True
         self.report = LabelReport()
         self.lut = data.semantic_lut()
         self.semantic_ids, self.semantic_names = list(data.semantic_ids), list(data.semantic_names)
@@ -196,7 +201,8 @@ class CocoDataset(Dataset):
         Task-aware augmentation: with probability ``caption_view`` a training image with captions gets the
         weak view (letterbox + colour, every task's labels kept); otherwise the strong view (mosaic,
         perspective, flips) with its captions dropped, because a caption says "left"/"right" and describes
-        one whole image, so it is false after a flip or inside a mosaic.
+        one whole image, so it is false after a flip or inside a mosaic. With ``mosaic`` False the strong
+        view is never a mosaic (letterbox, perspective, flips).
         """
         hyp, size = self.hyp, self.img_size
         index, sample = self.load_valid(index)
@@ -209,7 +215,8 @@ class CocoDataset(Dataset):
             return sample, Letterbox.identity(sample.image.shape[:2])
         persp = dict(degrees=hyp.get("degrees", 0.0), translate=hyp.get("translate", 0.1),
                      scale=hyp.get("scale", 0.5), shear=hyp.get("shear", 0.0), perspective=hyp.get("perspective", 0.0))
-        if rng.random() < hyp.get("mosaic", 1.0):
+        # the draw is made even with mosaic off, so the rest of the item's draws match hyp mosaic: 0 exactly
+        if rng.random() < (hyp.get("mosaic", 1.0) if self.mosaic else 0.0):
             others = [self.load_valid(int(j))[1] for j in rng.integers(0, len(self), 3)]
             tiles = [A.load_resized(s, size) for s in [sample] + others]
             sample = A.mosaic4(tiles, size, rng)

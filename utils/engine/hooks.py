@@ -14,7 +14,8 @@ order, at each event:
                                           ``trainer.metrics`` (the results.csv row), ``trainer.is_best``
     after_train                           once, after the last epoch or an early stop
 
-What the default hooks do, in this order (:func:`default_hooks`): mid-epoch checkpoints, the ``on_step``
+What the default hooks do, in this order (:func:`default_hooks`): the training data's per-epoch mode
+(``--close-mosaic``), mid-epoch checkpoints, the ``on_step``
 callbacks, best/last checkpoints, results.csv, TensorBoard scalars, the console (progress bar, epoch row),
 early stop, pictures. A user hook is added with ``Trainer(opt, hooks=[...])`` or ``trainer.register(hook)``;
 it runs after the default ones.
@@ -78,6 +79,31 @@ class Hook:
 
     def after_train(self, trainer: Trainer) -> None:
         """Once, after the last epoch or an early stop."""
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+class CloseMosaic(Hook):
+    """``--close-mosaic N`` (Ultralytics' ``close_mosaic``): no mosaics in the last N epochs of ``--epochs``,
+    each training image then gets the letterbox + perspective + flips view, as with ``hyp mosaic: 0``. Off
+    when N < 1.
+
+    Set at every ``before_epoch`` from the epoch alone (a resumed run is in the same state as an uninterrupted
+    one), on every rank: each has its own dataset. The loader's workers are forked after ``before_epoch``,
+    each epoch, so they see it. Says so once, at the first epoch that closes it.
+    """
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.said = False
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        start = trainer.opt.epochs - self.epochs
+        closed = self.epochs > 0 and trainer.epoch >= start
+        trainer.train_set.mosaic = not closed
+        if closed and not self.said:
+            trainer.log(f"closing mosaic for the last {self.epochs} epochs (from epoch {start + 1})")
+            self.said = True
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -265,12 +291,13 @@ class Pictures(Hook):
 def default_hooks(trainer: Trainer) -> list[Hook]:
     """The hooks every run has, in the order they are called, configured from ``trainer.opt``.
 
-    The checkpoint hooks come before the logging ones (a crash while logging leaves the epoch saved), the
+    The data's mode for the epoch is set first (before any hook could look at the epoch's data), the
+    checkpoint hooks come before the logging ones (a crash while logging leaves the epoch saved), the
     ``on_step`` callbacks right after the mid-epoch save (a test kills the process there), early stop after
     the epoch's row is printed, and the pictures last (after training they take longest; the checkpoints are
     final, stripped, before they start).
     """
     opt = trainer.opt
-    return [MidEpochCheckpoint(getattr(opt, "save_period", -1)), StepCallbacks(trainer.on_step), Checkpoints(),
-            ResultsCSV(), TensorBoard(), Console(opt.progress), EarlyStop(getattr(opt, "patience", 0)), Pictures()]
+    return [CloseMosaic(getattr(opt, "close_mosaic", 0)), MidEpochCheckpoint(getattr(opt, "save_period", -1)),
+            StepCallbacks(trainer.on_step), Checkpoints(), ResultsCSV(), TensorBoard(), Console(opt.progress), EarlyStop(getattr(opt, "patience", 0)), Pictures()]
 
