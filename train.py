@@ -42,6 +42,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--close-mosaic", type=int, default=0,
                    help="no mosaic in the last N epochs (Ultralytics' close_mosaic; its default is 10, ours 0: off, "
                         "mosaic every epoch as before)")
+    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"],
+                   help="read each image once: --cache / --cache ram keeps them decoded in memory (if they fit in "
+                        "half the available RAM), --cache disk writes .npy files beside the images folder")
+    p.add_argument("--multi-scale", action="store_true",
+                   help="vary img-size +/- 50%%: each training batch resized to a random multiple of 32 in "
+                        "[0.5, 1.5] x --img, labels with it")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
     p.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCERS),
                    help="task loss balancing: dwa (default, measured best; see utils/loss/balance.py), fixed "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import utils.data.dataset as dataset_module
 from utils.data.coco import LabelReport, load_split
 from utils.data.config import DataError, load_data_config
 from utils.data.dataset import (
@@ -223,6 +225,155 @@ def test_closed_mosaic_is_exactly_the_no_mosaic_view(tiny_data, monkeypatch):
         for i in range(len(ds)):
             _same_item(ds[i], plain[i])
     assert not calls
+
+
+class _CountReads:
+    """Counts cv2.imread calls (images and semantic PNGs alike) while passing them through."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.n = 0
+        real = cv2.imread
+
+        def imread(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(cv2, "imread", imread)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_ram_cache_gives_the_same_items_without_reading_again(tiny_data, monkeypatch, augment):
+    """--cache ram: the items are byte-identical to the uncached dataset's, in two epochs, and after the
+    up-front read no image or semantic map is read again (the uncached dataset reads them every time)."""
+    data = load_data_config(tiny_data)
+    hyp = {"mosaic": 0.5, "fliplr": 0.5, "degrees": 5.0, "hsv_v": 0.4}
+    plain = CocoDataset(data, data.train, 96, augment=augment, hyp=hyp, seed=2)
+    cached = CocoDataset(data, data.train, 96, augment=augment, hyp=hyp, seed=2)
+    reads = _CountReads(monkeypatch)
+    line = cached.cache_images("ram")
+    assert cached.cache == "ram" and f"cached {len(cached)} images in RAM" in line
+    assert reads.n == 2 * len(cached)  # each image and its semantic map, once
+    for epoch in (0, 1):
+        cached.epoch = plain.epoch = epoch
+        reads.n = 0
+        got = [cached[i] for i in range(len(cached))]
+        assert reads.n == 0, "the RAM cache read an image again"
+        want = [plain[i] for i in range(len(plain))]
+        assert reads.n >= 2 * len(plain)
+        for a, b in zip(got, want):
+            _same_item(a, b)
+    shape = cached[3]["sample"].orig_shape
+    assert np.array_equal(cached.semantic_target(3, shape), plain.semantic_target(3, shape))
+
+
+def test_disk_cache_writes_npy_once_and_reads_them(tiny_data, tmp_path, monkeypatch):
+    """--cache disk: one .npy per image beside the images folder, written once (a second dataset reuses
+    them), read with np.load instead of decoding; the items are byte-identical to the uncached ones."""
+    data = load_data_config(tiny_data)
+    root = tmp_path / "disk"
+    shutil.copytree(data.root, root, ignore=shutil.ignore_patterns("*.cache"))
+    f = tmp_path / "d.yaml"
+    f.write_text(yaml.safe_dump(yaml.safe_load(tiny_data.read_text()) | {"path": str(root)}))
+    data = load_data_config(f)
+    hyp = {"mosaic": 1.0, "fliplr": 0.5}
+    plain = CocoDataset(data, data.train, 96, augment=True, hyp=hyp, seed=1)
+    first = CocoDataset(data, data.train, 96, augment=True, hyp=hyp, seed=1)
+    assert f", {len(first)} written now)" in first.cache_images("disk")
+    npys = sorted((root / "images/train2017_npy").glob("*.npy"))
+    assert len(npys) == len(first) and first.npy_path(0) in npys
+    cached = CocoDataset(data, data.train, 96, augment=True, hyp=hyp, seed=1)
+    assert ", 0 written now)" in cached.cache_images("disk")
+    decodes = []
+    real = cached.decode
+    monkeypatch.setattr(cached, "decode", lambda i: decodes.append(i) or real(i))
+    for i in range(len(cached)):
+        _same_item(cached[i], plain[i])
+    assert not decodes
+    # a newer image replaces its stale .npy
+    split, rec = cached.items[0]
+    img = split.images / rec.file
+    os.utime(img, (cached.npy_path(0).stat().st_mtime + 10,) * 2)
+    assert ", 1 written now)" in cached.cache_images("disk")
+
+
+def test_ram_cache_falls_back_when_it_would_not_fit(tiny_data, monkeypatch):
+    """Images over half the available RAM: a warning, and the dataset reads from the files as without --cache."""
+    data = load_data_config(tiny_data)
+    ds = CocoDataset(data, data.train, 96)
+    monkeypatch.setattr(dataset_module, "available_memory", lambda: ds.cache_bytes())  # 2x the room needed
+    with pytest.warns(UserWarning, match="not cached"):
+        ds.cache_images("ram")
+    assert ds.cache is None and ds._ram is None
+    monkeypatch.setattr(dataset_module, "available_memory", lambda: 2 * ds.cache_bytes())
+    ds.cache_images("ram")
+    assert ds.cache == "ram"
+    with pytest.raises(ValueError, match="--cache 'gpu'"):
+        ds.cache_images("gpu")
+
+
+def test_ram_cache_still_skips_and_counts_an_unreadable_image(tiny_data, tmp_path):
+    data = load_data_config(tiny_data)
+    root = tmp_path / "bad"
+    shutil.copytree(data.root, root, ignore=shutil.ignore_patterns("*.cache"))
+    f = tmp_path / "b.yaml"
+    f.write_text(yaml.safe_dump(yaml.safe_load(tiny_data.read_text()) | {"path": str(root)}))
+    data = load_data_config(f)
+    ds = CocoDataset(data, data.val, 64)
+    split, rec = ds.items[0]
+    (split.images / rec.file).write_bytes(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9")  # header ok, no pixels
+    ds.cache_images("ram")
+    with pytest.warns(UserWarning, match="unreadable image"):
+        item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and item["sample"].path != str(split.images / rec.file)
+    assert ds.read_failures == [str(split.images / rec.file)]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (160, 128)])
+def test_rescale_batch_moves_every_label_with_the_images(tiny_data, shape):
+    """--multi-scale's resize: boxes and polygons keep their coordinates relative to the image, the semantic
+    map is resized by nearest neighbour (values kept, still under its boxes), the images bilinearly; the
+    input batch is left as it was."""
+    from utils.data.dataset import rescale_batch
+
+    data = load_data_config(tiny_data)
+    ds = CocoDataset(data, data.train, 96, augment=False)
+    batch = next(iter(create_dataloader(ds, 4, shuffle=False)))
+    before = (batch.images.clone(), batch.targets.clone(), batch.semantic.clone())
+    out = rescale_batch(batch, shape)
+    h, w = shape
+    assert out.images.shape == (4, 3, h, w) and out.images.dtype == torch.uint8
+    assert out.semantic.shape == (4, h, w) and out.semantic.dtype == torch.uint8
+    assert set(out.semantic.unique().tolist()) <= set(batch.semantic.unique().tolist())
+    norm = torch.tensor([96, 96, 96, 96.0])
+    assert torch.allclose(out.targets[:, 2:] / torch.tensor([w, h, w, h]), batch.targets[:, 2:] / norm, atol=1e-6)
+    assert torch.equal(out.targets[:, :2], batch.targets[:, :2])
+    for new, old in zip(out.segments, batch.segments):
+        for p, q in zip(new, old):
+            assert np.allclose(p / [w, h], q / 96.0, atol=1e-6)
+    ref = torch.nn.functional.interpolate(batch.images.float(), size=shape, mode="bilinear", align_corners=False)
+    assert (out.images.float() - ref).abs().max() <= 1.0
+    assert out.letterboxes[0].input_shape == shape and out.orig_shapes[0] == shape
+    sem_idx = {cid: i for i, cid in enumerate(data.semantic_ids)}
+    for t in out.targets:
+        i, c, x1, y1, x2, y2 = t.tolist()
+        patch = out.semantic[int(i), int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))]
+        if patch.numel() >= 16:
+            assert (patch == sem_idx[data.category_ids[int(c)]]).float().mean() > 0.2
+    assert all(torch.equal(a, b) for a, b in zip(before, (batch.images, batch.targets, batch.semantic)))
+    assert rescale_batch(batch, (96, 96)) is batch
+
+
+def test_multi_scale_shape_range():
+    """Sizes are multiples of the stride within [0.5, 1.5] x img, every one of them reachable; a non-square
+    batch keeps its aspect, each side a multiple of the stride."""
+    from utils.data.dataset import multi_scale_shape
+
+    got = {multi_scale_shape(640, 32, (640, 640), np.random.default_rng(k)) for k in range(500)}
+    assert {h for h, w in got} == set(range(320, 961, 32)) and all(h == w for h, w in got)
+    assert {multi_scale_shape(64, 32, (64, 64), np.random.default_rng(k))[0] for k in range(100)} == {32, 64, 96}
+    for k in range(50):
+        h, w = multi_scale_shape(640, 32, (480, 640), np.random.default_rng(k))
+        assert h % 32 == 0 and w % 32 == 0 and 320 <= w <= 960 and abs(h / w - 0.75) < 32 / w
 
 
 def test_collate_without_semantic():

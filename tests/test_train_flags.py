@@ -71,3 +71,50 @@ def test_close_mosaic_last_epochs_and_after_resume(tiny_cfg_file, tiny_data, tmp
     assert resumed.epochs[2] == (False, 0)
     out = capsys.readouterr().out
     assert out.count("closing mosaic for the last 1 epochs") == 1
+
+
+class BatchShapes(Hook):
+    """(epoch, batch index, image shape, targets, semantic shape) of every batch as the model gets it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, tuple[int, ...], object, tuple[int, ...] | None]] = []
+
+    def before_batch(self, trainer):
+        b = trainer.batch
+        self.seen.append((trainer.epoch, trainer.batch_index, tuple(b.images.shape), b.targets.clone(),
+                          None if b.semantic is None else tuple(b.semantic.shape)))
+
+
+def test_multi_scale_batches(tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
+    """--multi-scale at --img 64: every batch a multiple of 32 in [32, 96], square, semantic maps and boxes
+    with it; the sizes vary, and are those drawn from (seed, epoch, batch) (so a rerun or resume repeats them)."""
+    import numpy as np
+
+    from utils.data.dataset import multi_scale_shape
+
+    rec = BatchShapes()
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 2, "--multi-scale")
+    trainer_module.Trainer(opt, hooks=[rec]).run()
+    assert len(rec.seen) == 2 * NB
+    sizes = []
+    for epoch, i, shape, targets, sem in rec.seen:
+        h, w = shape[2:]
+        assert h == w and h % 32 == 0 and 32 <= h <= 96
+        assert sem is None or sem[1:] == (h, w)
+        assert len(targets) and (targets[:, 2:] >= -1e-3).all() and (targets[:, 2:] <= h + 1e-3).all()
+        rng = np.random.default_rng([trainer_module.MULTI_SCALE_STREAM, opt.seed, epoch, i])
+        assert (h, w) == multi_scale_shape(64, 32, (64, 64), rng)
+        sizes.append(h)
+    assert len(set(sizes)) > 1
+    assert not train_script.parse_opt([]).multi_scale
+
+
+def test_cache_ram_run(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, capsys):
+    """--cache (= ram) with a loader worker: the images are read up front in the main process, then trained on
+    (the forked worker reads the same cache); --noval: the validation images are not cached."""
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--cache", "--workers", "1")
+    assert opt.cache == "ram"
+    trainer = trainer_module.Trainer(opt)
+    assert trainer.train_set.cache == "ram" and trainer.val_set.cache is None
+    trainer.run()
+    assert "train: cached 24 images in RAM" in capsys.readouterr().out

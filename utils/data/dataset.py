@@ -1,14 +1,20 @@
 """COCO-layout dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -17,6 +23,7 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
 )
+from tqdm import tqdm
 
 from utils.data import augment as A
 from utils.data.coco import (
@@ -34,6 +41,28 @@ from utils.tasks import IGNORE_INDEX, TASKS
 # OpenCV's own thread pool is not fork-safe, and DataLoader workers are forked: the workers are the
 # parallelism here, as in YOLOv5 (the hang actually seen had another cause: see RunLogger._background)
 cv2.setNumThreads(0)
+
+CACHE_MODES = ("ram", "disk")  # train.py --cache
+RAM_CACHE_FRACTION = 0.5  # --cache ram caches only when the images take at most this share of the available RAM
+
+
+def available_memory() -> int:
+    """Bytes of RAM available to new allocations: psutil's figure when installed, else Linux's MemAvailable,
+    else the free pages (``os.sysconf``, which leaves out the reclaimable page cache)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 @dataclass
@@ -88,6 +117,8 @@ class CocoDataset(Dataset):
     Attributes set per epoch by the trainer, before it iterates the loader (its workers are forked at each
     epoch, ``persistent_workers=False``, so they see the values of that epoch): ``epoch``, and ``mosaic``
     (False: no item is a mosaic, as with ``hyp mosaic: 0``; train.py's ``--close-mosaic N``).
+
+    :meth:`cache_images` (train.py's ``--cache ram|disk``) keeps the decoded images from being read again.
     """
 
     def __init__(self, data: DataConfig, splits: list[SplitSpec], img_size: int = 640, augment: bool = False,
@@ -106,6 +137,9 @@ class CocoDataset(Dataset):
         if not self.items:
             raise ValueError(f"no usable images in {[str(s.images) for s in splits]} ({self.report.summary()})")
         self.read_failures: list[str] = []
+        self.cache: str | None = None  # "ram" or "disk" once cache_images() has run
+        # --cache ram: per item, (image, semantic map) as load() reads them (None: unreadable / no map)
+        self._ram: list[tuple[np.ndarray | None, np.ndarray | None]] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -147,6 +181,31 @@ class CocoDataset(Dataset):
         """Reads image ``index`` with its labels at original size; ``None`` if the image is unreadable."""
         split, rec = self.items[index]
         path = split.images / rec.file
+        semantic = None
+        if self._ram is not None:  # copies: augmentation may edit its input in place (augment_hsv)
+            image, semantic = (None if a is None else a.copy() for a in self._ram[index])
+        else:
+            image = self._read_image(index)
+        if image is None:
+            return None
+        h, w = image.shape[:2]
+        boxes, segments = rec.boxes.copy(), [[p.copy() for p in s] for s in rec.segments]
+        if rec.width and (rec.width, rec.height) != (w, h):  # JSON size disagrees (e.g. EXIF rotation): rescale
+            sx, sy = w / rec.width, h / rec.height
+            boxes *= np.array([sx, sy, sx, sy], np.float32)
+            segments = [[p * np.array([sx, sy], np.float32) for p in s] for s in segments]
+        if split.semantic is not None and self._ram is None:
+            semantic = self._load_semantic(split, rec, (h, w))
+        present = {"det": split.instances is not None, "inst": split.instances is not None,
+                   "sem": semantic is not None, "cap": bool(rec.captions)}
+        return Sample(image=image, boxes=boxes, classes=rec.classes.copy(), segments=segments, semantic=semantic,
+                      captions=list(rec.captions), image_id=rec.image_id, path=str(path), orig_shape=(h, w),
+                      present=present)
+
+    def decode(self, index: int) -> np.ndarray | None:
+        """Image ``index`` decoded from its file, as 8-bit BGR; ``None`` if it cannot be read."""
+        split, rec = self.items[index]
+        path = split.images / rec.file
         # grey/RGBA/16-bit all become 8-bit BGR. The EXIF orientation is ignored: COCO's width/height and
         # boxes describe the stored pixels (OpenCV would rotate them away from their labels).
         image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -156,20 +215,94 @@ class CocoDataset(Dataset):
         if rec.width and (w, h) != (rec.width, rec.height) and (h, w) == (rec.width, rec.height):
             rotated = cv2.imread(str(path), cv2.IMREAD_COLOR)  # the JSON describes the EXIF-rotated image
             if rotated is not None and rotated.shape[:2] == (rec.height, rec.width):
-                image, (h, w) = rotated, rotated.shape[:2]
-        boxes, segments = rec.boxes.copy(), [[p.copy() for p in s] for s in rec.segments]
-        if rec.width and (rec.width, rec.height) != (w, h):  # JSON size disagrees (e.g. EXIF rotation): rescale
-            sx, sy = w / rec.width, h / rec.height
-            boxes *= np.array([sx, sy, sx, sy], np.float32)
-            segments = [[p * np.array([sx, sy], np.float32) for p in s] for s in segments]
-        semantic = None
-        if split.semantic is not None:
-            semantic = self._load_semantic(split, rec, (h, w))
-        present = {"det": split.instances is not None, "inst": split.instances is not None,
-                   "sem": semantic is not None, "cap": bool(rec.captions)}
-        return Sample(image=image, boxes=boxes, classes=rec.classes.copy(), segments=segments, semantic=semantic,
-                      captions=list(rec.captions), image_id=rec.image_id, path=str(path), orig_shape=(h, w),
-                      present=present)
+                image = rotated
+        return image
+
+    def _read_image(self, index: int) -> np.ndarray | None:
+        """Image ``index``: its ``--cache disk`` .npy when there is one, else decoded from its file."""
+        if self.cache == "disk":
+            npy = self.npy_path(index)
+            if npy.is_file():
+                try:
+                    return np.load(npy)
+                except (OSError, ValueError):  # a damaged cache file: the image itself is still there
+                    pass
+        return self.decode(index)
+
+    def npy_path(self, index: int) -> Path:
+        """Where ``--cache disk`` keeps image ``index``: ``<images dir>_npy/<file>.npy``, beside the images
+        folder (``images/train2017`` -> ``images/train2017_npy``)."""
+        split, rec = self.items[index]
+        return split.images.with_name(split.images.name + "_npy") / Path(rec.file).with_suffix(".npy")
+
+    def cache_bytes(self) -> int:
+        """RAM that ``--cache ram`` would take: every image (3 bytes a pixel) and semantic map (1), at the
+        sizes the labels give."""
+        return sum(rec.width * rec.height * (3 + (split.semantic is not None)) for split, rec in self.items)
+
+    def cache_images(self, mode: str | None, prefix: str = "", progress: bool = False) -> str:
+        """YOLOv5's ``--cache``: ``"ram"`` decodes every image (and semantic map) once, now, and keeps it in
+        memory; ``"disk"`` writes each decoded image once as a .npy (:meth:`npy_path`; rewritten when the image
+        is newer) that later reads ``np.load``. ``None``/``""``: nothing. Returns the line to log.
+
+        Called in the main process before the DataLoader is built: its forked workers then share the RAM
+        cache (a cache filled inside non-persistent workers would be lost at every epoch). ``"ram"`` falls
+        back to no cache, with a warning, when the images would take over ``RAM_CACHE_FRACTION`` of the
+        available memory. An unreadable image is cached as unreadable: loading still skips and counts it.
+        """
+        if not mode:
+            return ""
+        if mode not in CACHE_MODES:
+            raise ValueError(f"--cache {mode!r}: expected one of {CACHE_MODES}")
+        n = len(self)
+        threads = min(8, max(1, (os.cpu_count() or 1) - 1))
+        if mode == "ram":
+            need, avail = self.cache_bytes(), available_memory()
+            if need > RAM_CACHE_FRACTION * avail:
+                msg = (f"{prefix}--cache ram needs {need / 1e9:.1f}GB, over {RAM_CACHE_FRACTION:.0%} of the "
+                       f"{avail / 1e9:.1f}GB available: images not cached")
+                warnings.warn(msg, stacklevel=2)
+                return msg
+            with ThreadPool(threads) as pool:  # imap keeps the order
+                entries = list(tqdm(pool.imap(self._read_entry, range(n)), total=n, disable=not progress,
+                                    desc=f"{prefix}caching images"))
+            self._ram, self.cache = entries, "ram"
+            size = sum(a.nbytes for e in entries for a in e if a is not None)
+            return f"{prefix}cached {n} images in RAM ({size / 1e9:.2f}GB)"
+        with ThreadPool(threads) as pool:
+            bar = tqdm(pool.imap(self._write_npy, range(n)), total=n, disable=not progress,
+                       desc=f"{prefix}caching images to disk")
+            written = sum(bar)
+        self.cache = "disk"
+        size = sum(f.stat().st_size for f in (self.npy_path(i) for i in range(n)) if f.is_file())
+        return (f"{prefix}cached {n} images on disk ({size / 1e9:.2f}GB, {written} written now) in "
+                f"{self.npy_path(0).parent}")
+
+    def _read_entry(self, index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """What ``--cache ram`` keeps of item ``index``: its image and semantic map, as :meth:`load` reads them."""
+        image = self.decode(index)
+        split, rec = self.items[index]
+        if image is None or split.semantic is None:
+            return image, None
+        return image, self._load_semantic(split, rec, image.shape[:2])
+
+    def _write_npy(self, index: int) -> bool:
+        """Writes item ``index``'s .npy unless an up-to-date one exists; whether it wrote one."""
+        split, rec = self.items[index]
+        npy, src = self.npy_path(index), split.images / rec.file
+        try:
+            if npy.is_file() and npy.stat().st_mtime >= src.stat().st_mtime:
+                return False
+        except OSError:  # the image is gone: nothing to cache (loading counts it)
+            return False
+        image = self.decode(index)
+        if image is None:
+            return False
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = npy.with_name(f"{npy.stem}.{os.getpid()}.tmp.npy")  # atomic: a reader never sees half a file
+        np.save(tmp, image)
+        tmp.replace(npy)
+        return True
 
     def _load_semantic(self, split: SplitSpec, rec: ImageRecord, shape: tuple[int, int]) -> np.ndarray | None:
         m = read_semantic_map(semantic_path(split, rec))
@@ -241,7 +374,13 @@ class CocoDataset(Dataset):
         """Item ``index``'s semantic map in semantic indices at the original image size ``shape`` (h, w),
         as :meth:`load` reads it; ``None`` without one. For scoring at original resolution."""
         split, rec = self.items[index]
-        return self._load_semantic(split, rec, shape) if split.semantic is not None else None
+        if split.semantic is None:
+            return None
+        if self._ram is not None:  # --cache ram: the cached map when it has that size
+            image, semantic = self._ram[index]
+            if image is not None and image.shape[:2] == tuple(shape):
+                return None if semantic is None else semantic.copy()
+        return self._load_semantic(split, rec, shape)
 
 
 def collate(items: list[dict]) -> Batch:
@@ -273,6 +412,41 @@ def collate(items: list[dict]) -> Batch:
         paths=[s.path for s in samples],
         letterboxes=[it["letterbox"] for it in items],
     )
+
+
+def multi_scale_shape(img_size: int, stride: int, shape: tuple[int, int], rng: np.random.Generator
+                      ) -> tuple[int, int]:
+    """YOLOv5's ``--multi-scale`` draw: a size in ``[0.5, 1.5] * img_size``, a multiple of ``stride`` (at least
+    one stride), drawn uniformly from those multiples; ``shape`` (h, w) scaled so its long side is that size,
+    each side rounded up to a multiple of ``stride`` (a square training batch simply becomes that size)."""
+    lo = max(1, math.ceil(0.5 * img_size / stride))
+    hi = max(lo, math.floor(1.5 * img_size / stride))
+    size = int(rng.integers(lo, hi + 1)) * stride
+    f = size / max(shape)
+    return math.ceil(shape[0] * f / stride) * stride, math.ceil(shape[1] * f / stride) * stride
+
+
+def rescale_batch(batch: Batch, shape: tuple[int, int]) -> Batch:
+    """A training batch resized to ``shape`` (h, w): images bilinearly (uint8; ``align_corners=False``, the
+    pixel-area convention of ``utils.data.augment``, in which the resize is exactly ``x -> x * W'/W``), the
+    semantic maps by centre-aligned nearest neighbour (no new class value), boxes and polygons (pixels)
+    scaled per axis, so their coordinates relative to the image are unchanged. The letterboxes become the
+    identity of the new size, as every augmented training image's is. ``batch`` itself is not modified."""
+    h, w = batch.images.shape[2:]
+    nh, nw = int(shape[0]), int(shape[1])
+    if (nh, nw) == (h, w):
+        return batch
+    sx, sy = nw / w, nh / h
+    targets = batch.targets.clone()
+    targets[:, 2:] *= torch.tensor([sx, sy, sx, sy], dtype=targets.dtype)
+    scale = np.array([sx, sy], np.float32)
+    semantic = batch.semantic
+    if semantic is not None:
+        semantic = F.interpolate(semantic[:, None], size=(nh, nw), mode="nearest-exact")[:, 0]
+    return dataclasses.replace(
+        batch, images=F.interpolate(batch.images, size=(nh, nw), mode="bilinear", align_corners=False),
+        targets=targets, segments=[[p * scale for p in polys] for polys in batch.segments], semantic=semantic,
+        letterboxes=[Letterbox.identity((nh, nw)) for _ in batch.letterboxes])
 
 
 class SkipSampler(Sampler[int]):

@@ -24,7 +24,13 @@ from torch import nn
 
 from models.model import Model
 from utils.data.config import DataConfig, load_data_config
-from utils.data.dataset import CocoDataset, create_dataloader, stall_guard
+from utils.data.dataset import (
+    CocoDataset,
+    create_dataloader,
+    multi_scale_shape,
+    rescale_batch,
+    stall_guard,
+)
 from utils.data.vocab import Vocabulary
 from utils.engine.checkpoint import load_checkpoint
 from utils.engine.distributed import (
@@ -57,6 +63,7 @@ from utils.tasks import fitness, parse_tasks
 # gradients are accumulated up to this batch, and weight decay scaled to it; read when a Trainer is built,
 # so a test may set utils.engine.trainer.NOMINAL_BATCH first
 NOMINAL_BATCH = 64
+MULTI_SCALE_STREAM = 7  # --multi-scale draws from (this, seed, epoch, batch): apart from the datasets' streams
 
 
 class NonFiniteLossError(RuntimeError):
@@ -202,6 +209,7 @@ class Trainer:
         if self.dist.main and "sem" in tasks:  # a listed class no training map has a pixel of: said once
             self.train_set.warn_absent_semantic_classes()
         self.val_set = CocoDataset(self.data, self.data.val, opt.img, augment=False, hyp=self.hyp, seed=opt.seed)
+        self._cache_images()  # before the barrier: rank 0 writes the --cache disk files, the others reuse them
         if self.dist.main:
             barrier(self.dist)
         self.tasks = tasks
@@ -212,6 +220,16 @@ class Trainer:
             else:
                 captions = (c for _, rec in self.train_set.items for c in rec.captions)
                 self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)))
+
+    def _cache_images(self) -> None:
+        """``--cache ram|disk``: the training images, and the validation ones unless ``--noval`` (then validated
+        once), read once now, in this process, before any loader worker is forked (they share the RAM cache)."""
+        mode = getattr(self.opt, "cache", None)  # checkpoints from before --cache: none
+        if not mode:
+            return
+        sets = [("train", self.train_set)] + ([] if getattr(self.opt, "noval", False) else [("val", self.val_set)])
+        for name, ds in sets:
+            self.log(ds.cache_images(mode, prefix=f"{name}: ", progress=self.opt.progress and self.dist.main))
 
     def _build_model(self) -> None:
         """The network for the trained tasks, with ``--weights`` transferred (not on resume: restored later)."""
@@ -504,6 +522,7 @@ class Trainer:
         epoch, progress = self.epoch, self.progress
         ni = i + self.nb * epoch
         self._warmup(ni, warmup)
+        batch = self._multi_scale(i, batch)
         section = self.section
         with section("to_device"):
             x = to_float(batch.images, self.device)
@@ -541,6 +560,16 @@ class Trainer:
                 self.ema.update(self.model)
             progress.step(i)
             self._fire("after_step")  # right after the step: a mid-epoch checkpoint needs no gradient kept
+
+    def _multi_scale(self, i: int, batch):
+        """``--multi-scale`` (YOLOv5's): batch ``i`` resized to a random multiple of the grid stride (at least
+        32) in ``[0.5, 1.5] * --img``, with its labels (:func:`~utils.data.dataset.rescale_batch`); drawn from
+        (seed, epoch, batch index) alone, so a run, and a resumed run, repeats the same sizes."""
+        if not getattr(self.opt, "multi_scale", False):  # checkpoints from before --multi-scale: off
+            return batch
+        gs = max(int(self.model.stride), 32)
+        rng = np.random.default_rng([MULTI_SCALE_STREAM, self.opt.seed, self.epoch, i])
+        return rescale_batch(batch, multi_scale_shape(self.opt.img, gs, tuple(batch.images.shape[2:]), rng))
 
     def _skip_batch(self, i: int, loss: torch.Tensor, parts: dict[str, float]) -> None:
         """A non-finite loss on some rank: no step anywhere; too many in a row raise NonFiniteLossError."""
