@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import utils.data.dataset as dataset_module
+from utils.data import augment as A
 from utils.data.coco import LabelReport, load_split
 from utils.data.config import DataError, load_data_config
 from utils.data.dataset import (
@@ -20,6 +21,8 @@ from utils.data.dataset import (
     LoaderStalledError,
     collate,
     create_dataloader,
+    multi_scale_shape,
+    rescale_batch,
     stall_guard,
 )
 from utils.tasks import IGNORE_INDEX, TASKS
@@ -207,8 +210,6 @@ def _same_item(a: dict, b: dict) -> None:
 def test_closed_mosaic_is_exactly_the_no_mosaic_view(tiny_data, monkeypatch):
     """``mosaic = False`` (--close-mosaic) never builds a mosaic, and each item is the one a dataset with
     ``hyp mosaic: 0`` gives (letterbox + perspective + flips, the same draws)."""
-    from utils.data import augment as A
-
     calls = []
     real = A.mosaic4
     monkeypatch.setattr(A, "mosaic4", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -333,8 +334,6 @@ def test_rescale_batch_moves_every_label_with_the_images(tiny_data, shape):
     """--multi-scale's resize: boxes and polygons keep their coordinates relative to the image, the semantic
     map is resized by nearest neighbour (values kept, still under its boxes), the images bilinearly; the
     input batch is left as it was."""
-    from utils.data.dataset import rescale_batch
-
     data = load_data_config(tiny_data)
     ds = CocoDataset(data, data.train, 96, augment=False)
     batch = next(iter(create_dataloader(ds, 4, shuffle=False)))
@@ -366,8 +365,6 @@ def test_rescale_batch_moves_every_label_with_the_images(tiny_data, shape):
 def test_multi_scale_shape_range():
     """Sizes are multiples of the stride within [0.5, 1.5] x img, every one of them reachable; a non-square
     batch keeps its aspect, each side a multiple of the stride."""
-    from utils.data.dataset import multi_scale_shape
-
     got = {multi_scale_shape(640, 32, (640, 640), np.random.default_rng(k)) for k in range(500)}
     assert {h for h, w in got} == set(range(320, 961, 32)) and all(h == w for h, w in got)
     assert {multi_scale_shape(64, 32, (64, 64), np.random.default_rng(k))[0] for k in range(100)} == {32, 64, 96}

@@ -2,12 +2,14 @@
 inside real (tiny, CPU) runs through a user hook."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import train as train_script
 import utils.engine.trainer as trainer_module
 from tests.conftest import train_args
 from utils.data import augment as A
+from utils.data.dataset import multi_scale_shape
 from utils.engine.hooks import Hook
 
 # 24 training images in batches of 8: 3 batches an epoch; a nominal batch of 8: a step after every batch
@@ -88,10 +90,6 @@ class BatchShapes(Hook):
 def test_multi_scale_batches(tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
     """--multi-scale at --img 64: every batch a multiple of 32 in [32, 96], square, semantic maps and boxes
     with it; the sizes vary, and are those drawn from (seed, epoch, batch) (so a rerun or resume repeats them)."""
-    import numpy as np
-
-    from utils.data.dataset import multi_scale_shape
-
     rec = BatchShapes()
     opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 2, "--multi-scale")
     trainer_module.Trainer(opt, hooks=[rec]).run()
