@@ -206,12 +206,13 @@ def main(argv: list[str] | None = None) -> None:
             run_peer(["train", "--model", model, "--data-yaml", str(yamls[kind]), "--run", str(run), "--epochs",
                       str(opt.epochs), "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers",
                       str(opt.workers), *common], env, project / f"{name}.log")
-        if wanted(name, (run / "our_scores.json").is_file()) or not (run / "our_scores.json").is_file():
+        if not (run / "our_scores.json").is_file() or (only is not None and name in only):
             print(f"scoring {name} at epochs {at} ...", flush=True)
             run_peer(["score", "--run", str(run), "--data", opt.data, "--epochs", ",".join(map(str, at)), *common],
                      env, project / f"{name}.score.log")
 
-    n_train = len(CocoDataset(load_data_config(opt.data), load_data_config(opt.data).train, augment=False))
+    cfg = load_data_config(opt.data)
+    n_train = len(CocoDataset(cfg, cfg.train, augment=False))
     rows = {name: ours_row(project / name, at, opt.img) for name in ours}
     rows |= {name: peer_row(project / name, at, n_train) for name in PEERS if (project / name / "our_scores.json").is_file()}
     print_table(rows, at, constant_caption_floor(opt.data), opt)

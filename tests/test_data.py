@@ -270,12 +270,8 @@ def test_ram_cache_gives_the_same_items_without_reading_again(tiny_data, monkeyp
 def test_disk_cache_writes_npy_once_and_reads_them(tiny_data, tmp_path, monkeypatch):
     """--cache disk: one .npy per image beside the images folder, written once (a second dataset reuses
     them), read with np.load instead of decoding; the items are byte-identical to the uncached ones."""
-    data = load_data_config(tiny_data)
     root = tmp_path / "disk"
-    shutil.copytree(data.root, root, ignore=shutil.ignore_patterns("*.cache"))
-    f = tmp_path / "d.yaml"
-    f.write_text(yaml.safe_dump(yaml.safe_load(tiny_data.read_text()) | {"path": str(root)}))
-    data = load_data_config(f)
+    data = load_data_config(_copy_data(tiny_data, root))
     hyp = {"mosaic": 1.0, "fliplr": 0.5}
     plain = CocoDataset(data, data.train, 96, augment=True, hyp=hyp, seed=1)
     first = CocoDataset(data, data.train, 96, augment=True, hyp=hyp, seed=1)
@@ -313,12 +309,7 @@ def test_ram_cache_falls_back_when_it_would_not_fit(tiny_data, monkeypatch):
 
 
 def test_ram_cache_still_skips_and_counts_an_unreadable_image(tiny_data, tmp_path):
-    data = load_data_config(tiny_data)
-    root = tmp_path / "bad"
-    shutil.copytree(data.root, root, ignore=shutil.ignore_patterns("*.cache"))
-    f = tmp_path / "b.yaml"
-    f.write_text(yaml.safe_dump(yaml.safe_load(tiny_data.read_text()) | {"path": str(root)}))
-    data = load_data_config(f)
+    data = load_data_config(_copy_data(tiny_data, tmp_path / "bad"))
     ds = CocoDataset(data, data.val, 64)
     split, rec = ds.items[0]
     (split.images / rec.file).write_bytes(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9")  # header ok, no pixels
