@@ -32,6 +32,21 @@ def test_assigner_picks_points_inside_the_object():
     assert (ts[0, fg[0], 1] > 0).all() and (ts[0, :, 0] == 0).all()
 
 
+def test_ciou_assigner_prefers_the_centred_prediction_of_equal_iou():
+    # two predictions with the same IoU to the object; CIoU's centre-distance term breaks the tie toward
+    # the one whose centre is the object's, plain IoU scores them equal
+    points = torch.tensor([[5.0, 5.0], [5.5, 5.0]])
+    gt = torch.tensor([[[2.0, 2.0, 8.0, 8.0]]])
+    boxes = torch.tensor([[[2.0, 2.0, 8.0, 8.0 - 1.2], [2.0, 2.6, 8.0, 8.0 - 0.6]]])  # same size, shifted
+    scores = torch.full((1, 2, 1), 0.5)
+    args = (scores, boxes, points, torch.tensor([[0]]), gt, torch.tensor([[True]]))
+    _, plain, _, _ = TaskAlignedAssigner(topk=2)(*args)
+    _, ciou, _, _ = TaskAlignedAssigner(topk=2, ciou=True)(*args)
+    assert torch.allclose(plain[0, 0], plain[0, 1])
+    assert ciou[0, 1, 0] > ciou[0, 0, 0]
+    assert DetectionLoss(Model(tiny_cfg(), nc=3, tasks=["det"]).head("det"), {"assign_ciou": True}).assigner.ciou
+
+
 def overfit_detection(steps: int, present: bool = True, cfg: dict | None = None, loss_cls=DetectionLoss,
                       hyp: dict | None = None):
     """Trains a det-only model on two fixed images (3 objects) for ``steps``; ``present`` flags image 0's labels.

@@ -16,10 +16,13 @@ from utils.data.sample import Sample
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
 from utils.ops.masks import (
     assemble_masks,
+    bilinear_matrix,
+    box_mask,
     crop_masks,
     encode_rle,
     process_masks,
     rasterize_polygons,
+    resize_masks_windowed,
 )
 
 CH, STRIDES, NM = [16, 24, 32], [8, 16, 32], 8
@@ -263,3 +266,46 @@ def test_objects_without_polygons_are_skipped():
     want, _ = loss_fn(out, fg1, target_gt, target_boxes, gt, present)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, ref)
+
+
+def _reference_process_masks(protos, coeffs, boxes, shape):
+    """The whole-image path the windowed one replaces: upsample every mask over the input, then crop."""
+    logits = assemble_masks(protos, coeffs)
+    up = torch.nn.functional.interpolate(logits[:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
+    return (up > 0) & box_mask(boxes, *shape)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 72)])
+def test_windowed_process_masks_equal_the_whole_image_path(shape):
+    g = torch.Generator().manual_seed(1)
+    protos, coeffs = torch.randn(NM, 16, 16, generator=g), torch.randn(40, NM, generator=g)
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([shape[1], shape[0]])
+    wh = torch.rand(40, 2, generator=g) * 40
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), 1)  # some cross the image border
+    got = process_masks(protos, coeffs, boxes, shape)
+    want = _reference_process_masks(protos, coeffs, boxes, shape)
+    assert want.any() and want.sum() < 0.5 * want.numel()  # masks of every size, not all empty or full
+    assert (got != want).sum() <= 2  # float rounding at logit exactly 0 only
+
+
+@pytest.mark.parametrize("size", [(48, 80), (200, 130), (20, 30)])
+def test_windowed_resize_equals_interpolate(size):
+    g = torch.Generator().manual_seed(2)
+    masks = torch.zeros(12, 64, 64, dtype=torch.bool)
+    for k in range(12):
+        y, x = torch.randint(0, 56, (2,), generator=g).tolist()
+        masks[k, y:y + 1 + k, x:x + 3 + k] = torch.rand(1 + k, 3 + k, generator=g)[: 64 - y, : 64 - x] > 0.2
+    masks[0] = False  # an empty mask stays empty
+    want = torch.nn.functional.interpolate(masks[:, None].float(), size=size, mode="bilinear",
+                                           align_corners=False)[:, 0] >= 0.5
+    got = resize_masks_windowed(masks, size)
+    assert want.any() and not got[0].any()
+    assert (got != want).sum() <= 2  # float rounding at exactly 0.5 only
+
+
+def test_bilinear_matrix_is_interpolate():
+    x = torch.randn(1, 1, 7, 11)
+    for size in [(7, 11), (20, 33), (3, 4)]:
+        want = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0]
+        got = bilinear_matrix(7, size[0]) @ x[0, 0] @ bilinear_matrix(11, size[1]).T
+        assert torch.allclose(got, want, atol=1e-5)

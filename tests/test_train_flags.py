@@ -11,6 +11,7 @@ from tests.conftest import train_args
 from utils.data import augment as A
 from utils.data.dataset import multi_scale_shape
 from utils.engine.hooks import Hook
+from utils.engine.hyp import HYPS_DIR
 
 # 24 training images in batches of 8: 3 batches an epoch; a nominal batch of 8: a step after every batch
 NOMINAL, NB = 8, 3
@@ -116,3 +117,18 @@ def test_cache_ram_run(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, capsys):
     assert trainer.train_set.cache == "ram" and trainer.val_set.cache is None
     trainer.run()
     assert "train: cached 24 images in RAM" in capsys.readouterr().out
+
+
+def test_lr_fit_gives_adamw_ultralytics_class_count_rule(tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
+    """hyp ``lr_fit: true``: --optimizer auto's AdamW starts at lr0_adamw * 5 / (4 + nc); off, at lr0_adamw."""
+    hyp = tmp_path / "hyp.yaml"
+    base = (HYPS_DIR / "hyp.scratch.yaml").read_text()
+    lrs = {}
+    for fit in (False, True):
+        hyp.write_text(base + f"\nlr_fit: {str(fit).lower()}\n")
+        trainer = trainer_module.Trainer(_opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--hyp", str(hyp)))
+        assert trainer.optimizer_name == "AdamW"
+        lrs[fit] = (trainer.lr0, trainer.model.nc, trainer.hyp["lr0_adamw"])
+    lr_plain, nc, lr0 = lrs[False]
+    assert lr_plain == lr0 and nc > 1
+    assert lrs[True][0] == pytest.approx(lr0 * 5 / (4 + nc))

@@ -1,13 +1,15 @@
-"""Semantic segmentation head: a light FPN-style decoder (Semantic FPN, Kirillov et al. 2019) to stride 4.
+"""Semantic segmentation head: a light FPN-style decoder (Semantic FPN, Kirillov et al. 2019) to stride 4 or 8.
 
 Every input level is gated by this head's own implicit representation (``TaskInput``), projected to a
 common ``width`` by a 1x1 conv and resized to the finest level, where the levels are summed. The sum is
-then upsampled by x2 steps (each followed by 3x3 convs) until the output stride is at most 4, and an
-implicit-refined 1x1 conv (``RefinedConv``) predicts the class logits.
+then upsampled by x2 steps (each followed by 3x3 convs) until the output stride is at most ``out_stride``
+(4 by default), and an implicit-refined 1x1 conv (``RefinedConv``) predicts the class logits.
 
 Why stride 4 and not full resolution: stuff classes are large, smooth regions; stride-4 logits upsampled
 bilinearly lose almost nothing in mIoU while costing 1/16 of the memory of full-resolution maps. The loss
-and evaluation upsample the logits with :func:`utils.ops.letterbox.upsample_logits`.
+and evaluation upsample the logits with :func:`utils.ops.letterbox.upsample_logits`. ``out_stride`` 8 keeps
+the decoder at the finest input level (P3/8): its two 3x3 convs then cost a quarter, which at the nano width
+is most of the head's training time (see ``cfg/yolor-mt.yaml`` for what was measured).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from models.common import Conv
 from models.heads.base import RefinedConv, TaskInput
 from utils.ops.letterbox import upsample_logits
 
-MAX_OUT_STRIDE = 4  # the logits are produced at this stride or finer
+MAX_OUT_STRIDE = 4  # default: the logits are produced at this stride or finer
 
 
 @dataclass
@@ -50,15 +52,16 @@ class SemanticHead(nn.Module):
         nc: number of object classes (unused; every head receives it from the parser).
         ch: channels of each input level.
         strides: stride of each input level relative to the image (same order as ``ch``).
+        width: channels of the decoder (cfg args ``[width, out_stride]``).
+        out_stride: the logits' stride is at most this (x2 upsampling steps from the finest level until it is).
         num_classes: number of semantic classes ``K`` (given via ``head_kwargs["sem"]``); must be >= 1.
-        width: channels of the decoder.
         form: implicit knowledge form of the task input and prediction refinement (see models.implicit).
     """
 
     task = "sem"
 
-    def __init__(self, nc: int, ch: list[int], strides: list[float], num_classes: int = 0, width: int = 64,
-                 form: str = "vector"):
+    def __init__(self, nc: int, ch: list[int], strides: list[float], width: int = 64,
+                 out_stride: float = MAX_OUT_STRIDE, num_classes: int = 0, form: str = "vector"):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(
@@ -67,14 +70,16 @@ class SemanticHead(nn.Module):
             )
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"SemanticHead: width must be a positive int, got {width!r}")
+        if isinstance(out_stride, bool) or not isinstance(out_stride, (int, float)) or out_stride < 1:
+            raise ValueError(f"SemanticHead: out_stride must be a number >= 1, got {out_stride!r}")
         if len(ch) == 0 or len(ch) != len(strides):
             raise ValueError(f"SemanticHead: need one stride per input level, got ch={ch} strides={strides}")
         self.nc, self.num_classes, self.width, self.nl = nc, num_classes, width, len(ch)
         self.strides = [float(s) for s in strides]
         self.finest = min(range(self.nl), key=lambda i: self.strides[i])
         s0 = self.strides[self.finest]
-        # x2 steps needed to bring the finest level to stride <= 4 (none if it already is)
-        self.n_up = max(0, math.ceil(math.log2(s0 / MAX_OUT_STRIDE) - 1e-9))
+        # x2 steps needed to bring the finest level to stride <= out_stride (none if it already is)
+        self.n_up = max(0, math.ceil(math.log2(s0 / out_stride) - 1e-9))
         self.out_stride = s0 / 2 ** self.n_up
 
         self.task_in = nn.ModuleList(TaskInput(c, form) for c in ch)

@@ -46,7 +46,7 @@ from utils.engine.ema import ModelEMA, unwrap
 from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
-from utils.engine.optim import build_optimizer
+from utils.engine.optim import build_optimizer, fit_adamw_lr
 from utils.engine.torch_utils import (
     increment_path,
     latest_run,
@@ -261,6 +261,8 @@ class Trainer:
             name = "AdamW" if iterations < 10000 else "SGD"
         self.optimizer_name = name
         self.lr0 = self.hyp.get("lr0_adamw", 0.002) if name in ("Adam", "AdamW") and opt.optimizer == "auto" else self.hyp["lr0"]
+        if self.hyp.get("lr_fit", False) and name in ("Adam", "AdamW") and opt.optimizer == "auto":
+            self.lr0 = fit_adamw_lr(self.lr0, self.model.nc)
         # a high starting bias LR suits SGD only: Adam's step is ~lr per parameter, so 0.1 would throw every
         # head's prior bias (e.g. the class prior) far off in the first steps (Ultralytics does the same)
         self.warmup_bias_lr = self.hyp.get("warmup_bias_lr", 0.1) if name == "SGD" else 0.0

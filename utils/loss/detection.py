@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou, complete_box_iou_loss
+from torchvision.ops import box_iou, complete_box_iou, complete_box_iou_loss
 
 from utils.engine.distributed import LOCAL, DistInfo
 from utils.ops.boxes import bbox2dist, dist2bbox, make_anchors
@@ -17,11 +17,13 @@ class TaskAlignedAssigner(nn.Module):
 
     Args:
         topk: candidates per object. alpha, beta: weights of the classification score and the IoU.
+        ciou: the overlap is the complete IoU (clamped at 0), as Ultralytics' assigner, not the plain IoU.
     """
 
-    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
+    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
+                 ciou: bool = False):
         super().__init__()
-        self.topk, self.alpha, self.beta, self.eps = topk, alpha, beta, eps
+        self.topk, self.alpha, self.beta, self.eps, self.ciou = topk, alpha, beta, eps, ciou
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, boxes: torch.Tensor, points: torch.Tensor, gt_cls: torch.Tensor,
@@ -45,7 +47,8 @@ class TaskAlignedAssigner(nn.Module):
         valid = inside & gt_mask[..., None]
         idx = gt_cls.clamp(min=0).unsqueeze(-1).expand(b, g, a)
         cls_score = scores.permute(0, 2, 1).gather(1, idx)  # (B, G, A): score of the object's class
-        iou = torch.stack([box_iou(gt_boxes[i], boxes[i]) for i in range(b)]).clamp(0)  # (B, G, A)
+        overlap = complete_box_iou if self.ciou else box_iou
+        iou = torch.stack([overlap(gt_boxes[i], boxes[i]) for i in range(b)]).clamp(0)  # (B, G, A)
         align = cls_score.pow(self.alpha) * iou.pow(self.beta) * valid
         topk = align.topk(min(self.topk, a), dim=-1).indices
         cand = torch.zeros_like(valid).scatter_(-1, topk, True) & valid  # (B, G, A)
@@ -89,7 +92,7 @@ class DetectionLoss:
         self.nc, self.reg_max, self.strides = head.nc, head.reg_max, head.strides
         self.proj = torch.arange(self.reg_max, dtype=torch.float32)
         self.gains = (hyp.get("box", 7.5), hyp.get("cls", 0.5), hyp.get("dfl", 1.5))
-        self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0)
+        self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0, ciou=bool(hyp.get("assign_ciou", False)))
 
     def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor, present: torch.Tensor,
                  sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float], Assignment]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.ops.boxes import scale_boxes
-from utils.ops.masks import MASK_CHUNK
+from utils.ops.masks import resize_masks_windowed
 
 __all__ = ["Letterbox", "to_float"]
 
@@ -61,17 +61,12 @@ class Letterbox:
         """``(n, H, W)`` bool masks at input resolution -> ``(n, h0, w0)`` bool at the original size.
 
         The padding is cropped off and the rest resized bilinearly and thresholded at 0.5, which keeps edges
-        smoother than a nearest-neighbour resize when upscaling; in chunks, so ``n`` float maps at the original
-        size never exist at once.
+        smoother than a nearest-neighbour resize when upscaling; each mask only over the window its pixels
+        reach (:func:`~utils.ops.masks.resize_masks_windowed`), so ``n`` float maps at the original size never
+        exist.
         """
-        h0, w0 = int(self.orig_shape[0]), int(self.orig_shape[1])
-        out = torch.zeros((masks.shape[0], h0, w0), dtype=torch.bool, device=masks.device)
         rows, cols = self.inner(masks.shape)
-        inner = masks[:, rows, cols]
-        for s in range(0, masks.shape[0], MASK_CHUNK):
-            chunk = inner[s:s + MASK_CHUNK, None].float()
-            out[s:s + MASK_CHUNK] = F.interpolate(chunk, size=(h0, w0), mode="bilinear", align_corners=False)[:, 0] >= 0.5
-        return out
+        return resize_masks_windowed(masks[:, rows, cols], (int(self.orig_shape[0]), int(self.orig_shape[1])))
 
     def labels_to_original(self, logits: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """``(K, H, W)`` class scores at input resolution -> ``(h0, w0)`` int64 argmax at the original size.

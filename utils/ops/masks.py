@@ -17,16 +17,14 @@ import torch.nn.functional as F
 
 __all__ = [
     "assemble_masks",
+    "bilinear_matrix",
     "box_mask",
     "crop_masks",
     "process_masks",
+    "resize_masks_windowed",
     "encode_rle",
     "rasterize_polygons",
 ]
-
-# Masks are upsampled this many at a time so n x H x W float logits never exist at once
-# (300 detections at 640 x 640 would be ~0.5 GB of float32).
-MASK_CHUNK = 32
 
 
 def assemble_masks(protos: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -61,6 +59,34 @@ def crop_masks(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return masks * keep if masks.dtype != torch.bool else masks & keep
 
 
+def bilinear_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of a 1-D bilinear resize as ``F.interpolate(..., align_corners=False)`` does
+    it (source ``(i + 0.5) * n_in / n_out - 0.5``, clamped at 0, the last index repeated at the far edge): a 2-D
+    resize of ``x`` is ``Ry @ x @ Rx.T``, and a window of the output is the same product with rows of ``Ry``
+    and ``Rx`` sliced, which is what lets masks be resized inside their boxes only."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = (src - i0).clamp(0, 1)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, i1), frac, accumulate=True)
+    return m.to(device=device, dtype=torch.float32)
+
+
+def _support(weights: torch.Tensor, start: int, stop: int) -> tuple[int, int]:
+    """The output range ``[a, b)`` whose rows of ``weights`` touch input ``[start, stop)`` (contiguous)."""
+    hit = (weights[:, start:stop] != 0).any(1).nonzero()
+    return (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+
+
+def _pixel_range(lo: torch.Tensor, hi: torch.Tensor, n: int) -> tuple[int, int]:
+    """Pixels ``[a, b)`` of a length-``n`` axis whose centre ``i + 0.5`` lies in ``[lo, hi)`` (as box_mask)."""
+    a = int(torch.ceil(lo - 0.5).clamp(0, n))
+    return a, max(a, int(torch.ceil(hi - 0.5).clamp(0, n)))
+
+
 def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
                   input_shape: tuple[int, int]) -> torch.Tensor:
     """Binary masks of ``n`` detections of one image, at network-input resolution.
@@ -72,7 +98,9 @@ def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tenso
         input_shape: ``(H, W)`` of the network input.
     Returns:
         ``(n, H, W)`` bool. Logits are upsampled bilinearly *before* thresholding and cropping, so mask
-        edges and box edges are both resolved at input resolution rather than at the prototype stride.
+        edges and box edges are both resolved at input resolution rather than at the prototype stride. Only
+        the pixels inside each box are computed (a mask is empty outside it): 300 boxes of an early epoch
+        would otherwise each be upsampled over the whole input.
     """
     H, W = int(input_shape[0]), int(input_shape[1])
     n = coeffs.shape[0]
@@ -80,10 +108,39 @@ def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tenso
     if n == 0:
         return out
     logits = assemble_masks(protos.float(), coeffs.float())
-    boxes = boxes.to(protos.device).float()
-    for s in range(0, n, MASK_CHUNK):
-        up = F.interpolate(logits[s:s + MASK_CHUNK, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        out[s:s + MASK_CHUNK] = (up > 0) & box_mask(boxes[s:s + MASK_CHUNK], H, W)  # logit > 0 <=> p > 0.5
+    ry = bilinear_matrix(logits.shape[1], H, protos.device)
+    rx = bilinear_matrix(logits.shape[2], W, protos.device)
+    boxes = boxes.to(protos.device).float().cpu()
+    for k in range(n):
+        r0, r1 = _pixel_range(boxes[k, 1], boxes[k, 3], H)
+        c0, c1 = _pixel_range(boxes[k, 0], boxes[k, 2], W)
+        if r1 > r0 and c1 > c0:  # logit > 0 <=> p > 0.5
+            out[k, r0:r1, c0:c1] = (ry[r0:r1] @ logits[k] @ rx[c0:c1].T) > 0
+    return out
+
+
+def resize_masks_windowed(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(n, h, w)`` bool masks resized bilinearly to ``size`` and thresholded at 0.5, as
+    ``F.interpolate(masks.float(), size, mode="bilinear") >= 0.5`` (up to float rounding at exactly 0.5), but
+    each mask only over the window its set pixels reach: a detection's mask is small beside the image."""
+    n, h, w = masks.shape
+    H, W = int(size[0]), int(size[1])
+    out = torch.zeros((n, H, W), dtype=torch.bool, device=masks.device)
+    if n == 0:
+        return out
+    ry = bilinear_matrix(h, H, masks.device)
+    rx = bilinear_matrix(w, W, masks.device)
+    rows_any, cols_any = masks.any(2).cpu(), masks.any(1).cpu()
+    for k in range(n):
+        rows, cols = rows_any[k].nonzero(), cols_any[k].nonzero()
+        if not len(rows):
+            continue
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        c, d = int(cols[0]), int(cols[-1]) + 1
+        o0, o1 = _support(ry, a, b)
+        p0, p1 = _support(rx, c, d)
+        window = ry[o0:o1, a:b] @ masks[k, a:b, c:d].float() @ rx[p0:p1, c:d].T
+        out[k, o0:o1, p0:p1] = window >= 0.5
     return out
 
 
