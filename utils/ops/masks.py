@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "assemble_masks",
