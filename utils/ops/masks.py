@@ -74,16 +74,29 @@ def bilinear_matrix(n_in: int, n_out: int, device: torch.device | None = None) -
     return m.to(device=device, dtype=torch.float32)
 
 
-def _support(weights: torch.Tensor, start: int, stop: int) -> tuple[int, int]:
-    """The output range ``[a, b)`` whose rows of ``weights`` touch input ``[start, stop)`` (contiguous)."""
-    hit = (weights[:, start:stop] != 0).any(1).nonzero()
-    return (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+def _support(weights: np.ndarray, start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per window, the output range ``[a, b)`` whose rows of ``weights`` touch input ``[start, stop)``.
+
+    A bilinear row has its nonzero columns between a first and a last one, both non-decreasing down the rows,
+    so the rows touching a window are contiguous and found by two binary searches."""
+    nz = weights != 0
+    first = nz.argmax(1)
+    last = nz.shape[1] - 1 - nz[:, ::-1].argmax(1)
+    return np.searchsorted(last, start, "left"), np.searchsorted(first, stop, "left")
 
 
-def _pixel_range(lo: torch.Tensor, hi: torch.Tensor, n: int) -> tuple[int, int]:
+def _pixel_ranges(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels ``[a, b)`` of a length-``n`` axis whose centre ``i + 0.5`` lies in ``[lo, hi)`` (as box_mask)."""
-    a = int(torch.ceil(lo - 0.5).clamp(0, n))
-    return a, max(a, int(torch.ceil(hi - 0.5).clamp(0, n)))
+    a = np.clip(np.ceil(lo - 0.5), 0, n).astype(np.int64)
+    return a, np.maximum(a, np.clip(np.ceil(hi - 0.5), 0, n).astype(np.int64))
+
+
+def _extent(hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, L)`` bool -> per row the first set index and one past the last (``a == b`` for an empty row)."""
+    any_ = hit.any(1)
+    a = np.where(any_, hit.argmax(1), 0)
+    b = np.where(any_, hit.shape[1] - hit[:, ::-1].argmax(1), 0)
+    return a, b
 
 
 def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor,
@@ -103,19 +116,20 @@ def process_masks(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tenso
     """
     H, W = int(input_shape[0]), int(input_shape[1])
     n = coeffs.shape[0]
-    out = torch.zeros((n, H, W), dtype=torch.bool, device=protos.device)
     if n == 0:
-        return out
-    logits = assemble_masks(protos.float(), coeffs.float())
-    ry = bilinear_matrix(logits.shape[1], H, protos.device)
-    rx = bilinear_matrix(logits.shape[2], W, protos.device)
-    boxes = boxes.to(protos.device).float().cpu()
-    for k in range(n):
-        r0, r1 = _pixel_range(boxes[k, 1], boxes[k, 3], H)
-        c0, c1 = _pixel_range(boxes[k, 0], boxes[k, 2], W)
-        if r1 > r0 and c1 > c0:  # logit > 0 <=> p > 0.5
-            out[k, r0:r1, c0:c1] = (ry[r0:r1] @ logits[k] @ rx[c0:c1].T) > 0
-    return out
+        return torch.zeros((0, H, W), dtype=torch.bool, device=protos.device)
+    # one small product per box: numpy on the CPU, where a torch call's overhead would be most of the work
+    logits = assemble_masks(protos.float(), coeffs.float()).cpu().numpy()
+    ry = bilinear_matrix(logits.shape[1], H).numpy()
+    rx = bilinear_matrix(logits.shape[2], W).numpy()
+    b = boxes.detach().float().cpu().numpy()
+    r0, r1 = _pixel_ranges(b[:, 1], b[:, 3], H)
+    c0, c1 = _pixel_ranges(b[:, 0], b[:, 2], W)
+    res = np.zeros((n, H, W), bool)
+    for k, (y0, y1, x0, x1) in enumerate(zip(r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist())):
+        if y1 > y0 and x1 > x0:  # logit > 0 <=> p > 0.5
+            res[k, y0:y1, x0:x1] = (ry[y0:y1] @ logits[k] @ rx[x0:x1].T) > 0
+    return torch.from_numpy(res).to(protos.device)
 
 
 def resize_masks_windowed(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -124,23 +138,21 @@ def resize_masks_windowed(masks: torch.Tensor, size: tuple[int, int]) -> torch.T
     each mask only over the window its set pixels reach: a detection's mask is small beside the image."""
     n, h, w = masks.shape
     H, W = int(size[0]), int(size[1])
-    out = torch.zeros((n, H, W), dtype=torch.bool, device=masks.device)
     if n == 0:
-        return out
-    ry = bilinear_matrix(h, H, masks.device)
-    rx = bilinear_matrix(w, W, masks.device)
-    rows_any, cols_any = masks.any(2).cpu(), masks.any(1).cpu()
-    for k in range(n):
-        rows, cols = rows_any[k].nonzero(), cols_any[k].nonzero()
-        if not len(rows):
-            continue
-        a, b = int(rows[0]), int(rows[-1]) + 1
-        c, d = int(cols[0]), int(cols[-1]) + 1
-        o0, o1 = _support(ry, a, b)
-        p0, p1 = _support(rx, c, d)
-        window = ry[o0:o1, a:b] @ masks[k, a:b, c:d].float() @ rx[p0:p1, c:d].T
-        out[k, o0:o1, p0:p1] = window >= 0.5
-    return out
+        return torch.zeros((0, H, W), dtype=torch.bool, device=masks.device)
+    ry = bilinear_matrix(h, H).numpy()
+    rx = bilinear_matrix(w, W).numpy()
+    src = masks.cpu().numpy()
+    a, b = _extent(src.any(2))
+    c, d = _extent(src.any(1))
+    o0, o1 = _support(ry, a, b)
+    p0, p1 = _support(rx, c, d)
+    res = np.zeros((n, H, W), bool)
+    for k, (y0, y1, x0, x1, ro0, ro1, po0, po1) in enumerate(zip(*(v.tolist() for v in (a, b, c, d, o0, o1, p0, p1)))):
+        if y1 > y0:
+            window = ry[ro0:ro1, y0:y1] @ src[k, y0:y1, x0:x1].astype(np.float32) @ rx[po0:po1, x0:x1].T
+            res[k, ro0:ro1, po0:po1] = window >= 0.5
+    return torch.from_numpy(res).to(masks.device)
 
 
 def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict]:
