@@ -45,6 +45,9 @@ def test_ciou_assigner_prefers_the_centred_prediction_of_equal_iou():
     assert torch.allclose(plain[0, 0], plain[0, 1])
     assert ciou[0, 1, 0] > ciou[0, 0, 0]
     assert DetectionLoss(Model(tiny_cfg(), nc=3, tasks=["det"]).head("det"), {"assign_ciou": True}).assigner.ciou
+    degenerate = torch.tensor([[[5.0, 5.0, 5.0, 5.0], [2.0, 2.6, 8.0, 7.4]]])  # a zero-size prediction
+    _, ts, fg, _ = TaskAlignedAssigner(topk=2, ciou=True)(scores, degenerate, *args[2:])
+    assert torch.isfinite(ts).all() and fg.any()
 
 
 def overfit_detection(steps: int, present: bool = True, cfg: dict | None = None, loss_cls=DetectionLoss,

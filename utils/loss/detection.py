@@ -48,7 +48,8 @@ class TaskAlignedAssigner(nn.Module):
         idx = gt_cls.clamp(min=0).unsqueeze(-1).expand(b, g, a)
         cls_score = scores.permute(0, 2, 1).gather(1, idx)  # (B, G, A): score of the object's class
         overlap = complete_box_iou if self.ciou else box_iou
-        iou = torch.stack([overlap(gt_boxes[i], boxes[i]) for i in range(b)]).clamp(0)  # (B, G, A)
+        # nan_to_num: CIoU's aspect term is 0/0 for a predicted box of zero size (early steps)
+        iou = torch.stack([overlap(gt_boxes[i], boxes[i]) for i in range(b)]).nan_to_num(0.0).clamp(0)  # (B, G, A)
         align = cls_score.pow(self.alpha) * iou.pow(self.beta) * valid
         topk = align.topk(min(self.topk, a), dim=-1).indices
         cand = torch.zeros_like(valid).scatter_(-1, topk, True) & valid  # (B, G, A)
