@@ -31,7 +31,7 @@ def test_forward_outputs_named_structure(cfg_dict):
     assert out.det.pred.shape == (2, a, 4 + 4)
     assert out.det.pred[..., 4:].min() >= 0 and out.det.pred[..., 4:].max() <= 1
     assert out.inst.coeffs.shape[:2] == (2, a) and out.inst.protos.shape[-2:] == (24, 32)
-    assert out.sem.logits.shape == (2, 6, 24, 32)
+    assert out.sem.logits.shape == (2, 6, 12, 16) and out.sem.stride == 8  # the cfg: SemanticHead [64, 8]
     assert out.cap.tokens.shape[0] == 2 and out.cap.tokens.shape[1] <= 12
     model.train()
     assert model(torch.rand(1, 3, 64, 64)).det.pred is None
@@ -86,7 +86,7 @@ def test_every_accepted_placement_folds():
     """ImplicitA / ImplicitM / ImplicitC before 1x1 convs and ImplicitM before a padded 3x3 conv."""
     d = tiny_cfg()
     n_back = len(d["backbone"])
-    p3 = n_back + 12  # row index of the P3 output (row 23 at full cfg)
+    p3 = n_back + 12  # row index of the P3 output (row 21 at full cfg)
     rows = [
         [p3, 1, "ImplicitM", ["mf"]],   # mul before a 3x3 padded conv: exact (m * 0 == 0)
         [-1, 1, "Conv", [64, 3, 1]],
@@ -133,7 +133,7 @@ def test_unfoldable_implicit_placement_is_refused():
 
 def test_implicit_feeding_concat_is_refused():
     d = tiny_cfg()
-    d["neck"][3] = [8, 1, "ImplicitA", []]
+    d["neck"][3] = [6, 1, "ImplicitA", []]
     d["neck"][4] = [[-1, -2], 1, "Concat", [1]]  # implicit -> Concat cannot be folded
     with pytest.raises(CfgError, match="may feed only single-input Conv rows"):
         Model(d, nc=2, head_kwargs=HEAD_KW)

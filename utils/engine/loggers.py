@@ -109,10 +109,13 @@ class RunLogger:
         """train_batch{i}.jpg for the first batches of the first epoch, drawn in the background.
 
         ``caption_tokens``: the ``(B, T)`` teacher-forcing ids the loop feeds the caption head (CPU), decoded
-        back to words so the picture shows exactly the caption each image is trained with (``<unk>`` kept).
+        back to words so the picture shows exactly the caption each image is trained with (``<unk>`` kept);
+        ``(B, R, T)`` with hyp ``cap_refs`` R > 1, of which the picture shows the first.
         """
         if not self.plots or i >= N_TRAIN_BATCHES:
             return
+        if caption_tokens is not None and caption_tokens.dim() == 3:
+            caption_tokens = caption_tokens[:, 0]
 
         def draw() -> None:
             caps = None
