@@ -260,8 +260,9 @@ class Trainer:
         if name == "auto":  # Ultralytics' rule: AdamW for short schedules, SGD for long ones
             name = "AdamW" if iterations < 10000 else "SGD"
         self.optimizer_name = name
-        self.lr0 = self.hyp.get("lr0_adamw", 0.002) if name in ("Adam", "AdamW") and opt.optimizer == "auto" else self.hyp["lr0"]
-        if self.hyp.get("lr_fit", False) and name in ("Adam", "AdamW") and opt.optimizer == "auto":
+        auto_adam = name in ("Adam", "AdamW") and opt.optimizer == "auto"
+        self.lr0 = self.hyp.get("lr0_adamw", 0.002) if auto_adam else self.hyp["lr0"]
+        if auto_adam and self.hyp.get("lr_fit", False):
             self.lr0 = fit_adamw_lr(self.lr0, self.model.nc)
         # a high starting bias LR suits SGD only: Adam's step is ~lr per parameter, so 0.1 would throw every
         # head's prior bias (e.g. the class prior) far off in the first steps (Ultralytics does the same)

@@ -58,7 +58,7 @@ def crop_masks(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return masks * keep if masks.dtype != torch.bool else masks & keep
 
 
-def bilinear_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
+def bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """``(n_out, n_in)`` weights of a 1-D bilinear resize as ``F.interpolate(..., align_corners=False)`` does
     it (source ``(i + 0.5) * n_in / n_out - 0.5``, clamped at 0, the last index repeated at the far edge): a 2-D
     resize of ``x`` is ``Ry @ x @ Rx.T``, and a window of the output is the same product with rows of ``Ry``
@@ -71,7 +71,7 @@ def bilinear_matrix(n_in: int, n_out: int, device: torch.device | None = None) -
     rows = torch.arange(n_out)
     m.index_put_((rows, i0), 1 - frac, accumulate=True)
     m.index_put_((rows, i1), frac, accumulate=True)
-    return m.to(device=device, dtype=torch.float32)
+    return m.float()
 
 
 def _support(weights: np.ndarray, start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
