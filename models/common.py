@@ -1,4 +1,4 @@
-"""Building blocks of the CSP-darknet body: Conv(+BN+act), CSP bottlenecks, SPP-CSP, Concat.
+"""Building blocks of the body: Conv(+BN+act), CSP bottlenecks, SPP-CSP, the C2f / SPPF pair, Concat.
 
 Every block exposes its output channel count as ``c2`` so the parser can chain rows without
 running a forward pass.
@@ -106,6 +106,42 @@ class SPPCSP(nn.Module):
         p3 = self.pool(p2)  # == 13x13 pool
         y1 = self.cv6(self.cv5(torch.cat((x1, p1, p2, p3), 1)))
         return self.cv7(torch.cat((y1, self.cv2(x)), 1))
+
+
+class C2f(nn.Module):
+    """CSP with every bottleneck's output kept (YOLOv8's C2f): split in two, chain ``n`` bottlenecks on one
+    half, concatenate the halves and each bottleneck's output, 1x1 conv. More gradient paths per parameter
+    than :class:`BottleneckCSP`, which only concatenates the last one."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5):
+        super().__init__()
+        self.c = int(c2 * e)
+        self.cv1 = Conv(c1, 2 * self.c, 1, 1)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, g, e=1.0) for _ in range(n))
+        self.c2 = c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """Fast spatial pyramid pooling (YOLOv5 v6 / YOLOv8): three chained 5x5 max-pools, concatenated."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5):
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1, 1)
+        self.cv2 = Conv(c_ * 4, c2, 1, 1)
+        self.pool = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+        self.c2 = c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.pool(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
 
 
 class Concat(nn.Module):

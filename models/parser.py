@@ -12,7 +12,7 @@ from typing import Any, Callable
 import yaml
 from torch import nn
 
-from models.common import SPPCSP, Bottleneck, BottleneckCSP, Concat, Conv
+from models.common import SPPCSP, SPPF, Bottleneck, BottleneckCSP, C2f, Concat, Conv
 from models.heads import HEADS
 from models.implicit import FORMS, Implicit, ImplicitA, ImplicitC, ImplicitM, fold_error
 
@@ -77,9 +77,19 @@ def _csp(ctx: BuildContext, c2, shortcut=True):
     return BottleneckCSP(ctx.ch[0], c2, ctx.n, shortcut), c2, ctx.strides[0]
 
 
+def _c2f(ctx: BuildContext, c2, shortcut=False):
+    c2 = ctx.width(c2)
+    return C2f(ctx.ch[0], c2, ctx.n, shortcut), c2, ctx.strides[0]
+
+
 def _sppcsp(ctx: BuildContext, c2):
     c2 = ctx.width(c2)
     return SPPCSP(ctx.ch[0], c2), c2, ctx.strides[0]
+
+
+def _sppf(ctx: BuildContext, c2, k=5):
+    c2 = ctx.width(c2)
+    return SPPF(ctx.ch[0], c2, k), c2, ctx.strides[0]
 
 
 def _upsample(ctx: BuildContext, scale=2, mode="nearest"):
@@ -116,7 +126,9 @@ def registry() -> dict[str, ModuleSpec]:
         "Conv": ModuleSpec(1, 6, _conv),
         "Bottleneck": ModuleSpec(1, 2, _bottleneck),
         "BottleneckCSP": ModuleSpec(1, 2, _csp, repeats=True),
+        "C2f": ModuleSpec(1, 2, _c2f, repeats=True),
         "SPPCSP": ModuleSpec(1, 1, _sppcsp),
+        "SPPF": ModuleSpec(1, 2, _sppf),
         "Upsample": ModuleSpec(0, 2, _upsample),
         "Concat": ModuleSpec(0, 1, _concat),
         "ImplicitA": ModuleSpec(0, 1, _implicit(ImplicitA)),

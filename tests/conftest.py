@@ -25,11 +25,12 @@ def tiny_data(tmp_path_factory) -> Path:
     return yaml_path
 
 
-def tiny_cfg(**overrides) -> dict:
-    """The default cfg at a test width, as a dict (``Model`` accepts dicts)."""
+def tiny_cfg(base: str = "yolor-mt.yaml", **overrides) -> dict:
+    """A cfg of cfg/ (the default one unless ``base`` names another) at a test width, as a dict (``Model``
+    accepts dicts)."""
     from models.parser import CFG_DIR
 
-    d = yaml.safe_load((CFG_DIR / "yolor-mt.yaml").read_text())
+    d = yaml.safe_load((CFG_DIR / base).read_text())
     d.pop("scales"), d.pop("scale")
     d.update(TINY_SCALE)
     for row in d["heads"]:  # a small caption decoder: d_model 32, one layer, 4 attention heads

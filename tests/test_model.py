@@ -46,11 +46,14 @@ def _all_outputs(model: Model, x: torch.Tensor, tokens: torch.Tensor) -> dict[st
     return res
 
 
-@pytest.mark.parametrize("det_head", ["Detect", "DetectAnchor"])
-@pytest.mark.parametrize("form", ["vector", "nn", "mf"])
-def test_fuse_is_exact_and_complete(form, det_head):
+@pytest.mark.parametrize("form, det_head, base", [
+    ("vector", "Detect", "yolor-mt.yaml"), ("nn", "Detect", "yolor-mt.yaml"), ("mf", "Detect", "yolor-mt.yaml"),
+    ("vector", "DetectAnchor", "yolor-mt.yaml"), ("nn", "DetectAnchor", "yolor-mt.yaml"),
+    ("mf", "DetectAnchor", "yolor-mt.yaml"), ("vector", "Detect", "yolor-mt-c2f.yaml"),
+    ("mf", "Detect", "yolor-mt-c2f.yaml"), ("vector", "Detect", "yolor-mt-csp.yaml")])
+def test_fuse_is_exact_and_complete(form, det_head, base):
     torch.manual_seed(0)
-    d = tiny_cfg(implicit=form)
+    d = tiny_cfg(base, implicit=form)
     tasks = None
     if det_head == "DetectAnchor":  # default anchors; the instance head needs the anchor-free one
         d["heads"][0][2], tasks = det_head, ["det", "sem", "cap"]
