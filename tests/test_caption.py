@@ -336,3 +336,66 @@ def test_metrics_empty():
     assert caption_scores({1: "a cat"}, {2: ["a cat"]}) == zeros  # no overlapping image
     s = caption_scores({1: ""}, {1: ["a cat on a mat"]})
     assert all(math.isfinite(v) for v in s.values()) and s["bleu1"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Self-critical training
+# --------------------------------------------------------------------------------------------------
+def test_corpus_cider_equals_pycocoevalcap_when_the_corpus_is_the_scored_set():
+    from pycocoevalcap.cider.cider import Cider
+
+    from utils.eval.metrics.caption import CorpusCiderD, _tok, _tok_prediction
+
+    refs = {1: ["a red circle on the left", "one circle on grass"], 2: ["two blue squares at the bottom"],
+            3: ["a white ring above a red disk", "two shapes on sand", "a ring and a disk"]}
+    preds = {1: "a red circle on grass", 2: "a blue square on the left", 3: "a white ring and a red disk"}
+    scorer = CorpusCiderD(list(refs.values()))
+    mine = [scorer.score(preds[i], refs[i], key=i) for i in refs]
+    _, ref_scores = Cider().compute_score({i: [_tok(r) for r in refs[i]] for i in refs},
+                                          {i: [_tok_prediction(preds[i])] for i in refs})
+    assert mine == pytest.approx(list(ref_scores), abs=1e-9)
+    assert len(set(mine)) == 3 and max(mine) > 0
+    # a cached image scores the same; a bigger corpus changes the weights (so the corpus is really used)
+    assert scorer.score(preds[1], refs[1], key=1) == pytest.approx(mine[0])
+    bigger = CorpusCiderD([*refs.values(), ["a red circle"], ["a red circle on the left"]])
+    assert bigger.score(preds[1], refs[1]) != pytest.approx(mine[0])
+
+
+def test_sequence_logprobs_match_stepwise_decoding(overfit, vocab):
+    head, xs, _, _ = overfit
+    memory = head.encode(xs)
+    tokens = head.sample(memory, k=3, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape[0] == 6 and (tokens[:, 0] == BOS).all()
+    mem = memory.repeat_interleave(3, 0)
+    logp = head.sequence_logprobs(mem, tokens)
+    for t in range(1, tokens.shape[1]):
+        step = head._next_logprobs(mem, tokens[:, :t]).gather(1, tokens[:, t:t + 1])[:, 0]
+        live = tokens[:, t] != PAD
+        torch.testing.assert_close(logp[live, t - 1], step[live], atol=1e-5, rtol=0)
+        assert (logp[~live, t - 1] == 0).all()
+
+
+def test_self_critical_steps_raise_the_reward(vocab):
+    """A few SCST steps on an untrained decoder raise the mean CIDEr-D of its samples, and an image without
+    captions contributes nothing."""
+    from utils.loss.caption import SelfCriticalLoss
+
+    torch.manual_seed(0)
+    head = tiny_head(len(vocab), seed=2)
+    xs = feats()
+    refs = [CAPS[0] * 2, CAPS[1] * 2]
+    scst = SelfCriticalLoss(vocab, refs, {"cap_max_len": MAX_LEN, "scst_samples": 8})
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    rewards = []
+    for _ in range(60):
+        loss, parts = scst(head, head.encode(xs), refs, torch.tensor([True, True]), [0, 1])
+        rewards.append(parts["reward"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > 1.3 * first, rewards[::5]  # about 0.6 -> 1.0 here; samples of an untrained decoder are noise
+    loss, parts = scst(head, head.encode(xs), [[], []], torch.tensor([True, False]), [0, 1])
+    assert parts == {} and float(loss.detach()) == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="scst_samples"):
+        SelfCriticalLoss(vocab, refs, {"scst_samples": 1})

@@ -179,6 +179,35 @@ class CaptionHead(nn.Module):
         return tokens
 
     @torch.no_grad()
+    def sample(self, memory: torch.Tensor, k: int = 1, max_len: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``k`` captions per image drawn token by token from the decoder's distribution (self-critical
+        training's samples): ``(B * k, L)`` ids in the layout of :meth:`greedy`, an image's ``k`` rows adjacent."""
+        max_len = min(max_len or self.max_len, self.max_len)
+        mem = memory.repeat_interleave(k, 0)
+        tokens = torch.full((mem.shape[0], 1), BOS, dtype=torch.long, device=mem.device)
+        done = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
+        for _ in range(max_len - 1):
+            probs = self._next_logprobs(mem, tokens).exp()
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            tokens = torch.cat((tokens, nxt[:, None]), 1)
+            done |= nxt == EOS
+            if bool(done.all()):
+                break
+        return tokens
+
+    def sequence_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``(N, L-1)`` log-probability of each generated token of ``tokens`` ``(N, L)`` (``<bos>`` first) given
+        ``memory`` ``(N, S, d)``, with gradient; 0 after ``<eos>``. One teacher-forced pass, as training's."""
+        logp = self.out(self._decode(memory, tokens[:, :-1])).float()
+        logp[..., PAD] = float("-inf")  # generation never emits these (see _next_logprobs)
+        logp[..., BOS] = float("-inf")
+        target = tokens[:, 1:]
+        picked = logp.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        return torch.where(target == PAD, torch.zeros_like(picked), picked)
+
+    @torch.no_grad()
     def beam_search(self, memory: torch.Tensor, beam: int = 3, max_len: int | None = None,
                     length_penalty: float = 1.0) -> torch.Tensor:
         """Beam search: ``(B, L)`` ids in the layout of :meth:`greedy`, the best beam per image.

@@ -106,6 +106,26 @@ class CloseMosaic(Hook):
             self.said = True
 
 
+class SelfCritical(Hook):
+    """hyp ``scst_epochs: N``: the caption loss is self-critical sequence training (CIDEr-D reward,
+    :class:`~utils.loss.caption.SelfCriticalLoss`) in the last N epochs of ``--epochs``, cross-entropy before
+    (SCST needs a decoder that already writes sentences). Set from the epoch alone, so a resumed run is in
+    the same state; says so once."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.said = False
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        start = trainer.opt.epochs - self.epochs
+        on = self.epochs > 0 and trainer.loss.scst_loss is not None and trainer.epoch >= start
+        trainer.loss.scst = on
+        if on and not self.said:
+            trainer.log(f"self-critical caption training (CIDEr-D reward) for the last {self.epochs} epochs "
+                        f"(from epoch {start + 1})")
+            self.said = True
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 class MidEpochCheckpoint(Hook):
@@ -298,6 +318,7 @@ def default_hooks(trainer: Trainer) -> list[Hook]:
     final, stripped, before they start).
     """
     opt = trainer.opt
-    return [CloseMosaic(getattr(opt, "close_mosaic", 0)), MidEpochCheckpoint(getattr(opt, "save_period", -1)),
+    return [CloseMosaic(getattr(opt, "close_mosaic", 0)), SelfCritical(int(trainer.hyp.get("scst_epochs", 0))),
+            MidEpochCheckpoint(getattr(opt, "save_period", -1)),
             StepCallbacks(trainer.on_step), Checkpoints(), ResultsCSV(), TensorBoard(), Console(opt.progress), EarlyStop(getattr(opt, "patience", 0)), Pictures()]
 

@@ -288,7 +288,8 @@ class Trainer:
     def _build_loss(self) -> None:
         """The multi-task loss; learned task weights (``--balance uncertainty``) get their own optimizer group
         (no decay), so the schedule is rebuilt to cover it."""
-        self.loss = MultiTaskLoss(self.model, self.hyp, self.vocab, self.opt.balance)
+        corpus = [rec.captions for _, rec in self.train_set.items] if self.vocab is not None else None
+        self.loss = MultiTaskLoss(self.model, self.hyp, self.vocab, self.opt.balance, caption_corpus=corpus)
         self.loss.balancer.to(self.device)
         if any(True for _ in self.loss.balancer.parameters()):
             self.optimizer.add_param_group({"params": list(self.loss.balancer.parameters()), "weight_decay": 0.0,

@@ -95,3 +95,47 @@ class CaptionLoss:
         images = sync.mean(keep.sum()).clamp(min=1.0 / sync.world).to(keep.device)  # one process: max(n, 1)
         loss = (per_image * keep).sum() / images
         return loss, {"ce": float(loss.detach())}
+
+
+class SelfCriticalLoss:
+    """Self-critical sequence training (Rennie et al. 2017) with the mean of the other samples as baseline
+    (Luo 2020, "A better variant of SCST"): the reward is the CIDEr-D the caption is scored by.
+
+    For every captioned image, ``k`` captions are sampled from the decoder (no gradient), each is scored by
+    CIDEr-D against the image's references with the training set's document frequencies
+    (:class:`~utils.eval.metrics.caption.CorpusCiderD`), and the loss raises the log-probability of the
+    samples that score above the mean of that image's other samples and lowers it for the rest. Teacher
+    forcing trains the decoder on reference prefixes only; this trains it on its own (exposure bias) and for
+    the metric itself, which cross-entropy does not (a template that is right on average scores well there).
+
+    ``loss(head, memory, captions, present, keys) -> (loss, {"reward": mean sample CIDEr-D})``.
+    """
+
+    def __init__(self, vocab: Vocabulary, corpus: list[list[str]], hyp: dict):
+        from utils.eval.metrics.caption import CorpusCiderD
+
+        self.vocab = vocab
+        self.k = int(hyp.get("scst_samples", 5))
+        if self.k < 2:
+            raise ValueError(f"scst_samples must be >= 2 (the baseline is the other samples' mean), got {self.k}")
+        self.max_len = int(hyp.get("cap_max_len", 24))
+        self.cider = CorpusCiderD(corpus)
+
+    def __call__(self, head, memory: torch.Tensor, captions: list[list[str]], present: torch.Tensor,
+                 keys: list[int], sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = [i for i, p in enumerate(present.tolist()) if p and captions[i]]
+        images = sync.mean(torch.tensor(float(len(idx)), device=memory.device)).clamp(min=1.0 / sync.world)
+        if not idx:  # a zero that still reaches the decoder (DDP needs every parameter in the graph)
+            return memory.sum() * 0.0, {}
+        mem = memory[idx]
+        tokens = head.sample(mem.detach(), self.k, self.max_len)  # (n*k, L)
+        words = self.vocab.decode_batch(tokens)
+        reward = torch.tensor([self.cider.score(w, captions[idx[j // self.k]], keys[idx[j // self.k]])
+                               for j, w in enumerate(words)], device=memory.device).view(len(idx), self.k)
+        baseline = (reward.sum(1, keepdim=True) - reward) / (self.k - 1)
+        advantage = (reward - baseline).view(-1)
+        logp = head.sequence_logprobs(mem.repeat_interleave(self.k, 0), tokens)  # (n*k, L-1)
+        n_tok = (tokens[:, 1:] != PAD).sum(1).clamp(min=1)
+        per_sample = -(advantage * logp.sum(1) / n_tok)  # mean token log-prob: long and short samples alike
+        loss = per_sample.view(len(idx), self.k).mean(1).sum() / images.to(memory.device)
+        return loss, {"reward": float(reward.mean())}

@@ -10,7 +10,7 @@ from utils.data.dataset import Batch
 from utils.data.vocab import Vocabulary
 from utils.engine.distributed import LOCAL, DistInfo
 from utils.loss.balance import DEFAULT_BALANCE, build_balancer
-from utils.loss.caption import CaptionLoss
+from utils.loss.caption import CaptionLoss, SelfCriticalLoss
 from utils.loss.detection import DetectionLoss
 from utils.loss.detection_anchor import AnchorDetectionLoss
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
@@ -28,9 +28,13 @@ class MultiTaskLoss:
         hyp: gains and options of every loss.
         vocab: caption vocabulary (needed when the model has a caption head).
         balance: task balancing rule (``dwa`` by default, ``fixed``, ``uncertainty``, ``mtcp``).
+        caption_corpus: every training image's reference captions; with hyp ``scst_epochs > 0`` they give the
+            self-critical reward's document frequencies. ``scst`` (set per epoch by the trainer's
+            ``SelfCritical`` hook) switches the caption loss from cross-entropy to :class:`SelfCriticalLoss`.
     """
 
-    def __init__(self, model: Model, hyp: dict, vocab: Vocabulary | None = None, balance: str = DEFAULT_BALANCE):
+    def __init__(self, model: Model, hyp: dict, vocab: Vocabulary | None = None, balance: str = DEFAULT_BALANCE,
+                 caption_corpus: list[list[str]] | None = None):
         self.tasks = model.tasks
         if "inst" in self.tasks and "det" not in self.tasks:
             raise ValueError("--tasks inst needs det too: masks are predicted for detected objects")
@@ -41,6 +45,13 @@ class MultiTaskLoss:
         if "cap" in self.tasks and vocab is None:
             raise ValueError("a caption head needs a vocabulary")
         self.cap = CaptionLoss(vocab, hyp) if "cap" in self.tasks else None
+        self.cap_head = model.head("cap") if self.cap is not None else None
+        self.scst_loss = None
+        if self.cap is not None and int(hyp.get("scst_epochs", 0)) > 0:
+            if not caption_corpus:
+                raise ValueError("hyp scst_epochs > 0 needs the training captions (caption_corpus)")
+            self.scst_loss = SelfCriticalLoss(vocab, caption_corpus, hyp)
+        self.scst = False
         self.balancer = build_balancer(self.tasks, balance, hyp)
 
     def head_inputs(self, batch: Batch, step: int) -> dict:
@@ -84,9 +95,14 @@ class MultiTaskLoss:
                 parts |= {f"sem_{k}": v for k, v in p.items()}
         tokens = (head_inputs or {}).get("captions")
         if self.cap is not None and tokens is not None and out.cap.logits is not None:
-            losses["cap"], p = self.cap(out.cap.logits, tokens, batch.task_present("cap").to(out.cap.logits.device), sync)
+            present = batch.task_present("cap").to(out.cap.logits.device)
+            if self.scst and self.scst_loss is not None:
+                losses["cap"], p = self.scst_loss(self.cap_head, out.cap.memory, batch.captions, present,
+                                                  [int(i) for i in batch.image_ids], sync)
+            else:
+                losses["cap"], p = self.cap(out.cap.logits, tokens, present, sync)
             losses["cap"] = losses["cap"] * len(batch)
-            if batch.task_present("cap").any():  # an all-masked batch's zero is not a caption loss value
+            if p and batch.task_present("cap").any():  # an all-masked batch's zero is not a caption loss value
                 parts |= {f"cap_{k}": v for k, v in p.items()}
         return losses, parts
 
@@ -99,7 +115,7 @@ class MultiTaskLoss:
         The scale is applied before balancing, so the uncertainty rule's regulariser is not multiplied."""
         losses, parts = self.task_losses(out, batch, head_inputs, sync)
         parts |= {f"{t}_loss": float(v.detach()) / len(batch) for t, v in losses.items()
-                  if t != "cap" or "cap_ce" in parts}
+                  if t != "cap" or any(k.startswith("cap_") for k in parts)}
         if not losses:  # no head has labels in this batch: nothing to learn, an explicit zero step
             return batch.images.new_zeros((), dtype=torch.float32, requires_grad=True), parts
         return self.balancer({t: v * sync.world for t, v in losses.items()}), parts

@@ -15,6 +15,7 @@ word that matches no reference word: it costs precision and length like any wron
 from __future__ import annotations
 
 import contextlib
+import math
 import io
 
 from utils.data.vocab import UNK_WORD, tokenize
@@ -58,3 +59,73 @@ def caption_scores(predictions: dict[int, str], references: dict[int, list[str]]
     if any(r for refs in gts.values() for r in refs):  # CIDEr's IDF is undefined with no reference words
         out["cider"] = float(Cider().compute_score(gts, res)[0])
     return out
+
+
+class CorpusCiderD:
+    """CIDEr-D of single captions against their references, with document frequencies fixed by a corpus.
+
+    pycocoevalcap's ``Cider`` takes its document frequencies from the images it scores, so one image (or
+    a batch) cannot be scored on its own. Self-critical training rewards each sampled caption by CIDEr-D
+    with the frequencies of the whole training set (as in Rennie et al.'s SCST and its public code); this
+    is that scorer, built on pycocoevalcap's own n-gram counting, ``tf * (log N - log df)`` weights, clipping
+    and length penalty. With the corpus equal to the scored images' references it gives ``Cider``'s scores
+    (tested).
+
+    Args:
+        corpus: per image, its reference captions (raw text; tokenized as the caption metrics do).
+    """
+
+    def __init__(self, corpus: list[list[str]], n: int = 4, sigma: float = 6.0):
+        from pycocoevalcap.cider.cider_scorer import cook_refs
+
+        self.n, self.sigma = n, sigma
+        self.df: dict[tuple, float] = {}
+        images = 0
+        for refs in corpus:
+            if not refs:
+                continue
+            images += 1
+            for gram in {g for ref in cook_refs([_tok(r) for r in refs], n) for g in ref}:
+                self.df[gram] = self.df.get(gram, 0.0) + 1.0
+        if not images:
+            raise ValueError("CorpusCiderD needs at least one image with references")
+        self.log_n = math.log(float(images))
+        self._refs: dict[object, list] = {}
+
+    def _vec(self, counts: dict) -> tuple[list[dict], list[float], int]:
+        vec = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
+        length = 0
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            w = float(tf) * (self.log_n - math.log(max(1.0, self.df.get(gram, 0.0))))
+            vec[k][gram] = w
+            norm[k] += w * w
+            if k == 1:  # as pycocoevalcap: the length is the bigram count
+                length += tf
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def _sim(self, hyp, ref) -> float:
+        (vh, nh, lh), (vr, nr, lr) = hyp, ref
+        penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
+        total = 0.0
+        for k in range(self.n):
+            val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+            if nh[k] and nr[k]:
+                val /= nh[k] * nr[k]
+            total += val * penalty
+        return total / self.n
+
+    def score(self, caption: str, references: list[str], key: object = None) -> float:
+        """CIDEr-D (x10, as pycocoevalcap) of one caption; ``key`` caches the references' vectors (an image id)."""
+        from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
+
+        refs = self._refs.get(key) if key is not None else None
+        if refs is None:
+            refs = [self._vec(r) for r in cook_refs([_tok(r) for r in references], self.n)]
+            if key is not None:
+                self._refs[key] = refs
+        if not refs:
+            return 0.0
+        hyp = self._vec(cook_test(_tok_prediction(caption), self.n))
+        return 10.0 * sum(self._sim(hyp, r) for r in refs) / len(refs)
