@@ -145,8 +145,9 @@ def test_instance_task_is_a_clear_error_other_tasks_work():
 ])
 def test_bad_anchors_are_cfg_errors_naming_the_row(anchors, match):
     with pytest.raises(CfgError, match=match) as e:
-        Model(anchor_cfg(anchors), nc=3, tasks=["det"])
-    assert "row 28 (heads)" in str(e.value)
+        Model(cfg := anchor_cfg(anchors), nc=3, tasks=["det"])
+    row = len(cfg["backbone"]) + len(cfg["neck"])  # the first heads row: the detection head
+    assert f"row {row} (heads)" in str(e.value)
 
 
 def test_tiny_training_through_train_py(tiny_data, tmp_path):

@@ -49,8 +49,8 @@ def _all_outputs(model: Model, x: torch.Tensor, tokens: torch.Tensor) -> dict[st
 @pytest.mark.parametrize("form, det_head, base", [
     ("vector", "Detect", "yolor-mt.yaml"), ("nn", "Detect", "yolor-mt.yaml"), ("mf", "Detect", "yolor-mt.yaml"),
     ("vector", "DetectAnchor", "yolor-mt.yaml"), ("nn", "DetectAnchor", "yolor-mt.yaml"),
-    ("mf", "DetectAnchor", "yolor-mt.yaml"), ("vector", "Detect", "yolor-mt-c2f.yaml"),
-    ("mf", "Detect", "yolor-mt-c2f.yaml"), ("vector", "Detect", "yolor-mt-csp.yaml")])
+    ("mf", "DetectAnchor", "yolor-mt.yaml"), ("vector", "Detect", "yolor-mt-bcsp.yaml"),
+    ("mf", "Detect", "yolor-mt-bcsp.yaml"), ("vector", "Detect", "yolor-mt-csp.yaml")])
 def test_fuse_is_exact_and_complete(form, det_head, base):
     torch.manual_seed(0)
     d = tiny_cfg(base, implicit=form)
@@ -88,8 +88,7 @@ def _with_rows(extra_neck_rows: list, base: dict | None = None) -> dict:
 def test_every_accepted_placement_folds():
     """ImplicitA / ImplicitM / ImplicitC before 1x1 convs and ImplicitM before a padded 3x3 conv."""
     d = tiny_cfg()
-    n_back = len(d["backbone"])
-    p3 = n_back + 12  # row index of the P3 output (row 21 at full cfg)
+    p3 = d["heads"][0][0][0]  # row index of the P3 output: the detection head's first input
     rows = [
         [p3, 1, "ImplicitM", ["mf"]],   # mul before a 3x3 padded conv: exact (m * 0 == 0)
         [-1, 1, "Conv", [64, 3, 1]],

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from utils.data.vocab import Vocabulary
 from utils.engine.distributed import LOCAL, DistInfo
+from utils.eval.metrics.caption import CorpusCiderD
 from utils.tasks import EOS, PAD
 
 
@@ -112,8 +113,6 @@ class SelfCriticalLoss:
     """
 
     def __init__(self, vocab: Vocabulary, corpus: list[list[str]], hyp: dict):
-        from utils.eval.metrics.caption import CorpusCiderD
-
         self.vocab = vocab
         self.k = int(hyp.get("scst_samples", 5))
         if self.k < 2:
