@@ -142,6 +142,21 @@ def test_missing_task_in_epoch_gets_mean_ratio():
     assert w["sem"] > w["det"]
 
 
+@pytest.mark.parametrize("method", ["dwa", "mtcp"])
+def test_non_positive_loss_gets_mean_ratio(method):
+    """A caption loss that turns negative (self-critical training) or reaches 0 is treated as average,
+    not as a task whose loss fell by more than all of it."""
+    for cap in (-0.2, 0.0):
+        bal = TaskBalancer(["det", "sem", "cap"], method)
+        bal.end_epoch({"det": 2.0, "sem": 3.0, "cap": 1.5})
+        bal.end_epoch({"det": 1.0, "sem": 3.0, "cap": cap})
+        ref = TaskBalancer(["det", "sem", "cap"], method)
+        ref.end_epoch({"det": 2.0, "sem": 3.0})
+        ref.end_epoch({"det": 1.0, "sem": 3.0, "cap": 5.0})
+        assert bal.weights() == pytest.approx(ref.weights())
+        assert min(bal.weights().values()) > 0.5
+
+
 @pytest.mark.parametrize("method", BALANCERS)
 def test_state_dict_roundtrip_and_resume(method):
     epochs = [{"det": 3.0, "sem": 2.0}, {"det": 2.0, "sem": 1.9}, {"det": 1.2, "sem": 1.85},

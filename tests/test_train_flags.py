@@ -134,15 +134,19 @@ def test_lr_fit_gives_adamw_ultralytics_class_count_rule(tiny_cfg_file, tiny_dat
     assert lrs[True][0] == pytest.approx(lr0 * 5 / (4 + nc))
 
 
-def test_scst_epochs_switch_the_caption_loss_in_the_last_epochs(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("xe", [0.0, 0.5])
+def test_scst_epochs_switch_the_caption_loss_in_the_last_epochs(xe, tiny_cfg_file, tiny_data, tmp_path, monkeypatch,
+                                                                capsys):
     """hyp ``scst_epochs: 1`` of 2 epochs: cross-entropy in epoch 1, the self-critical loss (its mean sample
-    reward logged) in epoch 2, said once; the decoder's weights still change under it."""
+    reward logged) in epoch 2, with the cross-entropy beside it when ``scst_xe > 0``; said once; the
+    decoder's weights still change under it."""
     import csv
 
     import torch
 
     hyp = tmp_path / "hyp.yaml"
-    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text().replace("scst_epochs: 0", "scst_epochs: 1"))
+    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text().replace("scst_epochs: 0", "scst_epochs: 1")
+                   .replace("scst_xe: 0.0", f"scst_xe: {xe}"))
     trainer = trainer_module.Trainer(_opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 2, "--hyp", str(hyp)))
     assert trainer.loss.scst_loss is not None and not trainer.loss.scst
     seen = []
@@ -156,7 +160,7 @@ def test_scst_epochs_switch_the_caption_loss_in_the_last_epochs(tiny_cfg_file, t
     rows = list(csv.DictReader(open(save_dir / "results.csv")))
     assert [s for s, _ in seen] == [False, True]
     assert rows[0]["train/cap_ce"] and not rows[0].get("train/cap_reward")
-    assert float(rows[1]["train/cap_reward"]) >= 0 and not rows[1]["train/cap_ce"]
+    assert float(rows[1]["train/cap_reward"]) >= 0 and bool(rows[1]["train/cap_ce"]) == (xe > 0)
     after = trainer.model.head("cap").state_dict()
     assert any(not torch.equal(after[k], v) for k, v in seen[1][1].items())
     assert capsys.readouterr().out.count("self-critical caption training") == 1

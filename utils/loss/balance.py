@@ -53,8 +53,8 @@ training (their gains there are CIDEr-D, the noisiest metric). Uncertainty weigh
 (+5.9% against DWA's +5.7%) and was clearly best on the CPU runs, but worst on the GPU run: it drives each
 task's contribution to ~1 whatever its loss scale, which the longer, larger-batch run punished.
 
-For ``dwa`` and ``mtcp``, a task whose ratio is undefined (its loss was missing, non-finite or ~0 in one
-of the two epochs) is given the mean ratio of the other tasks, so it is treated as average (weight
+For ``dwa`` and ``mtcp``, a task whose ratio is undefined (its loss was missing, non-finite, ~0 or negative
+in one of the two epochs, as under ``scst_epochs``) is given the mean ratio of the other tasks, so it is treated as average (weight
 exactly ``g_t`` under ``mtcp``); if no task has a ratio, all weights are ``g_t``.
 """
 from __future__ import annotations
@@ -174,7 +174,9 @@ class TaskBalancer(nn.Module):
         f = (lambda x: math.log1p(max(x, 0.0))) if project else (lambda x: x)
         r: list[float | None] = []
         for a, b in zip(prev1, prev2):
-            ok = math.isfinite(a) and math.isfinite(b) and f(b) > _EPS
+            # a loss that is not positive (~0, or self-critical captioning's advantage-weighted objective,
+            # negative) has no rate of change to compare: undefined in either epoch
+            ok = math.isfinite(a) and math.isfinite(b) and f(b) > _EPS and f(a) > _EPS
             r.append(f(a) / f(b) if ok else None)
         known = [x for x in r if x is not None]
         if not known:

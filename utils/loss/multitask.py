@@ -30,7 +30,8 @@ class MultiTaskLoss:
         balance: task balancing rule (``dwa`` by default, ``fixed``, ``uncertainty``, ``mtcp``).
         caption_corpus: every training image's reference captions; with hyp ``scst_epochs > 0`` they give the
             self-critical reward's document frequencies. ``scst`` (set per epoch by the trainer's
-            ``SelfCritical`` hook) switches the caption loss from cross-entropy to :class:`SelfCriticalLoss`.
+            ``SelfCritical`` hook) switches the caption loss from cross-entropy to :class:`SelfCriticalLoss` (plus
+            hyp ``scst_xe`` times the cross-entropy, the mixed objective).
     """
 
     def __init__(self, model: Model, hyp: dict, vocab: Vocabulary | None = None, balance: str = DEFAULT_BALANCE,
@@ -52,6 +53,7 @@ class MultiTaskLoss:
                 raise ValueError("hyp scst_epochs > 0 needs the training captions (caption_corpus)")
             self.scst_loss = SelfCriticalLoss(vocab, caption_corpus, hyp)
         self.scst = False
+        self.scst_xe = float(hyp.get("scst_xe", 0.0))
         self.balancer = build_balancer(self.tasks, balance, hyp)
 
     def head_inputs(self, batch: Batch, step: int) -> dict:
@@ -99,6 +101,9 @@ class MultiTaskLoss:
             if self.scst and self.scst_loss is not None:
                 losses["cap"], p = self.scst_loss(self.cap_head, out.cap.memory, batch.captions, present,
                                                   [int(i) for i in batch.image_ids], sync)
+                if self.scst_xe > 0:  # the mixed objective: cross-entropy keeps the references' wording
+                    ce, p_ce = self.cap(out.cap.logits, tokens, present, sync)
+                    losses["cap"], p = losses["cap"] + self.scst_xe * ce, p | p_ce
             else:
                 losses["cap"], p = self.cap(out.cap.logits, tokens, present, sync)
             losses["cap"] = losses["cap"] * len(batch)
