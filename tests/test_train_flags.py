@@ -145,8 +145,7 @@ def test_scst_epochs_switch_the_caption_loss_in_the_last_epochs(xe, tiny_cfg_fil
     import torch
 
     hyp = tmp_path / "hyp.yaml"
-    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text().replace("scst_epochs: 0", "scst_epochs: 1")
-                   .replace("scst_xe: 0.0", f"scst_xe: {xe}"))
+    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text() + f"\nscst_epochs: 1\nscst_xe: {xe}\n")  # last wins
     trainer = trainer_module.Trainer(_opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 2, "--hyp", str(hyp)))
     assert trainer.loss.scst_loss is not None and not trainer.loss.scst
     seen = []
@@ -164,3 +163,27 @@ def test_scst_epochs_switch_the_caption_loss_in_the_last_epochs(xe, tiny_cfg_fil
     after = trainer.model.head("cap").state_dict()
     assert any(not torch.equal(after[k], v) for k, v in seen[1][1].items())
     assert capsys.readouterr().out.count("self-critical caption training") == 1
+
+
+def test_scst_needs_as_many_cross_entropy_epochs_first():
+    """The SelfCritical hook: on for the last N epochs only when at least N cross-entropy epochs come first."""
+    from types import SimpleNamespace
+
+    from utils.engine.hooks import SelfCritical
+
+    def states(n: int, epochs: int) -> tuple[list[bool], list[str]]:
+        logs: list[str] = []
+        t = SimpleNamespace(opt=SimpleNamespace(epochs=epochs), loss=SimpleNamespace(scst_loss=object(), scst=None),
+                            log=logs.append)
+        hook, out = SelfCritical(n), []
+        for e in range(epochs):
+            t.epoch = e
+            hook.before_epoch(t)
+            out.append(t.loss.scst)
+        return out, logs
+
+    assert states(3, 10)[0] == [False] * 7 + [True] * 3
+    assert states(3, 6)[0] == [False] * 3 + [True] * 3
+    on, logs = states(3, 5)
+    assert on == [False] * 5 and len(logs) == 1 and "needs at least 6 epochs" in logs[0]
+    assert states(0, 4) == ([False] * 4, [])

@@ -108,9 +108,10 @@ class CloseMosaic(Hook):
 
 class SelfCritical(Hook):
     """hyp ``scst_epochs: N``: the caption loss is self-critical sequence training (CIDEr-D reward,
-    :class:`~utils.loss.caption.SelfCriticalLoss`) in the last N epochs of ``--epochs``, cross-entropy before
-    (SCST needs a decoder that already writes sentences). Set from the epoch alone, so a resumed run is in
-    the same state; says so once."""
+    :class:`~utils.loss.caption.SelfCriticalLoss`) in the last N epochs of ``--epochs``, cross-entropy before.
+    SCST needs a decoder that already writes sentences, so a run of fewer than 2N epochs (fewer cross-entropy
+    epochs than self-critical ones) keeps cross-entropy throughout. Set from the epoch alone, so a resumed run
+    is in the same state; says so once."""
 
     def __init__(self, epochs: int):
         self.epochs = epochs
@@ -118,11 +119,13 @@ class SelfCritical(Hook):
 
     def before_epoch(self, trainer: Trainer) -> None:
         start = trainer.opt.epochs - self.epochs
-        on = self.epochs > 0 and trainer.loss.scst_loss is not None and trainer.epoch >= start
+        wanted = self.epochs > 0 and trainer.loss.scst_loss is not None
+        on = wanted and start >= self.epochs and trainer.epoch >= start
         trainer.loss.scst = on
-        if on and not self.said:
+        if wanted and not self.said and (on or start < self.epochs):
             trainer.log(f"self-critical caption training (CIDEr-D reward) for the last {self.epochs} epochs "
-                        f"(from epoch {start + 1})")
+                        f"(from epoch {start + 1})" if on else
+                        f"scst_epochs {self.epochs} needs at least {2 * self.epochs} epochs: cross-entropy throughout")
             self.said = True
 
 

@@ -118,7 +118,16 @@ class SelfCriticalLoss:
         if self.k < 2:
             raise ValueError(f"scst_samples must be >= 2 (the baseline is the other samples' mean), got {self.k}")
         self.max_len = int(hyp.get("cap_max_len", 24))
-        self.cider = CorpusCiderD(corpus)
+        self.corpus = corpus
+        self._cider: CorpusCiderD | None = None
+
+    @property
+    def cider(self) -> CorpusCiderD:
+        """The reward's scorer, built at the first self-critical step (tokenizing COCO's 590k training
+        captions takes a while; a run that never reaches its SCST epochs should not pay for it)."""
+        if self._cider is None:
+            self._cider = CorpusCiderD(self.corpus)
+        return self._cider
 
     def __call__(self, head, memory: torch.Tensor, captions: list[list[str]], present: torch.Tensor,
                  keys: list[int], sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float]]:
