@@ -155,22 +155,33 @@ class CaptionHead(nn.Module):
         """Logits ``(B, V)`` of the token following ``tokens`` ``(B, t)``."""
         return self.out(self._decode(memory, tokens)[:, -1])
 
-    def _next_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        # Generation never emits <pad> or <bos>; both greedy and beam use this so beam=1 equals greedy.
-        logits = self.decode_step(memory, tokens).float()
-        logits[:, PAD] = float("-inf")
-        logits[:, BOS] = float("-inf")
+    @staticmethod
+    def _generation_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the last dim with ``<pad>`` and ``<bos>`` excluded: generation never emits
+        them. Greedy, beam search, sampling and the samples' scored log-probabilities all use this, so beam=1
+        equals greedy and a sample's log-probability is that of the distribution it was drawn from."""
+        logits = logits.float()
+        logits[..., PAD] = float("-inf")
+        logits[..., BOS] = float("-inf")
         return logits.log_softmax(-1)
+
+    def _next_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self._generation_logprobs(self.decode_step(memory, tokens))
 
     @torch.no_grad()
     def greedy(self, memory: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
         """Greedy decoding: ``(B, L)`` ids, ``<bos>`` first, ``<pad>`` after ``<eos>``, ``L <= max_len``."""
+        return self._generate(memory, lambda logp: logp.argmax(-1), max_len)
+
+    def _generate(self, memory: torch.Tensor, pick, max_len: int | None) -> torch.Tensor:
+        """Token-by-token decoding of ``memory`` ``(B, S, d)``: ``pick`` maps the next token's log-probabilities
+        ``(B, V)`` to ids ``(B,)``; ``<pad>`` after ``<eos>``, stops once every row has ended."""
         max_len = min(max_len or self.max_len, self.max_len)
         b = memory.shape[0]
         tokens = torch.full((b, 1), BOS, dtype=torch.long, device=memory.device)
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
         for _ in range(max_len - 1):
-            nxt = self._next_logprobs(memory, tokens).argmax(-1)
+            nxt = pick(self._next_logprobs(memory, tokens))
             nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
             tokens = torch.cat((tokens, nxt[:, None]), 1)
             done |= nxt == EOS
@@ -183,28 +194,15 @@ class CaptionHead(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """``k`` captions per image drawn token by token from the decoder's distribution (self-critical
         training's samples): ``(B * k, L)`` ids in the layout of :meth:`greedy`, an image's ``k`` rows adjacent."""
-        max_len = min(max_len or self.max_len, self.max_len)
-        mem = memory.repeat_interleave(k, 0)
-        tokens = torch.full((mem.shape[0], 1), BOS, dtype=torch.long, device=mem.device)
-        done = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
-        for _ in range(max_len - 1):
-            probs = self._next_logprobs(mem, tokens).exp()
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-            tokens = torch.cat((tokens, nxt[:, None]), 1)
-            done |= nxt == EOS
-            if bool(done.all()):
-                break
-        return tokens
+        return self._generate(memory.repeat_interleave(k, 0),
+                              lambda logp: torch.multinomial(logp.exp(), 1, generator=generator)[:, 0], max_len)
 
     def sequence_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``(N, L-1)`` log-probability of each generated token of ``tokens`` ``(N, L)`` (``<bos>`` first) given
         ``memory`` ``(N, S, d)``, with gradient; 0 after ``<eos>``. One teacher-forced pass, as training's."""
-        logp = self.out(self._decode(memory, tokens[:, :-1])).float()
-        logp[..., PAD] = float("-inf")  # generation never emits these (see _next_logprobs)
-        logp[..., BOS] = float("-inf")
+        logp = self._generation_logprobs(self.out(self._decode(memory, tokens[:, :-1])))
         target = tokens[:, 1:]
-        picked = logp.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        picked = logp.gather(-1, target[..., None])[..., 0]
         return torch.where(target == PAD, torch.zeros_like(picked), picked)
 
     @torch.no_grad()

@@ -15,8 +15,8 @@ word that matches no reference word: it costs precision and length like any wron
 from __future__ import annotations
 
 import contextlib
-import math
 import io
+import math
 
 from utils.data.vocab import UNK_WORD, tokenize
 
