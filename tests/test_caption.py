@@ -399,3 +399,30 @@ def test_self_critical_steps_raise_the_reward(vocab):
     assert parts == {} and float(loss.detach()) == 0.0 and loss.requires_grad
     with pytest.raises(ValueError, match="scst_samples"):
         SelfCriticalLoss(vocab, refs, {"scst_samples": 1})
+
+
+def test_cached_decoding_equals_whole_prefix_decoding(vocab, monkeypatch):
+    """Generation runs the decoder on the newest token with the keys / values cached (DecoderCache): each step's
+    log-probabilities equal those of the whole prefix, and greedy, beam search (whose beams reorder the cache)
+    and sampling give the same ids as decoding the whole prefix every step."""
+    from models.heads.caption import DecoderCache
+    head = tiny_head(len(vocab), seed=3).eval()
+    memory = head.encode(feats(b=3, seed=4))
+    tokens = torch.randint(3, len(vocab), (3, MAX_LEN))
+    tokens[:, 0] = BOS
+    cache = DecoderCache(head.decoder, memory)
+    for t in range(1, MAX_LEN + 1):
+        cached, whole = head._cached_logprobs(cache, tokens[:, :t]), head._next_logprobs(memory, tokens[:, :t])
+        torch.testing.assert_close(cached[:, EOS:], whole[:, EOS:], atol=1e-5, rtol=0)
+    assert torch.isinf(cached[:, [PAD, BOS]]).all()
+
+    def run():
+        return (head.greedy(memory), head.beam_search(memory, beam=3),
+                head.sample(memory, k=2, generator=torch.Generator().manual_seed(0)))
+
+    fast = run()
+    monkeypatch.setattr(CaptionHead, "_cached_logprobs", lambda self, cache, ids: self._next_logprobs(
+        cache.memory, ids))
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

@@ -32,6 +32,23 @@ def test_assigner_picks_points_inside_the_object():
     assert (ts[0, fg[0], 1] > 0).all() and (ts[0, :, 0] == 0).all()
 
 
+def test_min_side_widens_only_where_candidates_are_chosen():
+    """A 1.5-pixel object on a 1-pixel grid holds one point; with min_side 4 (Ultralytics widens sides under its
+    middle stride) it may take points from a 4 x 4 region about its centre, while its target box stays itself."""
+    points = torch.tensor([[x + 0.5, y + 0.5] for y in range(8) for x in range(8)], dtype=torch.float32)
+    gt = torch.tensor([[[3.0, 3.0, 4.5, 4.5]]])
+    scores = torch.full((1, 64, 1), 0.5)
+    boxes = gt.expand(1, 64, 4).clone()
+    args = (scores, boxes, points, torch.tensor([[0]]), gt, torch.tensor([[True]]))
+    _, _, fg, _ = TaskAlignedAssigner(topk=20)(*args)
+    tb, _, wide, _ = TaskAlignedAssigner(topk=20, min_side=4.0)(*args)
+    assert fg.sum() == 1 and wide.sum() == 16  # about the centre (3.75, 3.75): points 2.5 .. 5.5 on each axis
+    assert wide[fg].all()
+    chosen = points[wide[0]]
+    assert (chosen > 1.75).all() and (chosen < 5.75).all()
+    assert torch.equal(tb[0, wide[0]], gt[0].expand(16, 4))
+
+
 def test_ciou_assigner_prefers_the_centred_prediction_of_equal_iou():
     # two predictions with the same IoU to the object; CIoU's centre-distance term breaks the tie toward
     # the one whose centre is the object's, plain IoU scores them equal

@@ -88,6 +88,8 @@ def test_save_period_writes_mid_epoch_checkpoints(tiny_cfg_file, tiny_data, tmp_
     """``--save-period N``: last.pt after the first optimizer step at or after every N batches (steps come every
     2 batches here, so N=3 saves after batches 4 and 6); off (<1): only the epoch-end checkpoints."""
     monkeypatch.setattr(trainer_module, "NOMINAL_BATCH", NOMINAL)
+    # a step every 2 batches from the first (no warmup ramp of the accumulation, which starts at 1)
+    monkeypatch.setattr(trainer_module.Trainer, "accumulate_at", lambda self, ni, warmup: self.accumulate)
     saves: list[tuple[str, int, int]] = []
     real_save = hooks_module.save_checkpoint
 

@@ -187,3 +187,20 @@ def test_scst_needs_as_many_cross_entropy_epochs_first():
     on, logs = states(3, 5)
     assert on == [False] * 5 and len(logs) == 1 and "needs at least 6 epochs" in logs[0]
     assert states(0, 4) == ([False] * 4, [])
+
+
+@pytest.mark.parametrize("ramp, steps", [(True, 3), (False, 1)])
+def test_accumulation_ramps_up_from_one_over_the_warmup(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, ramp, steps):
+    """YOLOv5's and Ultralytics' warmup ramp: accumulation starts at one batch a step and reaches the nominal
+    batch at the warmup's end. A nominal batch of 24 (3 batches of 8) steps once a batch in the warmup's first
+    batches (3 steps in the epoch), against once without the ramp (after batch 3 of 3)."""
+    hyp = (HYPS_DIR / "hyp.scratch.yaml").read_text() + f"accumulate_ramp: {str(ramp).lower()}\n"
+    (tmp_path / "hyp.yaml").write_text(hyp)
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--hyp", str(tmp_path / "hyp.yaml"))
+    monkeypatch.setattr(trainer_module, "NOMINAL_BATCH", 3 * 8)
+    trainer = trainer_module.Trainer(opt)
+    assert trainer.accumulate == 3
+    ramp_at = [trainer.accumulate_at(ni, 100) for ni in range(0, 201, 10)]
+    assert ramp_at == ([1] * 3 + [2] * 5 + [3] * 13 if ramp else [3] * 21)  # round(interp(ni, [0, 100], [1, 3]))
+    trainer.run()
+    assert trainer.ema.updates == steps

@@ -520,6 +520,14 @@ class Trainer:
             if "momentum" in g:
                 g["momentum"] = float(np.interp(ni, [0, warmup], [hyp.get("warmup_momentum", 0.8), hyp["momentum"]]))
 
+    def accumulate_at(self, ni: int, warmup: int) -> int:
+        """Batches per optimizer step at run batch ``ni``: 1 at the start, rising linearly to ``accumulate``
+        over the warmup (YOLOv5's and Ultralytics' ramp: more, smaller steps while the lr is low), then
+        ``accumulate``. A function of ``ni`` alone, so a resumed run and every DDP rank step together."""
+        if self.hyp.get("accumulate_ramp", True) and ni <= warmup:
+            return max(1, int(np.interp(ni, [0, warmup], [1, self.accumulate]).round()))
+        return self.accumulate
+
     def _train_batch(self, i: int, batch, warmup: int) -> None:
         """Forward, loss and backward of batch ``i``; an optimizer step (then ``after_step``) when
         ``accumulate`` batches are in, or at the epoch's last batch. A non-finite loss skips the batch."""
@@ -552,7 +560,7 @@ class Trainer:
         with section("backward"):
             self.scaler.scale(loss).backward()
         progress.add(parts)  # before the step: a checkpoint written there includes this batch
-        if i - progress.last_step >= self.accumulate or i == self.nb - 1:
+        if i - progress.last_step >= self.accumulate_at(ni, warmup) or i == self.nb - 1:
             with section("step"):
                 self.dist.average_gradients(self.loss.balancer.parameters())  # not inside DDP's module
                 self.scaler.unscale_(self.optimizer)

@@ -18,12 +18,16 @@ class TaskAlignedAssigner(nn.Module):
     Args:
         topk: candidates per object. alpha, beta: weights of the classification score and the IoU.
         ciou: the overlap is the complete IoU (clamped at 0), as Ultralytics' assigner, not the plain IoU.
+        min_side: for choosing candidates only, a box side shorter than this (input pixels) is widened to it
+            about the box centre, as Ultralytics' assigner does with its middle stride: a small object then
+            has anchor points to choose from on more than one grid. 0 keeps every box as it is.
     """
 
     def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
-                 ciou: bool = False):
+                 ciou: bool = False, min_side: float = 0.0):
         super().__init__()
         self.topk, self.alpha, self.beta, self.eps, self.ciou = topk, alpha, beta, eps, ciou
+        self.min_side = float(min_side)
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, boxes: torch.Tensor, points: torch.Tensor, gt_cls: torch.Tensor,
@@ -40,9 +44,10 @@ class TaskAlignedAssigner(nn.Module):
             return (torch.zeros_like(boxes), torch.zeros_like(scores),
                     torch.zeros((b, a), dtype=torch.bool, device=scores.device),
                     torch.zeros((b, a), dtype=torch.long, device=scores.device))
-        # anchor points strictly inside each object box
-        lt = points[None, None] - gt_boxes[:, :, None, :2]
-        rb = gt_boxes[:, :, None, 2:] - points[None, None]
+        # anchor points strictly inside each object box (small sides widened to min_side)
+        region = widen_small_sides(gt_boxes, self.min_side) if self.min_side > 0 else gt_boxes
+        lt = points[None, None] - region[:, :, None, :2]
+        rb = region[:, :, None, 2:] - points[None, None]
         inside = torch.cat((lt, rb), -1).amin(-1) > self.eps  # (B, G, A)
         valid = inside & gt_mask[..., None]
         idx = gt_cls.clamp(min=0).unsqueeze(-1).expand(b, g, a)
@@ -73,6 +78,13 @@ class TaskAlignedAssigner(nn.Module):
         return target_boxes, target_scores * weight[..., None], fg, target_gt
 
 
+def widen_small_sides(boxes: torch.Tensor, min_side: float) -> torch.Tensor:
+    """xyxy ``boxes`` with each side shorter than ``min_side`` widened to it about the box centre."""
+    centre, size = (boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]
+    half = size.clamp(min=min_side) / 2
+    return torch.cat((centre - half, centre + half), -1)
+
+
 @dataclass
 class Assignment:
     """Which anchor points are foreground and for which object: reused by the instance mask loss."""
@@ -93,7 +105,12 @@ class DetectionLoss:
         self.nc, self.reg_max, self.strides = head.nc, head.reg_max, head.strides
         self.proj = torch.arange(self.reg_max, dtype=torch.float32)
         self.gains = (hyp.get("box", 7.5), hyp.get("cls", 0.5), hyp.get("dfl", 1.5))
-        self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0, ciou=bool(hyp.get("assign_ciou", False)))
+        # assign_min_side: a length in input pixels, or "stride" for the head's middle stride (Ultralytics')
+        min_side = hyp.get("assign_min_side", 0)
+        if min_side == "stride":
+            min_side = self.strides[len(self.strides) // 2] if len(self.strides) > 1 else self.strides[0]
+        self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0, ciou=bool(hyp.get("assign_ciou", False)),
+                                            min_side=float(min_side))
 
     def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor, present: torch.Tensor,
                  sync: DistInfo = LOCAL) -> tuple[torch.Tensor, dict[str, float], Assignment]:
