@@ -204,3 +204,17 @@ def test_accumulation_ramps_up_from_one_over_the_warmup(tiny_cfg_file, tiny_data
     assert ramp_at == ([1] * 3 + [2] * 5 + [3] * 13 if ramp else [3] * 21)  # round(interp(ni, [0, 100], [1, 3]))
     trainer.run()
     assert trainer.ema.updates == steps
+
+
+@pytest.mark.parametrize("optimizer, extra_hyp, beta1", [("auto", "", 0.9), ("auto", "momentum_adamw: 0.85\n", 0.85),
+                                                          ("AdamW", "", 0.937)])
+def test_auto_adamw_takes_its_own_beta1(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, optimizer, extra_hyp, beta1):
+    """--optimizer auto resolves a short run to AdamW with Ultralytics' beta1 0.9 (hyp momentum_adamw), not the
+    SGD momentum 0.937; an explicit --optimizer AdamW keeps hyp momentum as its beta1."""
+    (tmp_path / "hyp.yaml").write_text((HYPS_DIR / "hyp.scratch.yaml").read_text().replace("momentum_adamw: 0.9", "")
+                                       + extra_hyp)
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--hyp", str(tmp_path / "hyp.yaml"),
+               "--optimizer", optimizer)
+    trainer = trainer_module.Trainer(opt)
+    assert type(trainer.optimizer).__name__ == "AdamW"
+    assert {g["betas"][0] for g in trainer.optimizer.param_groups} == {beta1}

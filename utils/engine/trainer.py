@@ -267,7 +267,9 @@ class Trainer:
         # a high starting bias LR suits SGD only: Adam's step is ~lr per parameter, so 0.1 would throw every
         # head's prior bias (e.g. the class prior) far off in the first steps (Ultralytics does the same)
         self.warmup_bias_lr = self.hyp.get("warmup_bias_lr", 0.1) if name == "SGD" else 0.0
-        self.optimizer = build_optimizer(self.model, name, self.lr0, self.hyp["momentum"], decay)
+        # Ultralytics' auto rule gives its AdamW beta1 0.9, not the SGD momentum 0.937
+        momentum = self.hyp.get("momentum_adamw", 0.9) if auto_adam else self.hyp["momentum"]
+        self.optimizer = build_optimizer(self.model, name, self.lr0, momentum, decay)
         lrf = self.hyp.get("lrf", 0.01)
         if opt.cos_lr:
             self.lf = lambda x: ((1 - math.cos(x * math.pi / opt.epochs)) / 2) * (lrf - 1) + 1
