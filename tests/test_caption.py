@@ -426,3 +426,25 @@ def test_cached_decoding_equals_whole_prefix_decoding(vocab, monkeypatch):
     slow = run()
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+def test_references_share_one_projection_of_the_memory(vocab):
+    """R references per image (cap_refs) are teacher-forced over the image's memory projected once
+    (DecoderCache.decode_shared): the logits and the memory's gradient equal those of the memory repeated R times
+    through the plain decoder."""
+    head = tiny_head(len(vocab), seed=5)
+    for m in head.modules():  # dropout off, so both paths draw nothing at random; train mode otherwise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
+    caps = torch.randint(3, len(vocab), (2, 3, MAX_LEN))
+    caps[..., 0] = BOS
+    xs = [f.requires_grad_() for f in feats()]
+    shared = head(xs, captions=caps).logits
+    grad_shared = torch.autograd.grad(shared.square().sum(), xs)
+    memory = head.encode(xs)
+    plain = head.out(head._decode(memory.repeat_interleave(3, 0), caps.reshape(6, MAX_LEN)[:, :-1])).view_as(shared)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    for a, b in zip(grad_shared, torch.autograd.grad(plain.square().sum(), xs)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

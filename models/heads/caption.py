@@ -75,9 +75,11 @@ class DecoderCache:
         return out
 
     @staticmethod
-    def _attend(mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                causal: bool = False) -> torch.Tensor:
+        """Heads ``(N, h, L, d / h)`` -> ``(N, L, d)`` through ``mha``'s attention and output projection."""
         p = mha.dropout if mha.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # the new token sees every key: no mask
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
         return mha.out_proj(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], mha.embed_dim))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +95,21 @@ class DecoderCache:
             x = x + layer.dropout2(self._attend(ca, q, *self.cross_kv[i]))
             x = x + layer._ff_block(layer.norm3(x))
         return self.final_norm(x) if self.final_norm is not None else x
+
+    @classmethod
+    def decode_shared(cls, decoder: nn.TransformerDecoder, memory: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing of ``R`` sequences per image, ``x`` ``(B * R, T, d)`` (an image's rows adjacent), over
+        ``memory`` ``(B, S, d)`` projected once per image rather than once per sequence: an image's ``R * T``
+        queries attend to its memory together (cross-attention has no mask, so each query is unaffected).
+        Equals ``decoder(x, memory.repeat_interleave(R, 0), causal)`` (tested)."""
+        b, (n, t, d) = memory.shape[0], x.shape
+        for layer in decoder.layers:
+            sa, ca = layer.self_attn, layer.multihead_attn
+            x = x + layer.dropout1(cls._attend(sa, *cls._project(sa, layer.norm1(x), 0, 1, 2), causal=True))
+            (q,) = cls._project(ca, layer.norm2(x).reshape(b, n // b * t, d), 0)
+            x = x + layer.dropout2(cls._attend(ca, q, *cls._project(ca, memory, 1, 2)).reshape(n, t, d))
+            x = x + layer._ff_block(layer.norm3(x))
+        return decoder.norm(x) if decoder.norm is not None else x
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keeps rows ``rows`` of every cached tensor (beam search's surviving beams, in their new order)."""
@@ -195,13 +212,17 @@ class CaptionHead(nn.Module):
             tokens.append(y.flatten(2).transpose(1, 2) + pos + self.level_embed[i].to(y.dtype))
         return self.memory_norm(torch.cat(tokens, 1))
 
-    def _decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` ids -> ``(B, T, d_model)`` decoder states (causal: position t sees ids ``<= t``)."""
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(N, T)`` ids -> ``(N, T, d_model)`` scaled word embeddings + learned positions."""
         t = tokens.shape[1]
         if t > self.max_len:
             raise ValueError(f"{t} input tokens exceed max_len={self.max_len}")
-        positions = torch.arange(t, device=tokens.device)
-        x = self.embed(tokens) * math.sqrt(self.d_model) + self.pos(positions)
+        return self.embed(tokens) * math.sqrt(self.d_model) + self.pos(torch.arange(t, device=tokens.device))
+
+    def _decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` ids -> ``(B, T, d_model)`` decoder states (causal: position t sees ids ``<= t``)."""
+        t = tokens.shape[1]
+        x = self._embed(tokens)
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device, dtype=x.dtype)
         # No key-padding mask: pads only follow <eos>, so under the causal mask no scored position sees one.
         return self.decoder(x, memory, tgt_mask=mask, tgt_is_causal=True)
@@ -323,7 +344,8 @@ class CaptionHead(nn.Module):
             captions = captions.to(memory.device)
             if captions.dim() == 3:  # (B, R, T): R references per image read the same memory
                 b, r, t = captions.shape
-                logits = self.out(self._decode(memory.repeat_interleave(r, 0), captions.reshape(b * r, t)[:, :-1]))
+                x = self._embed(captions.reshape(b * r, t)[:, :-1])
+                logits = self.out(DecoderCache.decode_shared(self.decoder, memory, x))
                 return CaptionOutput(memory, logits=logits.view(b, r, t - 1, -1))
             logits = self.out(self._decode(memory, captions[:, :-1]))
             return CaptionOutput(memory, logits=logits)
