@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,8 +46,15 @@ def train_args(opt: argparse.Namespace, tasks: str = "") -> list[str]:
         (["--noval"] if opt.noval else [])
 
 
+def fresh_run_dir(project: Path, name: str) -> None:
+    """Removes ``project/name`` before a benchmark (re)trains into it: ``train.py --exist-ok`` would append the
+    new epochs to the old run's results.csv, and a table read from it would mix the two runs."""
+    shutil.rmtree(Path(project) / name, ignore_errors=True)
+
+
 def run_training(args: list[str], project: Path, name: str) -> tuple[Path, float]:
-    """Trains with ``train.py`` arguments ``args`` into ``project/name``; returns (run dir, minutes)."""
+    """Trains with ``train.py`` arguments ``args`` into a fresh ``project/name``; returns (run dir, minutes)."""
+    fresh_run_dir(project, name)
     t0 = time.time()
     rc = train_script.main(args + ["--project", str(project), "--name", name, "--exist-ok", "--no-progress"])
     if rc != 0:
@@ -69,6 +77,7 @@ def run_trainings(runs: dict[str, list[str]], project: Path, jobs: int = 1, thre
     while pending or running:
         while pending and len(running) < jobs:
             name, args = pending.pop(0)
+            fresh_run_dir(project, name)
             log = open(project / f"{name}.log", "w")
             cmd = [sys.executable, "train.py", *args, "--project", str(project), "--name", name, "--exist-ok",
                    "--no-progress"]

@@ -60,3 +60,19 @@ def test_constant_caption_floor_is_the_most_frequent_training_caption(tiny_data)
     refs = {int(r.image_id): r.captions for _, r in val.items if r.captions}
     assert cider == caption_scores({i: caption for i in refs}, refs)["cider"]
     assert cider < caption_scores({i: c[0] for i, c in refs.items()}, refs)["cider"]  # a floor, below a real caption
+
+
+def test_a_retrained_benchmark_run_starts_from_an_empty_folder(tiny_cfg_file, tiny_data, tmp_path):
+    """benchmarks retrain into project/name (peers.py --only): the old run's results.csv rows are not kept,
+    where train.py --exist-ok alone would append the new epochs to them and the table would read both runs."""
+    from benchmarks.common import run_training
+    from tests.conftest import train_args
+    from utils.viz.plots import read_results
+
+    stale = tmp_path / "joint"
+    stale.mkdir()
+    (stale / "results.csv").write_text("epoch,box_map\n1,0.9\n2,0.9\n3,0.9\n")
+    run, _ = run_training(train_args(tiny_cfg_file, tiny_data, tmp_path, 1, "joint", "--noval", "--noplots"),
+                          tmp_path, "joint")
+    rows = read_results(run / "results.csv")
+    assert [r["epoch"] for r in rows] == [1.0]
