@@ -194,7 +194,8 @@ def test_accumulation_ramps_up_from_one_over_the_warmup(tiny_cfg_file, tiny_data
     """YOLOv5's and Ultralytics' warmup ramp: accumulation starts at one batch a step and reaches the nominal
     batch at the warmup's end. A nominal batch of 24 (3 batches of 8) steps once a batch in the warmup's first
     batches (3 steps in the epoch), against once without the ramp (after batch 3 of 3)."""
-    hyp = (HYPS_DIR / "hyp.scratch.yaml").read_text() + f"accumulate_ramp: {str(ramp).lower()}\n"
+    hyp = (HYPS_DIR / "hyp.scratch.yaml").read_text().replace("accumulate_ramp: true", f"accumulate_ramp: {str(ramp).lower()}")
+    assert f"accumulate_ramp: {str(ramp).lower()}" in hyp
     (tmp_path / "hyp.yaml").write_text(hyp)
     opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--hyp", str(tmp_path / "hyp.yaml"))
     monkeypatch.setattr(trainer_module, "NOMINAL_BATCH", 3 * 8)

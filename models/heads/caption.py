@@ -58,7 +58,7 @@ class DecoderCache:
 
     def __init__(self, decoder: nn.TransformerDecoder, memory: torch.Tensor):
         self.layers = list(decoder.layers)
-        self.final_norm, self.memory = decoder.norm, memory
+        self.final_norm = decoder.norm
         self.self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self.cross_kv = [self._project(layer.multihead_attn, memory, 1, 2) for layer in self.layers]
 
@@ -115,7 +115,6 @@ class DecoderCache:
         """Keeps rows ``rows`` of every cached tensor (beam search's surviving beams, in their new order)."""
         self.self_kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.self_kv]
         self.cross_kv = [[k[rows], v[rows]] for k, v in self.cross_kv]
-        self.memory = self.memory[rows]
 
 
 class LevelProjection(nn.Module):
@@ -212,12 +211,12 @@ class CaptionHead(nn.Module):
             tokens.append(y.flatten(2).transpose(1, 2) + pos + self.level_embed[i].to(y.dtype))
         return self.memory_norm(torch.cat(tokens, 1))
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(N, T)`` ids -> ``(N, T, d_model)`` scaled word embeddings + learned positions."""
-        t = tokens.shape[1]
-        if t > self.max_len:
-            raise ValueError(f"{t} input tokens exceed max_len={self.max_len}")
-        return self.embed(tokens) * math.sqrt(self.d_model) + self.pos(torch.arange(t, device=tokens.device))
+    def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``(N, T)`` ids at positions ``start ..`` -> ``(N, T, d_model)`` scaled word embeddings + learned positions."""
+        end = start + tokens.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"{end} input tokens exceed max_len={self.max_len}")
+        return self.embed(tokens) * math.sqrt(self.d_model) + self.pos(torch.arange(start, end, device=tokens.device))
 
     def _decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` ids -> ``(B, T, d_model)`` decoder states (causal: position t sees ids ``<= t``)."""
@@ -246,10 +245,7 @@ class CaptionHead(nn.Module):
 
     def _cached_logprobs(self, cache: DecoderCache, tokens: torch.Tensor) -> torch.Tensor:
         """:meth:`_next_logprobs` of ``tokens`` ``(N, t)`` whose first ``t - 1`` tokens ``cache`` has seen."""
-        t = tokens.shape[1]
-        if t > self.max_len:
-            raise ValueError(f"{t} input tokens exceed max_len={self.max_len}")
-        x = self.embed(tokens[:, -1:]) * math.sqrt(self.d_model) + self.pos.weight[t - 1]
+        x = self._embed(tokens[:, -1:], start=tokens.shape[1] - 1)
         return self._generation_logprobs(self.out(cache.step(x)[:, -1]))
 
     @torch.no_grad()

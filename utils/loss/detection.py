@@ -108,7 +108,7 @@ class DetectionLoss:
         # assign_min_side: a length in input pixels, or "stride" for the head's middle stride (Ultralytics')
         min_side = hyp.get("assign_min_side", 0)
         if min_side == "stride":
-            min_side = self.strides[len(self.strides) // 2] if len(self.strides) > 1 else self.strides[0]
+            min_side = self.strides[len(self.strides) // 2]
         self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0, ciou=bool(hyp.get("assign_ciou", False)),
                                             min_side=float(min_side))
 
