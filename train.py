@@ -52,6 +52,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCERS),
                    help="task loss balancing: dwa (default, measured best; see utils/loss/balance.py), fixed "
                         "(gains from the hyp file only), uncertainty, mtcp")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train in fp32; by default mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16 "
+                        "(AVX512-BF16 / AMX; others train in fp32)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun, CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     p.add_argument("--plots", dest="plots", action="store_true", default=True,

@@ -163,6 +163,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    "nominal batch 64 / batch size)")
     p.add_argument("--val", type=int, default=1, help="1: time one validation pass; 0: none")
     p.add_argument("--epoch-costs", type=int, default=1, help="1: time the per-epoch costs outside the batches")
+    p.add_argument("--scst", action="store_true", help="time the self-critical epochs' steps (hyp scst_epochs > 0): "
+                   "sampled captions scored by CIDEr-D instead of teacher forcing")
     p.add_argument("--profiler", action="store_true", help="torch.profiler's top-15 ops of backward (inflates it)")
     p.add_argument("--results", default="", help="a run's results.csv: print its epoch-time series")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -196,6 +198,8 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
     for t in TASKS:
         if getattr(loss, t, None) is not None:
             setattr(loss, t, Timed(getattr(loss, t), f"loss/{t}", sec))
+    if loss.scst_loss is not None:  # the self-critical epochs' caption loss (--scst) is the caption row too
+        loss.scst_loss = Timed(loss.scst_loss, "loss/cap", sec)
     ops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     section = sec
 
@@ -246,7 +250,7 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
         del it
         for h in handles:
             h.remove()
-        for t in TASKS:
+        for t in [*TASKS, "scst_loss"]:
             if isinstance(getattr(loss, t, None), Timed):
                 setattr(loss, t, getattr(loss, t)._fn)
         trainer.section = _no_section
@@ -370,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(opt.threads)
     if opt.steps > 0 or opt.val or opt.epoch_costs:
         trainer = build_trainer(opt)
+        if opt.scst:
+            if trainer.loss.scst_loss is None:
+                raise SystemExit("--scst: this hyp trains no self-critical epochs (scst_epochs 0) or no caption head")
+            trainer.loss.scst = True
         tasks = trainer.model.tasks
         print(f"\n{opt.cfg} tasks {','.join(tasks)}, {opt.img} px, batch {opt.batch_size}, device {trainer.device}, "
               f"{torch.get_num_threads()} torch threads, {opt.workers} loader workers, accumulate "

@@ -367,7 +367,7 @@ def test_sequence_logprobs_match_stepwise_decoding(overfit, vocab):
     tokens = head.sample(memory, k=3, generator=torch.Generator().manual_seed(0))
     assert tokens.shape[0] == 6 and (tokens[:, 0] == BOS).all()
     mem = memory.repeat_interleave(3, 0)
-    logp = head.sequence_logprobs(mem, tokens)
+    logp = head.sequence_logprobs(memory, tokens)  # each image's memory projected once for its 3 samples
     for t in range(1, tokens.shape[1]):
         step = head._next_logprobs(mem, tokens[:, :t]).gather(1, tokens[:, t:t + 1])[:, 0]
         live = tokens[:, t] != PAD
@@ -441,12 +441,7 @@ def test_references_share_one_projection_of_the_memory(vocab):
     """R references per image (cap_refs) are teacher-forced over the image's memory projected once
     (DecoderCache.decode_shared): the logits and the memory's gradient equal those of the memory repeated R times
     through the plain decoder."""
-    head = tiny_head(len(vocab), seed=5)
-    for m in head.modules():  # dropout off, so both paths draw nothing at random; train mode otherwise
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(m, torch.nn.MultiheadAttention):
-            m.dropout = 0.0
+    head = no_dropout(tiny_head(len(vocab), seed=5))
     caps = torch.randint(3, len(vocab), (2, 3, MAX_LEN))
     caps[..., 0] = BOS
     xs = [f.requires_grad_() for f in feats()]
@@ -457,3 +452,66 @@ def test_references_share_one_projection_of_the_memory(vocab):
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
     for a, b in zip(grad_shared, torch.autograd.grad(plain.square().sum(), xs)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def no_dropout(head: CaptionHead) -> CaptionHead:
+    """Dropout off (so two paths draw nothing at random), train mode otherwise."""
+    for m in head.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
+    return head
+
+
+def test_only_captioned_images_are_teacher_forced(vocab):
+    """``caption_index`` decodes only the images that have captions: the loss and every gradient equal those of
+    decoding the whole batch with the caption-less images masked out; an empty index decodes nothing."""
+    caps = [["a red circle", "two blue squares"], [], ["near the bottom", "on the left"], []]
+    crit = CaptionLoss(vocab, {"cap_max_len": MAX_LEN, "cap_refs": 2})
+    tokens = crit.targets(caps, 0)
+    present = torch.tensor([True, False, True, False])
+    head = no_dropout(tiny_head(len(vocab), seed=6))
+    xs = [torch.cat([f, f.flip(0)]) for f in feats()]
+
+    def loss_and_grads(index):
+        head.zero_grad()
+        out = head(xs, captions=tokens, caption_index=index)
+        rows = slice(None) if out.index is None else out.index
+        loss, _ = crit(out.logits, tokens[rows], present[rows])
+        loss.backward()
+        return out, loss, [p.grad.clone() for p in head.parameters()]
+
+    whole, loss_whole, grads_whole = loss_and_grads(None)
+    sub, loss_sub, grads_sub = loss_and_grads(present.nonzero().view(-1))
+    assert whole.logits.shape[0] == 4 and sub.logits.shape[0] == 2 and sub.index.tolist() == [0, 2]
+    torch.testing.assert_close(loss_sub, loss_whole, atol=1e-6, rtol=0)
+    for a, b in zip(grads_sub, grads_whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    none = head(xs, captions=tokens, caption_index=present.nonzero().view(-1)[:0])
+    assert none.logits is None and none.memory.shape[0] == 4
+
+
+def test_multitask_head_inputs_name_the_captioned_images(vocab):
+    """The trainer's head inputs: every image's references (pictures draw them), the captioned images' rows to
+    decode, one masked row when none has captions, and none under self-critical training without
+    cross-entropy (its teacher-forced logits would go unused)."""
+    from types import SimpleNamespace
+
+    from utils.loss.multitask import MultiTaskLoss
+
+    loss = MultiTaskLoss(SimpleNamespace(tasks=["cap"], head=lambda t: None), {"cap_refs": 2, "scst_epochs": 1},
+                         vocab, "fixed", caption_corpus=[c for c in CAPS])
+
+    def batch(present):
+        caps = [CAPS[i % 2] if p else [] for i, p in enumerate(present)]
+        return SimpleNamespace(captions=caps, image_ids=list(range(len(present))),
+                               task_present=lambda t: torch.tensor(present))
+
+    inputs = loss.head_inputs(batch([False, True, True]), 0)
+    assert inputs["captions"].shape[:2] == (3, 2) and inputs["caption_index"].tolist() == [1, 2]
+    assert loss.head_inputs(batch([False, False]), 0)["caption_index"].tolist() == [0]
+    loss.scst = True
+    assert loss.head_inputs(batch([True, True]), 0)["caption_index"].tolist() == []
+    loss.scst_xe = 0.5
+    assert loss.head_inputs(batch([True, True]), 0)["caption_index"].tolist() == [0, 1]

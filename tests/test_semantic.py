@@ -210,6 +210,23 @@ def test_ce_matches_reference_and_dice() -> None:
     assert parts["ce"] < 1e-6 and parts["dice"] < 1e-3
 
 
+def test_loss_stride_scores_the_cell_centre_pixels() -> None:
+    """sem_loss_stride s: the cross-entropy of the logits upsampled to the s-times coarser grid against the
+    target pixel nearest each cell's centre; s 1 is the full-resolution loss."""
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 32, 32))
+    target[:, 2::4, 2::4][0, 0, :3] = 255
+    present = torch.tensor([True, True])
+    coarse = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(coarse, target[:, 2::4, 2::4], ignore_index=255)
+    loss, _ = SemanticLoss({"sem_loss_stride": 4})(logits, target, present)
+    torch.testing.assert_close(loss, ref)
+    full, _ = SemanticLoss({"sem_loss_stride": 1})(logits, target, present)
+    assert not torch.allclose(full, loss)
+    with pytest.raises(ValueError, match="sem_loss_stride"):
+        SemanticLoss({"sem_loss_stride": 0})
+
+
 # ------------------------------------------------------------------------------------------------ protocol
 
 

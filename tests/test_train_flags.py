@@ -219,3 +219,38 @@ def test_auto_adamw_takes_its_own_beta1(tiny_cfg_file, tiny_data, tmp_path, monk
     trainer = trainer_module.Trainer(opt)
     assert type(trainer.optimizer).__name__ == "AdamW"
     assert {g["betas"][0] for g in trainer.optimizer.param_groups} == {beta1}
+
+
+def test_mixed_precision_dtype_per_device(monkeypatch):
+    """fp16 on CUDA; bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), fp32 on one without (emulated bf16 is
+    slower than fp32); --no-amp: fp32 everywhere."""
+    import torch
+
+    from utils.engine.torch_utils import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype(torch.device("cuda:0")) == torch.float16
+    for bf16, amx, want in [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert autocast_dtype(cpu) == want
+        assert autocast_dtype(cpu, enabled=False) is None and autocast_dtype(torch.device("cuda:0"), False) is None
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_cpu_training_runs_in_the_mixed_precision_it_reports(amp, tiny_cfg_file, tiny_data, tmp_path, monkeypatch,
+                                                             capsys):
+    """A CPU run's convolutions see bf16 under autocast (where the CPU has native bf16: forced here, so both
+    paths are tested on any CPU) and fp32 with --no-amp; the loss and the weights stay fp32; the log says which."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, *([] if amp else ["--no-amp"]))
+    trainer = trainer_module.Trainer(opt)
+    seen = []
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype) if m.training else None)  # not validation's
+    trainer.run()
+    assert seen and set(seen) == {torch.bfloat16 if amp else torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert f"device cpu, {'bfloat16' if amp else 'fp32'}" in capsys.readouterr().out

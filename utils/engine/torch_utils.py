@@ -25,6 +25,21 @@ def select_device(device: str = "") -> torch.device:
     return torch.device(f"cuda:{idx}")
 
 
+def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The mixed-precision dtype of training on ``device``, ``None`` for fp32 (``enabled`` False, or no fast
+    low-precision path): float16 on CUDA (with a GradScaler); bfloat16 on a CPU whose instructions multiply bf16
+    natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions measured a nano batch's forward + backward
+    about 35% faster than fp32 (2 cores). bf16 keeps fp32's exponent range, so it needs no loss scaling. Without
+    those instructions bf16 is emulated and slower than fp32, so such a CPU trains in fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
+
+
 def set_seed(seed: int, deterministic: bool = True) -> None:
     """Seeds python, numpy and torch; deterministic kernels where they exist (warn-only elsewhere)."""
     random.seed(seed)

@@ -48,6 +48,7 @@ from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
 from utils.engine.optim import build_optimizer, fit_adamw_lr
 from utils.engine.torch_utils import (
+    autocast_dtype,
     increment_path,
     latest_run,
     rng_state,
@@ -171,6 +172,7 @@ class Trainer:
         self.dist, dist_device = init_distributed(self.opt.device)
         self.device = dist_device or select_device(self.opt.device)
         self.cuda = self.device.type == "cuda"
+        self.amp_dtype = autocast_dtype(self.device, not getattr(self.opt, "no_amp", False))
         self.on_step: list[Callable[[Trainer], None]] = []  # callbacks after each optimizer step (StepCallbacks)
         self.mid_epoch_saves: list[tuple[int, int]] = []  # (epoch, next batch) of each mid-epoch last.pt written
         self.skipped_steps: list[tuple[int, int]] = []  # (epoch, batch) of each batch skipped for a non-finite loss
@@ -234,8 +236,10 @@ class Trainer:
     def _build_model(self) -> None:
         """The network for the trained tasks, with ``--weights`` transferred (not on resume: restored later)."""
         opt = self.opt
+        # channels-last weights make every convolution run NHWC (oneDNN on CPU, cuDNN's tensor-core kernels
+        # under AMP): a nano joint batch's forward + backward measured about 18% faster on 2 CPU cores
         self.model = Model(opt.cfg, nc=max(self.data.nc, 1), tasks=self.tasks,
-                           head_kwargs=self._head_kwargs(self.tasks)).to(self.device)
+                           head_kwargs=self._head_kwargs(self.tasks)).to(self.device, memory_format=torch.channels_last)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
 
@@ -276,7 +280,7 @@ class Trainer:
         else:
             self.lf = lambda x: (1 - x / opt.epochs) * (1.0 - lrf) + lrf
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _build_sync_bn(self) -> None:
         """``--sync-bn`` under torchrun on CUDA: batch statistics over all ranks (the parameters stay the
@@ -325,7 +329,8 @@ class Trainer:
             with open(self.save_dir / "hyp.yaml", "w") as f:
                 yaml.safe_dump(self.hyp, f, sort_keys=False)
         self.log(f"model: {self.model.info()}; optimizer {self.optimizer_name} lr0={self.lr0}; "
-                 f"accumulate {self.accumulate}; device {self.device}")
+                 f"accumulate {self.accumulate}; device {self.device}, "
+                 f"{str(self.amp_dtype).removeprefix('torch.') if self.amp_dtype else 'fp32'}")
 
     # --- hooks ---------------------------------------------------------------------------------
     def register(self, *hooks: Hook) -> None:
@@ -546,7 +551,7 @@ class Trainer:
             head_inputs = {k: v.to(self.device) for k, v in inputs.items()}
         self.batch, self.batch_inputs = batch, inputs
         self._fire("before_batch")
-        with torch.autocast(device_type=self.device.type, enabled=self.cuda):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             with section("forward"):
                 out = self.net(x, **head_inputs)
             with section("loss"):

@@ -142,7 +142,7 @@ class SelfCriticalLoss:
                                for j, w in enumerate(words)], device=memory.device).view(len(idx), self.k)
         baseline = (reward.sum(1, keepdim=True) - reward) / (self.k - 1)
         advantage = (reward - baseline).view(-1)
-        logp = head.sequence_logprobs(mem.repeat_interleave(self.k, 0), tokens)  # (n*k, L-1)
+        logp = head.sequence_logprobs(mem, tokens)  # (n*k, L-1)
         n_tok = (tokens[:, 1:] != PAD).sum(1).clamp(min=1)
         per_sample = -(advantage * logp.sum(1) / n_tok)  # mean token log-prob: long and short samples alike
         loss = per_sample.view(len(idx), self.k).mean(1).sum() / images.to(memory.device)

@@ -57,13 +57,19 @@ class MultiTaskLoss:
         self.balancer = build_balancer(self.tasks, balance, hyp)
 
     def head_inputs(self, batch: Batch, step: int) -> dict:
-        """Extra model inputs for this batch: the caption tokens for teacher forcing (one reference per
-        image, rotating with ``step`` so every reference gets used)."""
+        """Extra model inputs for this batch: the caption tokens for teacher forcing (``cap_refs`` references
+        per image, rotating with ``step`` so every reference gets used) and ``caption_index``, the images that
+        have captions: only those are decoded (in training about half the images are strong views without
+        captions, and decoding their references only to mask them out was half the caption head's time)."""
         if self.cap is None:
             return {}
-        # tokens even when no image of the batch has captions: the masked loss is then an exact zero
-        # that still reaches the decoder, so every batch has a loss (and DDP sees every parameter used)
-        return {"captions": self.cap.targets(batch.captions, step, keys=[int(i) for i in batch.image_ids])}
+        tokens = self.cap.targets(batch.captions, step, keys=[int(i) for i in batch.image_ids])
+        index = batch.task_present("cap").nonzero().view(-1)
+        if self.scst and self.scst_xe <= 0:  # self-critical alone: no teacher forcing at all
+            return {"captions": tokens, "caption_index": index[:0]}
+        # one (masked) image when none has captions: the loss is then an exact zero that still reaches the
+        # decoder, so every batch has a loss
+        return {"captions": tokens, "caption_index": index if len(index) else index.new_zeros(1)}
 
     def task_losses(self, out: Outputs, batch: Batch, head_inputs: dict | None = None, sync: DistInfo = LOCAL
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -96,16 +102,19 @@ class MultiTaskLoss:
                 losses["sem"] = loss * len(batch)  # same batch-size scaling as the box and mask losses
                 parts |= {f"sem_{k}": v for k, v in p.items()}
         tokens = (head_inputs or {}).get("captions")
-        if self.cap is not None and tokens is not None and out.cap.logits is not None:
-            present = batch.task_present("cap").to(out.cap.logits.device)
-            if self.scst and self.scst_loss is not None:
+        scst = self.scst and self.scst_loss is not None
+        if self.cap is not None and tokens is not None and (out.cap.logits is not None or scst):
+            present = batch.task_present("cap").to(out.cap.memory.device)
+            rows = out.cap.index  # the teacher-forced images (all when None)
+            forced = (tokens, present) if rows is None else (tokens[rows.to(tokens.device)], present[rows])
+            if scst:
                 losses["cap"], p = self.scst_loss(self.cap_head, out.cap.memory, batch.captions, present,
                                                   [int(i) for i in batch.image_ids], sync)
                 if self.scst_xe > 0:  # the mixed objective: cross-entropy keeps the references' wording
-                    ce, p_ce = self.cap(out.cap.logits, tokens, present, sync)
+                    ce, p_ce = self.cap(out.cap.logits, *forced, sync)
                     losses["cap"], p = losses["cap"] + self.scst_xe * ce, p | p_ce
             else:
-                losses["cap"], p = self.cap(out.cap.logits, tokens, present, sync)
+                losses["cap"], p = self.cap(out.cap.logits, *forced, sync)
             losses["cap"] = losses["cap"] * len(batch)
             if p and batch.task_present("cap").any():  # an all-masked batch's zero is not a caption loss value
                 parts |= {f"cap_{k}": v for k, v in p.items()}
