@@ -56,6 +56,11 @@ class MultiTaskLoss:
         self.scst_xe = float(hyp.get("scst_xe", 0.0))
         self.balancer = build_balancer(self.tasks, balance, hyp)
 
+    @property
+    def self_critical(self) -> bool:
+        """Whether this step's caption loss is the self-critical one (``scst`` set and an SCST loss built)."""
+        return self.scst and self.scst_loss is not None
+
     def head_inputs(self, batch: Batch, step: int) -> dict:
         """Extra model inputs for this batch: the caption tokens for teacher forcing (``cap_refs`` references
         per image, rotating with ``step`` so every reference gets used) and ``caption_index``, the images that
@@ -65,7 +70,7 @@ class MultiTaskLoss:
             return {}
         tokens = self.cap.targets(batch.captions, step, keys=[int(i) for i in batch.image_ids])
         index = batch.task_present("cap").nonzero().view(-1)
-        if self.scst and self.scst_xe <= 0:  # self-critical alone: no teacher forcing at all
+        if self.self_critical and self.scst_xe <= 0:  # self-critical alone: no teacher forcing at all
             return {"captions": tokens, "caption_index": index[:0]}
         # one (masked) image when none has captions: the loss is then an exact zero that still reaches the
         # decoder, so every batch has a loss
@@ -102,7 +107,7 @@ class MultiTaskLoss:
                 losses["sem"] = loss * len(batch)  # same batch-size scaling as the box and mask losses
                 parts |= {f"sem_{k}": v for k, v in p.items()}
         tokens = (head_inputs or {}).get("captions")
-        scst = self.scst and self.scst_loss is not None
+        scst = self.self_critical
         if self.cap is not None and tokens is not None and (out.cap.logits is not None or scst):
             present = batch.task_present("cap").to(out.cap.memory.device)
             rows = out.cap.index  # the teacher-forced images (all when None)
