@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,25 +127,49 @@ def peer_row(run: Path, at: list[int], n_train: int) -> dict:
             "img_s": n_train * len(times) / max(sum(times), 1e-9), "train_min": sum(times) / 60}
 
 
-def our_latency(run: Path, img: int, threads: int) -> tuple[float, float]:
-    """Median onnxruntime ms of one ``img`` image through our fused vision graph (every head, no NMS, caption
-    memory only), and the greedy caption decoding's ms (eager) on its memory, reported separately."""
+def our_latency(run: Path, img: int, threads: int):
+    """A timer of our fused vision graph under onnxruntime (every head, no NMS, caption memory only) at one ``img``
+    image: ``timer()`` -> median ms of 20 runs; and the greedy caption decoding's ms (eager) on its memory,
+    reported separately."""
     torch.set_num_threads(threads)
     model = build_from_checkpoint(load_checkpoint(run / "weights/last.pt")).eval()
     fused = copy.deepcopy(model).fuse()
     x = torch.rand(1, 3, img, img)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the session holds the graph once built
         path = Path(tmp) / "peers.onnx"
         export_vision(DeployModel(fused), x, path, 17, True,
                       export_metadata(fused, (img, img), 1, None, True, False, "peers"))
         sess = ort_session(path, torch.device("cpu"), threads)
-        ms = 1e3 * time_fn(lambda t: sess.run(None, {"images": t.numpy()}), x, 3, 20)
     decode_ms = math.nan
     if "cap" in model.tasks:
         with torch.inference_mode():
             memory = model(x).cap.memory
             decode_ms = 1e3 * time_fn(lambda m: model.head("cap").greedy(m), memory, 1, 5)
-    return ms, decode_ms
+    return (lambda: 1e3 * time_fn(lambda t: sess.run(None, {"images": t.numpy()}), x, 3, 20)), decode_ms
+
+
+def latency_rounds(opt: argparse.Namespace, project: Path, yamls: dict[str, Path], env: dict[str, str]) -> None:
+    """Prints onnxruntime latency of our joint graph and each peer's, timed in ``opt.latency_rounds`` alternating
+    rounds (ours, then every peer, again) and reported as the median over rounds: one machine's speed drifts by
+    several percent over minutes, which a single back-to-back pair would fold into the ratio."""
+    timer, decode_ms = our_latency(project / "joint", opt.latency, 1)
+    peers = [n.strip() for n in opt.peers.split(",") if n.strip() and PEERS[n.strip()][1] in yamls]
+    times: dict[str, list[float]] = {"joint": [], **{name: [] for name in peers}}
+    for _ in range(max(opt.latency_rounds, 1)):
+        times["joint"].append(timer())
+        for name in peers:
+            model, kind = PEERS[name]
+            out = run_peer(["latency", "--model", model, "--data-yaml", str(yamls[kind]), "--img", str(opt.latency),
+                            "--workers", "1"], env)
+            times[name].append(json.loads(out.strip().splitlines()[-1])["ms"])
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(f"\nonnxruntime, {opt.latency} px, batch 1, 1 thread (median of 20 runs, then the median of "
+          f"{len(times['joint'])} alternating rounds): joint (all heads) {med['joint']:.1f} ms "
+          f"(rounds {', '.join(f'{t:.1f}' for t in times['joint'])}); its greedy caption decoding {decode_ms:.1f} ms "
+          "more (eager)")
+    for name in peers:
+        print(f"  {name}: {med[name]:.1f} ms (rounds {', '.join(f'{t:.1f}' for t in times[name])}; "
+              f"joint / {name}: {med['joint'] / med[name]:.2f}x)")
 
 
 def print_table(rows: dict[str, dict], at: list[int], floor: tuple[str, float], opt: argparse.Namespace) -> None:
@@ -175,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ours", default=",".join(OURS), help="which of our models to run")
     p.add_argument("--latency", type=int, default=640, help="also time onnxruntime at this size, batch 1, "
                    "1 thread, ours (the trained joint model) against each peer's graph (0: skip)")
+    p.add_argument("--latency-rounds", type=int, default=3, help="alternating timing rounds (ours, each peer) whose "
+                   "median is reported")
     opt = p.parse_args(argv)
     project = Path(opt.project)
     project.mkdir(parents=True, exist_ok=True)
@@ -217,17 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     rows |= {name: peer_row(project / name, at, n_train) for name in PEERS if (project / name / "our_scores.json").is_file()}
     print_table(rows, at, constant_caption_floor(opt.data), opt)
     if opt.latency:
-        ms, decode_ms = our_latency(project / "joint", opt.latency, 1)
-        print(f"\nonnxruntime, {opt.latency} px, batch 1, 1 thread (median of 20): joint (all heads) {ms:.1f} ms; "
-              f"its greedy caption decoding {decode_ms:.1f} ms more (eager)")
-        for name in [n.strip() for n in opt.peers.split(",") if n.strip()]:
-            model, kind = PEERS[name]
-            if kind in yamls:
-                peer_ms = json.loads(run_peer(["latency", "--model", model, "--data-yaml", str(yamls[kind]),
-                                               "--img", str(opt.latency), "--workers", "1"], env).strip()
-                                     .splitlines()[-1])["ms"]
-                print(f"  {name}: {peer_ms:.1f} ms (joint / {name}: {ms / peer_ms:.2f}x)")
-
+        latency_rounds(opt, project, yamls, env)
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
     python -m benchmarks.speed --quick                  # nano cfg, random weights, 256/320 px, batch 1 and 8
     python -m benchmarks.speed                          # 256/320/640 px
     python -m benchmarks.speed --weights best.pt --torchscript --threads 4
+    python -m benchmarks.speed --sizes 640 --batches 1 --nc 5 --sem-classes 10 --ort-profile   # where ORT's time goes
 
 Prints one table of latency (ms per image) and throughput (images/s) per backend, size and batch, then
 parameters and GFLOPs per head (torch.utils.flop_counter, 2 FLOPs per multiply-add) and the speed ratios
@@ -48,6 +49,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="sizes 256 320, 3 timed runs: a smoke-test run")
     p.add_argument("--device", default="cpu", help="cpu or cuda device (0, 1, ...)")
     p.add_argument("--half", action="store_true", help="FP16 eager models (CUDA only)")
+    p.add_argument("--nc", type=int, default=80, help="classes of the random-weights model (no --weights)")
+    p.add_argument("--sem-classes", type=int, default=13, help="semantic classes of the random-weights model")
+    p.add_argument("--ort-profile", action="store_true", help="also print where onnxruntime's time goes at the "
+                   "first size, batch 1: per cfg row (a head is one row) and the 10 slowest nodes")
     opt = p.parse_args(argv)
     opt.sizes = opt.sizes or ([256, 320] if opt.quick else [256, 320, 640])
     opt.iters = opt.iters or (3 if opt.quick else 10)
@@ -61,9 +66,9 @@ def build_model(opt: argparse.Namespace):
     if opt.weights:
         model = build_from_checkpoint(load_checkpoint(opt.weights)).eval()
         return model, f"{opt.weights}"
-    model = Model(opt.cfg, nc=80,
-                  head_kwargs={"sem": {"num_classes": 13}, "cap": {"vocab_size": 60}}).eval()
-    return model, f"{opt.cfg} (random weights, nc 80, 13 semantic classes, vocab 60)"
+    model = Model(opt.cfg, nc=opt.nc,
+                  head_kwargs={"sem": {"num_classes": opt.sem_classes}, "cap": {"vocab_size": 60}}).eval()
+    return model, f"{opt.cfg} (random weights, nc {opt.nc}, {opt.sem_classes} semantic classes, vocab 60)"
 
 
 def time_fn(fn, x, warmup: int, iters: int, sync=lambda: None) -> float:
@@ -114,6 +119,38 @@ def flops_table(model, fused_deploy, img: int) -> list[tuple[str, int | None, fl
         rows.append((f"cap decoder/step (T={tokens.shape[1]})", None, fc2.get_total_flops() / 1e9))
     rows.append(("total (vision graph)", n_params, total / 1e9))
     return rows
+
+
+def ort_profile(path: Path, x, threads: int, runs: int = 10) -> None:
+    """onnxruntime's own profile of ``runs`` calls on ``x``: kernel ms per call by cfg row (``layers.N`` in the
+    node names; a head is one row) and the 10 slowest nodes with their output shapes."""
+    import json
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, {"images": x.numpy()})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    by_row, by_node = Counter(), Counter()
+    for e in kernels:
+        name = e["name"][: -len("_kernel_time")]
+        by_row[next((p for p in name.split("/") if p.startswith("layers.")), "other (layout reorders, ...)")] += e["dur"]
+        by_node[name, str(e["args"].get("output_type_shape", ""))] += e["dur"]
+    scale = 1e-3 / (runs + 1)  # microseconds over all calls -> ms per call
+    total = sum(by_row.values()) * scale
+    print(f"\nonnxruntime profile, {tuple(x.shape)}, {threads} thread(s): {total:.1f} ms of kernels per call")
+    for row, us in by_row.most_common(12):
+        print(f"  {row:<30}{us * scale:>8.2f} ms {100 * us * scale / total:>5.1f}%")
+    print("  slowest nodes:")
+    for (name, shape), us in by_node.most_common(10):
+        print(f"  {us * scale:>8.2f} ms  {name}  {shape}")
 
 
 def cpu_name() -> str:
@@ -194,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   check_trace=False, strict=False))
             backends["torchscript"] = ts
 
+        if opt.ort_profile:
+            ort_profile(path, x0, threads)
         results: dict[tuple[str, int, int], float] = {}
         for s in opt.sizes:
             for b in opt.batches:

@@ -401,6 +401,32 @@ def test_self_critical_steps_raise_the_reward(vocab):
         SelfCriticalLoss(vocab, refs, {"scst_samples": 1})
 
 
+def test_self_critical_samples_without_dropout_and_restores_the_mode(vocab, monkeypatch):
+    """SCST draws its samples from the decoder in eval mode (no dropout), computes the samples' log-probabilities
+    in the head's own (training) mode, and leaves the head in that mode, also when sampling fails."""
+    from utils.loss.caption import SelfCriticalLoss
+
+    torch.manual_seed(0)
+    head = tiny_head(len(vocab), seed=2).train()
+    refs = [CAPS[0] * 2, CAPS[1] * 2]
+    scst = SelfCriticalLoss(vocab, refs, {"cap_max_len": MAX_LEN, "scst_samples": 3})
+    modes: dict[str, list[bool]] = {"sample": [], "logprobs": []}
+    sample, logprobs = head.sample, head.sequence_logprobs
+    monkeypatch.setattr(head, "sample", lambda *a, **k: modes["sample"].append(head.training) or sample(*a, **k))
+    monkeypatch.setattr(head, "sequence_logprobs",
+                        lambda *a, **k: modes["logprobs"].append(head.training) or logprobs(*a, **k))
+    scst(head, head.encode(feats()), refs, torch.tensor([True, True]), [0, 1])
+    assert modes == {"sample": [False], "logprobs": [True]} and head.training
+
+    def fail(*_a, **_k):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(head, "sample", fail)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        scst(head, head.encode(feats()), refs, torch.tensor([True, True]), [0, 1])
+    assert head.training
+
+
 def test_cached_decoding_equals_whole_prefix_decoding(vocab, monkeypatch):
     """Generation runs the decoder on the newest token with the keys / values cached (DecoderCache): each step's
     log-probabilities equal those of the whole prefix, and greedy, beam search (whose beams reorder the cache)
