@@ -12,9 +12,9 @@ def test_speed_table_and_ort_profile_by_cfg_row(tiny_cfg_file, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "nc 3, 4 semantic classes" in out
     total = float(re.search(r"onnxruntime profile, \(1, 3, 64, 64\), 1 thread\(s\): ([\d.]+) ms", out).group(1))
-    rows = dict(re.findall(r"^  (layers\.\d+|other[^\d]*?)\s+([\d.]+) ms\s+[\d.]+%$", out, re.M))
+    rows = dict(re.findall(r"^  (layers\.\d+|other[^\d]*?)\s+([\d.]+) ms\s+[\d.]+%$", out, re.MULTILINE))
     # every head is a row of its own, and no row takes more than the whole
     assert {"layers.26", "layers.27", "layers.28"} <= set(rows), rows
     assert all(0 <= float(v) <= total for v in rows.values())
-    assert len(re.findall(r"^\s+[\d.]+ ms  /model/layers\.\d+/", out, re.M)) == 10  # the 10 slowest nodes
-    assert re.search(r"^\s+64\s+1 \|", out, re.M)  # the latency table still follows
+    assert len(re.findall(r"^\s+[\d.]+ ms  /model/layers\.\d+/", out, re.MULTILINE)) == 10  # the 10 slowest nodes
+    assert re.search(r"^\s+64\s+1 \|", out, re.MULTILINE)  # the latency table still follows
