@@ -164,7 +164,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=1, help="1: time one validation pass; 0: none")
     p.add_argument("--epoch-costs", type=int, default=1, help="1: time the per-epoch costs outside the batches")
     p.add_argument("--scst", action="store_true", help="time the self-critical epochs' steps (hyp scst_epochs > 0): "
-                   "sampled captions scored by CIDEr-D instead of teacher forcing")
+                   "sampled captions scored by CIDEr-D instead of teacher forcing; the caption loss row is split into "
+                   "sampling, the samples' log-probabilities and the rest")
     p.add_argument("--profiler", action="store_true", help="torch.profiler's top-15 ops of backward (inflates it)")
     p.add_argument("--results", default="", help="a run's results.csv: print its epoch-time series")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -198,8 +199,11 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
     for t in TASKS:
         if getattr(loss, t, None) is not None:
             setattr(loss, t, Timed(getattr(loss, t), f"loss/{t}", sec))
+    scst_parts = {"sample": "scst/sample", "sequence_logprobs": "scst/logprobs"}
     if loss.scst_loss is not None:  # the self-critical epochs' caption loss (--scst) is the caption row too
         loss.scst_loss = Timed(loss.scst_loss, "loss/cap", sec)
+        for method, name in scst_parts.items():  # its two decoder passes, as instance attributes over the methods
+            setattr(model.head("cap"), method, Timed(getattr(model.head("cap"), method), name, sec))
     ops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     section = sec
 
@@ -253,6 +257,9 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
         for t in [*TASKS, "scst_loss"]:
             if isinstance(getattr(loss, t, None), Timed):
                 setattr(loss, t, getattr(loss, t)._fn)
+        if "cap" in model.tasks:
+            for method in scst_parts:
+                model.head("cap").__dict__.pop(method, None)
         trainer.section = _no_section
     return sec, walls, (dict(ops) if profiler else None)
 
@@ -269,6 +276,11 @@ def step_rows(sec: Sections, walls: list[float], tasks: list[str]) -> list[tuple
     rows.append(("loss", c["loss"], s["loss"]))
     task_losses = sum(s[f"loss/{t}"] for t in tasks)
     rows += [(f"  loss {t}", c[f"loss/{t}"], s[f"loss/{t}"]) for t in tasks if c[f"loss/{t}"]]
+    if c["scst/sample"]:  # a self-critical step: the caption loss's parts (cap is the last task row)
+        rows += [("    SCST sampling (no gradient, eval mode)", c["scst/sample"], s["scst/sample"]),
+                 ("    SCST samples' log-probabilities", c["scst/logprobs"], s["scst/logprobs"]),
+                 ("    SCST rewards (CIDEr-D), baseline, rest", c["loss/cap"],
+                  s["loss/cap"] - s["scst/sample"] - s["scst/logprobs"])]
     rows.append(("  loss other (gt masks, balancer, parts)", c["loss"], s["loss"] - task_losses))
     rows += [("backward", c["backward"], s["backward"]),
              ("optimizer step (unscale, clip, step, zero_grad)", c["step"], s["step"]),

@@ -30,3 +30,25 @@ def test_parts_cover_the_measured_batch(tiny_cfg_file, tiny_data, tmp_path):
     assert not any(isinstance(getattr(trainer.loss, t), profile_step.Timed) for t in tasks)
     assert not trainer.model._forward_hooks and not trainer.model._forward_pre_hooks
     trainer.logger.close()
+
+
+def test_self_critical_steps_split_the_caption_loss(tiny_cfg_file, tiny_data, tmp_path):
+    """--scst: the caption loss row is the self-critical one, split into sampling, the samples' log-probabilities
+    and the rest; the head's methods are its own again afterwards."""
+    opt = profile_step.parse_opt(["--cfg", str(tiny_cfg_file), "--data", str(tiny_data), "--img", "64",
+                                  "--batch-size", "4", "--workers", "0", "--steps", "2", "--warmup", "1",
+                                  "--accumulate", "1", "--project", str(tmp_path), "--scst"])
+    trainer = profile_step.build_trainer(opt)
+    assert trainer.loss.scst_loss is not None  # hyp.scratch trains self-critical epochs
+    trainer.loss.scst = True
+    head = trainer.model.head("cap")
+    sec, walls, _ = profile_step.profile_steps(trainer, opt.steps, opt.warmup, opt.accumulate)
+    assert sec.calls["scst/sample"] == sec.calls["scst/logprobs"] == sec.calls["loss/cap"] == 2
+    assert sec.seconds["scst/sample"] + sec.seconds["scst/logprobs"] <= sec.seconds["loss/cap"]
+    rows = [name.strip() for name, _, _ in profile_step.step_rows(sec, walls, trainer.model.tasks)]
+    i = rows.index("loss cap")
+    assert rows[i + 1:i + 4] == ["SCST sampling (no gradient, eval mode)", "SCST samples' log-probabilities",
+                                 "SCST rewards (CIDEr-D), baseline, rest"]
+    assert "sample" not in head.__dict__ and "sequence_logprobs" not in head.__dict__
+    assert not isinstance(trainer.loss.scst_loss, profile_step.Timed)
+    trainer.logger.close()
