@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,7 +128,7 @@ def peer_row(run: Path, at: list[int], n_train: int) -> dict:
             "img_s": n_train * len(times) / max(sum(times), 1e-9), "train_min": sum(times) / 60}
 
 
-def our_latency(run: Path, img: int, threads: int):
+def our_latency(run: Path, img: int, threads: int) -> tuple[Callable[[], float], float]:
     """A timer of our fused vision graph under onnxruntime (every head, no NMS, caption memory only) at one ``img``
     image: ``timer()`` -> median ms of 20 runs; and the greedy caption decoding's ms (eager) on its memory,
     reported separately."""
@@ -148,12 +149,12 @@ def our_latency(run: Path, img: int, threads: int):
     return (lambda: 1e3 * time_fn(lambda t: sess.run(None, {"images": t.numpy()}), x, 3, 20)), decode_ms
 
 
-def latency_rounds(opt: argparse.Namespace, project: Path, yamls: dict[str, Path], env: dict[str, str]) -> None:
-    """Prints onnxruntime latency of our joint graph and each peer's, timed in ``opt.latency_rounds`` alternating
-    rounds (ours, then every peer, again) and reported as the median over rounds: one machine's speed drifts by
-    several percent over minutes, which a single back-to-back pair would fold into the ratio."""
+def latency_rounds(opt: argparse.Namespace, project: Path, peers: list[str], yamls: dict[str, Path],
+                   env: dict[str, str]) -> None:
+    """Prints onnxruntime latency of our joint graph and each of ``peers``, timed in ``opt.latency_rounds``
+    alternating rounds (ours, then every peer, again) and reported as the median over rounds: one machine's speed
+    drifts by several percent over minutes, which a single back-to-back pair would fold into the ratio."""
     timer, decode_ms = our_latency(project / "joint", opt.latency, 1)
-    peers = [n.strip() for n in opt.peers.split(",") if n.strip() and PEERS[n.strip()][1] in yamls]
     times: dict[str, list[float]] = {"joint": [], **{name: [] for name in peers}}
     for _ in range(max(opt.latency_rounds, 1)):
         times["joint"].append(timer())
@@ -222,12 +223,14 @@ def main(argv: list[str] | None = None) -> None:
     yamls = {k: Path(v) for k, v in json.loads(run_peer(["convert", "--data", opt.data, "--out",
                                                          str(project / "yolo-data")], env)).items()}
     common = ["--img", str(opt.img), "--device", str(opt.device)]
+    peers = []  # the asked-for peers the data has labels for
     for name in [n.strip() for n in opt.peers.split(",") if n.strip()]:
         model, kind = PEERS[name]
         run = project / name
         if kind not in yamls:
             print(f"{name}: skipped (the data has no {kind} labels)")
             continue
+        peers.append(name)
         if wanted(name, (run / "weights/last.pt").is_file()):
             print(f"training {name} (log {run}.log) ...", flush=True)
             run_peer(["train", "--model", model, "--data-yaml", str(yamls[kind]), "--run", str(run), "--epochs",
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     rows |= {name: peer_row(project / name, at, n_train) for name in PEERS if (project / name / "our_scores.json").is_file()}
     print_table(rows, at, constant_caption_floor(opt.data), opt)
     if opt.latency:
-        latency_rounds(opt, project, yamls, env)
+        latency_rounds(opt, project, peers, yamls, env)
 
 if __name__ == "__main__":
     main()

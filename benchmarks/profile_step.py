@@ -257,7 +257,7 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
         for t in [*TASKS, "scst_loss"]:
             if isinstance(getattr(loss, t, None), Timed):
                 setattr(loss, t, getattr(loss, t)._fn)
-        if "cap" in model.tasks:
+        if loss.scst_loss is not None:
             for method in scst_parts:
                 model.head("cap").__dict__.pop(method, None)
         trainer.section = _no_section

@@ -122,19 +122,14 @@ def flops_table(model, fused_deploy, img: int) -> list[tuple[str, int | None, fl
 
 
 def ort_profile(path: Path, x, threads: int, runs: int = 10) -> None:
-    """onnxruntime's own profile of ``runs`` calls on ``x``: kernel ms per call by cfg row (``layers.N`` in the
-    node names; a head is one row) and the 10 slowest nodes with their output shapes."""
+    """onnxruntime's own profile of ``runs`` calls on ``x`` (the first, with its one-time allocations, among them)
+    on the CPU: kernel ms per call by cfg row (``layers.N`` in the node names; a head is one row) and the 10
+    slowest nodes with their output shapes. The profile file goes beside ``path``."""
     import json
     from collections import Counter
 
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(path.with_suffix(""))
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    for _ in range(runs + 1):
+    sess = ort_session(path, "cpu", threads, profile=path.with_suffix(""))
+    for _ in range(runs):
         sess.run(None, {"images": x.numpy()})
     events = json.loads(Path(sess.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
@@ -143,7 +138,7 @@ def ort_profile(path: Path, x, threads: int, runs: int = 10) -> None:
         name = e["name"][: -len("_kernel_time")]
         by_row[next((p for p in name.split("/") if p.startswith("layers.")), "other (layout reorders, ...)")] += e["dur"]
         by_node[name, str(e["args"].get("output_type_shape", ""))] += e["dur"]
-    scale = 1e-3 / (runs + 1)  # microseconds over all calls -> ms per call
+    scale = 1e-3 / runs  # microseconds over all calls -> ms per call
     total = sum(by_row.values()) * scale
     print(f"\nonnxruntime profile, {tuple(x.shape)}, {threads} thread(s): {total:.1f} ms of kernels per call")
     for row, us in by_row.most_common(12):

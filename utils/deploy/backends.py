@@ -68,14 +68,19 @@ class PyTorchBackend:
         return tokens.cpu().numpy()
 
 
-def ort_session(path: str | Path, device: str | torch.device = "cpu", threads: int | None = None):
-    """An onnxruntime session: CUDA when asked for and available, else CPU; ``threads`` defaults to torch's."""
+def ort_session(path: str | Path, device: str | torch.device = "cpu", threads: int | None = None,
+                profile: str | Path | None = None):
+    """An onnxruntime session: CUDA when asked for and available, else CPU; ``threads`` defaults to torch's.
+    ``profile``: a file prefix, and the session records onnxruntime's profile (``end_profiling()`` writes it)."""
     import onnxruntime as ort  # optional dependency (requirements: export), imported only when a graph runs
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers etc. are noise here
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
+    if profile is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile)
     providers = ["CPUExecutionProvider"]
     if str(device) != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
