@@ -38,6 +38,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="every N training iterations (batches), refresh weights/last.pt with a mid-epoch checkpoint "
                         "that --resume continues exactly (<1: off). Not YOLOv5's epochN.pt every N epochs")
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
+    p.add_argument("--val-period", type=int, default=1,
+                   help="validate after every N-th epoch and the final one (1: every epoch; --noval: the final only)")
     p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without improvement")
     p.add_argument("--close-mosaic", type=int, default=0,
                    help="no mosaic in the last N epochs (Ultralytics' close_mosaic; its default is 10, ours 0: off, "

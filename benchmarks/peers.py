@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.common import (
     add_training_args,
@@ -49,6 +50,7 @@ from utils.deploy.backends import ort_session
 from utils.deploy.export import export_vision
 from utils.deploy.interface import DeployModel, export_metadata
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption import caption_scores
 from utils.viz.plots import read_results
 
@@ -60,7 +62,24 @@ ULTRALYTICS = ["ultralytics==8.4.190", "ultralytics-thop==2.2.3", "polars==2.1.0
 PEERS = {"yolov8n-seg": ("yolov8n-seg.yaml", "seg"), "yolo26n-seg": ("yolo26n-seg.yaml", "seg"),
          "yolo26n-sem": ("yolo26n-sem.yaml", "sem")}
 OURS = {"joint": "", "ours-det+inst": "det,inst"}  # run name -> train.py --tasks ("" = all the data has)
-COLUMNS = {"box": "box_map", "mask": "mask_map", "mIoU": "sem_miou", "CIDEr": "cap_cider"}
+COLUMNS = {"box": "box_map", "box50": "box_map50", "mask": "mask_map", "mask50": "mask_map50", "mIoU": "sem_miou",
+           "BLEU4": "cap_bleu4", "CIDEr": "cap_cider"}
+# --aug off: every augmentation both recipes have, by the name both give it, set to 0 (a memorisation check)
+AUG_OFF = {"mosaic": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0, "degrees": 0.0, "translate": 0.0, "scale": 0.0,
+           "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.0}
+
+
+def recipe_overrides(opt: argparse.Namespace) -> dict[str, float]:
+    """The hyperparameters every model of the run shares, ours and the peers' alike: the nominal batch
+    (``nbs``, the images per optimizer step) and, with ``--aug off``, no augmentation."""
+    return {"nbs": opt.nbs} | (AUG_OFF if opt.aug == "off" else {})
+
+
+def our_hyp(opt: argparse.Namespace, project: Path) -> str:
+    """``--hyp`` with :func:`recipe_overrides` applied, written into the project (the file our runs train with)."""
+    path = project / "hyp.yaml"
+    path.write_text(yaml.safe_dump(load_hyp(opt.hyp) | recipe_overrides(opt), sort_keys=False))
+    return str(path)
 
 
 def peer_env(site: Path, project: Path) -> dict[str, str]:
@@ -174,15 +193,18 @@ def latency_rounds(opt: argparse.Namespace, project: Path, peers: list[str], yam
 
 
 def print_table(rows: dict[str, dict], at: list[int], floor: tuple[str, float], opt: argparse.Namespace) -> None:
-    print(f"\nbudget: {opt.epochs} epochs, {opt.img} px, batch {opt.batch_size}, seed {opt.seed}, device {opt.device}, "
-          f"data {opt.data}, {os.cpu_count()} CPU cores; metrics by our evaluation (pycocotools, original pixels)")
-    head = f"{'model':>16} {'epoch':>5} " + " ".join(f"{c:>7}" for c in COLUMNS) + f" {'params(M)':>9} {'img/s':>6} {'train min':>9}"
-    print(head)
+    print(f"\nbudget: {opt.epochs} epochs, {opt.img} px, batch {opt.batch_size}, nominal batch {opt.nbs}, "
+          f"augmentation {opt.aug}, seed {opt.seed}, device {opt.device}, data {opt.data}, {os.cpu_count()} CPU "
+          "cores; metrics by our evaluation (pycocotools, original pixels)")
+    shown = {c: key for c, key in COLUMNS.items()  # the columns some row has a figure in
+             if any(isinstance(r["at"][e].get(key), float) for r in rows.values() for e in at)}
+    print(f"{'model':>16} {'epoch':>5} " + " ".join(f"{c:>7}" for c in shown) +
+          f" {'params(M)':>9} {'img/s':>6} {'train min':>9}")
     for name, r in rows.items():
         for k, e in enumerate(at):
             m = r["at"][e]
             cells = [f"{m[key]:>7.4f}" if isinstance(m.get(key), float) and math.isfinite(m[key]) else f"{'-':>7}"
-                     for key in COLUMNS.values()]
+                     for key in shown.values()]
             tail = (f" {r['params'] / 1e6:>9.2f} {r['img_s']:>6.2f} {r['train_min']:>9.1f}" if k == len(at) - 1
                     else "")
             print(f"{name if k == 0 else '':>16} {e:>5} " + " ".join(cells) + tail)
@@ -191,8 +213,9 @@ def print_table(rows: dict[str, dict], at: list[int], floor: tuple[str, float], 
           "every val image")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str = __doc__) -> argparse.ArgumentParser:
+    """This benchmark's flags (``benchmarks/real.py`` sets other defaults on them)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, epochs=10, img=192, project="runs/bench/peers")
     p.add_argument("--at", default="", help="comma list of epochs to report (default: half-way and the last)")
     p.add_argument("--only", default="", help="comma list of runs to (re)train and score: "
@@ -203,17 +226,32 @@ def main(argv: list[str] | None = None) -> None:
                    "1 thread, ours (the trained joint model) against each peer's graph (0: skip)")
     p.add_argument("--latency-rounds", type=int, default=3, help="alternating timing rounds (ours, each peer) whose "
                    "median is reported")
-    opt = p.parse_args(argv)
+    # the settings every model of the table shares besides the training flags (recipe_overrides)
+    p.add_argument("--nbs", type=int, default=64, help="nominal batch: images per optimizer step, for every model")
+    p.add_argument("--aug", choices=["on", "off"], default="on",
+                   help="off: no augmentation for any model (mosaic, HSV, affine, flips all 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parser().parse_args(argv))
+
+
+def run(opt: argparse.Namespace) -> None:
+    """Trains what is not done yet, scores it and prints the table (and the latency rounds)."""
     project = Path(opt.project)
     project.mkdir(parents=True, exist_ok=True)
-    at = sorted({int(e) for e in opt.at.split(",") if e} or {max(opt.epochs // 2, 1), opt.epochs})
+    at = sorted({int(e) for e in opt.at.split(",") if e and int(e) <= opt.epochs}
+                or {max(opt.epochs // 2, 1), opt.epochs})
     only = set(opt.only.split(",")) if opt.only else None
 
     def wanted(name: str, done: bool) -> bool:
         return (name in only) if only is not None else not done
 
     ours = {name: OURS[name] for name in opt.ours.split(",") if name}
-    todo = {name: train_args(opt, tasks) for name, tasks in ours.items()
+    period = math.gcd(*at)  # ours validate, and the peers keep a checkpoint, every `period` epochs (and the last)
+    shared = argparse.Namespace(**vars(opt) | {"hyp": our_hyp(opt, project)})
+    todo = {name: [*train_args(shared, tasks), "--val-period", str(period)] for name, tasks in ours.items()
             if wanted(name, (project / name / "weights/last.pt").is_file())}
     run_trainings(todo, project, threads=opt.threads)
 
@@ -226,19 +264,20 @@ def main(argv: list[str] | None = None) -> None:
     peers = []  # the asked-for peers the data has labels for
     for name in [n.strip() for n in opt.peers.split(",") if n.strip()]:
         model, kind = PEERS[name]
-        run = project / name
+        run_dir = project / name
         if kind not in yamls:
             print(f"{name}: skipped (the data has no {kind} labels)")
             continue
         peers.append(name)
-        if wanted(name, (run / "weights/last.pt").is_file()):
-            print(f"training {name} (log {run}.log) ...", flush=True)
-            run_peer(["train", "--model", model, "--data-yaml", str(yamls[kind]), "--run", str(run), "--epochs",
+        if wanted(name, (run_dir / "weights/last.pt").is_file()):
+            print(f"training {name} (log {run_dir}.log) ...", flush=True)
+            run_peer(["train", "--model", model, "--data-yaml", str(yamls[kind]), "--run", str(run_dir), "--epochs",
                       str(opt.epochs), "--batch-size", str(opt.batch_size), "--seed", str(opt.seed), "--workers",
-                      str(opt.workers), *common], env, project / f"{name}.log")
-        if not (run / "our_scores.json").is_file() or (only is not None and name in only):
+                      str(opt.workers), "--save-period", str(period), "--overrides",
+                      json.dumps(recipe_overrides(opt)), *common], env, project / f"{name}.log")
+        if not (run_dir / "our_scores.json").is_file() or (only is not None and name in only):
             print(f"scoring {name} at epochs {at} ...", flush=True)
-            run_peer(["score", "--run", str(run), "--data", opt.data, "--epochs", ",".join(map(str, at)), *common],
+            run_peer(["score", "--run", str(run_dir), "--data", opt.data, "--epochs", ",".join(map(str, at)), *common],
                      env, project / f"{name}.score.log")
 
     cfg = load_data_config(opt.data)

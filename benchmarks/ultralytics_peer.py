@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def convert(data: str, out: Path, merge=None) -> dict[str, Path]:
 
 
 def train(model: str, data_yaml: str, run: Path, epochs: int, img: int, batch: int, seed: int, device: str,
-          workers: int) -> None:
-    """Trains ``model`` (an Ultralytics yaml) from scratch into ``run`` with the peer's defaults otherwise, a
-    checkpoint every epoch, and the seconds of each epoch's training loop (validation excluded) in
+          workers: int, save_period: int = 1, overrides: dict | None = None) -> None:
+    """Trains ``model`` (an Ultralytics yaml) from scratch into ``run`` with the peer's defaults otherwise (but
+    ``overrides``: hyperparameters by Ultralytics' names), a checkpoint after every ``save_period``-th epoch
+    (``weights/epoch{N-1}.pt`` after epoch N; Ultralytics' own ``save_period`` keeps epochs 1, 1 + N, ...), no
+    validation of its own (we score its checkpoints), and the seconds of each epoch's training loop in
     ``run/epoch_times.json``."""
     from ultralytics import YOLO
 
@@ -106,12 +109,18 @@ def train(model: str, data_yaml: str, run: Path, epochs: int, img: int, batch: i
         times.append(time.perf_counter() - state["t0"])
         (run / "epoch_times.json").write_text(json.dumps(times))
 
+    def keep(trainer) -> None:  # after last.pt of 0-based epoch k is written
+        if (trainer.epoch + 1) % save_period == 0:
+            shutil.copyfile(trainer.last, trainer.wdir / f"epoch{trainer.epoch}.pt")
+
     yolo = YOLO(model)
     yolo.add_callback("on_train_epoch_start", start)
     yolo.add_callback("on_train_epoch_end", end)
+    yolo.add_callback("on_model_save", keep)
     yolo.train(data=data_yaml, epochs=epochs, imgsz=img, batch=batch, seed=seed, deterministic=True,
                device=device, workers=workers, project=str(run.parent.resolve()), name=run.name, exist_ok=True,
-               pretrained=False, plots=False, save_period=1, verbose=False)
+               pretrained=False, plots=False, save_period=-1, val=False, verbose=False,
+               **(overrides or {}))
 
 
 def score(run: Path, data: str, epochs: list[int], img: int, device: str) -> dict[int, dict[str, float]]:
@@ -196,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--save-period", type=int, default=1, help="train: a checkpoint every N epochs")
+    p.add_argument("--overrides", default="{}", help="train: Ultralytics hyperparameters, a JSON object")
     opt = p.parse_args(argv)
     if opt.action == "convert":
         print(json.dumps({k: str(v) for k, v in convert(opt.data, Path(opt.out)).items()}))
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"ms": latency(opt.model, opt.data_yaml, opt.img, opt.workers)}))
     elif opt.action == "train":
         train(opt.model, opt.data_yaml, Path(opt.run), int(opt.epochs), opt.img, opt.batch_size, opt.seed,
-              opt.device, opt.workers)
+              opt.device, opt.workers, opt.save_period, json.loads(opt.overrides))
     else:
         epochs = [int(e) for e in opt.epochs.split(",")]
         scores = score(Path(opt.run), opt.data, epochs, opt.img, opt.device)

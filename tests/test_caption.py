@@ -4,12 +4,14 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from models.heads.caption import CaptionHead, CaptionOutput
 from models.implicit import Implicit
 from utils.data.vocab import BOS, EOS, PAD, UNK, UNK_WORD, Vocabulary, tokenize
+from utils.deploy.caption_decode import greedy_decode
 from utils.eval.metrics.caption import caption_scores
 from utils.loss.caption import CaptionLoss
 
@@ -131,6 +133,32 @@ def test_vocab_min_count_and_unk():
     assert v.to_list()[4:] == ["a", "dog"]  # by count then alphabetically
     assert v.encode("a cat runs", 10) == [BOS, v.stoi["a"], UNK, UNK, EOS]
     assert v.decode(v.encode("a cat runs", 10)) == "a <unk> <unk>"  # <unk> is a word; <bos>/<eos> are not
+
+
+def test_vocab_lowers_the_min_count_until_unk_is_rare():
+    """max_unk: the threshold drops from min_count until <unk> stands for at most that share of the words."""
+    caps = ["a dog runs", "a dog sits", "a cat", "a dog"]  # 10 words: a x4, dog x3, runs / sits / cat x1
+    assert Vocabulary.build(caps, min_count=3).to_list()[4:] == ["a", "dog"]  # 3 of 10 words <unk>
+    v = Vocabulary.build(caps, min_count=3, max_unk=0.3)
+    assert (v.min_count, v.unk_share, len(v)) == (3, 0.3, 6)
+    v = Vocabulary.build(caps, min_count=3, max_unk=0.2)  # 3 -> 2 keeps 30% <unk>, so down to 1
+    assert (v.min_count, v.unk_share, len(v)) == (1, 0.0, 9)
+    assert UNK not in v.encode("a cat runs", 10)
+
+
+def test_generation_never_emits_unk_or_specials(vocab):
+    """Greedy, beam search, sampling and the onnxruntime mirror never write <unk> (nor <pad>/<bos>), even where
+    the decoder puts all its mass on it; greedy and the numpy mirror still agree."""
+    head = tiny_head(len(vocab), seed=3).eval()
+    with torch.no_grad():
+        head.out.bias[UNK] = 1e4  # <unk> would win every step
+    with torch.no_grad():
+        memory = head.encode(feats(3, seed=5))
+    outs = [head.greedy(memory), head.beam_search(memory, beam=3), head.sample(memory, k=4)]
+    for tokens in outs:
+        assert not bool(torch.isin(tokens[:, 1:], torch.tensor([UNK, BOS])).any())
+    step = lambda m, t: head.decode_step(torch.from_numpy(m), torch.from_numpy(t)).detach().numpy()
+    assert np.array_equal(greedy_decode(step, memory.numpy(), head.max_len), outs[0].numpy())
 
 
 def test_encode_truncates_but_keeps_eos_and_batch_pads(vocab):

@@ -10,10 +10,12 @@ import cv2
 import numpy as np
 import yaml
 
+from benchmarks import peers, real
 from benchmarks.peers import constant_caption_floor
 from benchmarks.ultralytics_peer import convert
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
+from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption import caption_scores
 
 
@@ -76,3 +78,17 @@ def test_a_retrained_benchmark_run_starts_from_an_empty_folder(tiny_cfg_file, ti
                           tmp_path, "joint")
     rows = read_results(run / "results.csv")
     assert [r["epoch"] for r in rows] == [1.0]
+
+
+def test_a_real_image_budget_sets_one_recipe_for_every_model(tmp_path):
+    """benchmarks.real's CPU budget: small images, no augmentation and a step every batch, given to our hyp file
+    and to the peers' overrides alike; any of its settings is still a flag."""
+    opt = real.parse(["--project", str(tmp_path)])
+    assert (opt.img, opt.batch_size, opt.nbs, opt.aug, opt.peers, opt.latency) == (128, 8, 8, "off", "yolov8n-seg", 0)
+    hyp = load_hyp(peers.our_hyp(opt, tmp_path))
+    overrides = peers.recipe_overrides(opt)
+    assert overrides["nbs"] == 8 and overrides["mosaic"] == 0 and overrides["fliplr"] == 0
+    assert {k: hyp[k] for k in overrides} == overrides
+    assert hyp["lr0"] == load_hyp(opt.hyp)["lr0"]  # the rest is --hyp's
+    assert peers.recipe_overrides(real.parse(["--aug", "on"])) == {"nbs": 8}
+    assert (real.parse(["--budget", "gpu"]).img, real.parse(["--budget", "gpu", "--img", "320"]).img) == (640, 320)

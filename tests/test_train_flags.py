@@ -2,6 +2,8 @@
 inside real (tiny, CPU) runs through a user hook."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from utils.data import augment as A
 from utils.data.dataset import multi_scale_shape
 from utils.engine.hooks import Hook
 from utils.engine.hyp import HYPS_DIR
+from utils.viz.plots import read_results
 
 # 24 training images in batches of 8: 3 batches an epoch; a nominal batch of 8: a step after every batch
 NOMINAL, NB = 8, 3
@@ -254,3 +257,43 @@ def test_cpu_training_runs_in_the_mixed_precision_it_reports(amp, tiny_cfg_file,
     assert seen and set(seen) == {torch.bfloat16 if amp else torch.float32}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert f"device cpu, {'bfloat16' if amp else 'fp32'}" in capsys.readouterr().out
+
+
+def test_hyp_nbs_sets_the_nominal_batch(tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
+    """hyp nbs (Ultralytics' name) replaces the nominal batch of 64: batch 8 and nbs 16 step every 2 batches,
+    weight decay scaled to 16 images."""
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text().replace("nbs: 64", "nbs: 16"))
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--hyp", str(hyp))
+    trainer = trainer_module.Trainer(opt)
+    assert trainer.accumulate == 2
+    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups} - {0.0}
+    assert len(decays) == 1 and decays.pop() == pytest.approx(trainer.hyp["weight_decay"] * 8 * 2 / 16)
+
+
+class Validations(Hook):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, bool]] = []
+
+    def after_epoch(self, trainer):
+        self.seen.append((trainer.epoch, trainer.validated, "box_map" in trainer.metrics))
+
+
+def test_val_period_validates_every_nth_and_the_final_epoch(tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
+    """--val-period 2 of 5 epochs validates after epochs 2, 4 and 5 only; results.csv has metrics on those rows."""
+    opt = train_script.parse_opt(train_args(tiny_cfg_file, tiny_data, tmp_path, 5, "exp", "--noplots",
+                                            "--val-period", "2"))
+    hook = Validations()
+    run = trainer_module.Trainer(opt, hooks=[hook]).run()
+    assert hook.seen == [(e, e in (1, 3, 4), e in (1, 3, 4)) for e in range(5)]
+    rows = read_results(run / "results.csv")
+    assert [math.isfinite(r.get("box_map", math.nan)) for r in rows] == [False, True, False, True, True]
+
+
+def test_patience_counts_only_validated_epochs(tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
+    """--noval --patience 1: no epoch before the last is validated, so none can be 'without improvement' and
+    the run trains all its epochs (it used to stop after the second, epoch 1 having been taken as the best)."""
+    opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 3, "--patience", "1")
+    hook = Validations()
+    trainer_module.Trainer(opt, hooks=[hook]).run()
+    assert hook.seen == [(0, False, False), (1, False, False), (2, True, True)]

@@ -13,6 +13,7 @@ ALL_TASKS: tuple[str, ...] = TASKS + DERIVED_TASKS  # what metrics, tables and -
 PANOPTIC_NEEDS: tuple[str, ...] = ("det", "inst", "sem")  # the heads whose results the panoptic merge combines
 IGNORE_INDEX = 255  # semantic maps: pixels with no (known) label; also COCO-Stuff's "unlabeled" PNG value
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # caption token ids: the head and the loss rely on them without a Vocabulary
+NEVER_GENERATED = [PAD, BOS, UNK]  # ids caption generation never emits (CaptionHead._generation_logprobs)
 
 # results.csv / metrics.json keys -> task: the part after "train/" or "val/" starts with one of these
 TASK_KEY_PREFIXES: dict[str, tuple[str, ...]] = {"det": ("det_", "box_"), "inst": ("inst_", "mask_"),

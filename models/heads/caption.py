@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.heads.base import TaskInput
-from utils.tasks import BOS, EOS, PAD
+from utils.tasks import BOS, EOS, NEVER_GENERATED, PAD
 
 
 @dataclass
@@ -248,12 +248,13 @@ class CaptionHead(nn.Module):
 
     @staticmethod
     def _generation_logprobs(logits: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities over the last dim with ``<pad>`` and ``<bos>`` excluded: generation never emits
-        them. Greedy, beam search, sampling and the samples' scored log-probabilities all use this, so beam=1
-        equals greedy and a sample's log-probability is that of the distribution it was drawn from."""
+        """Log-probabilities over the last dim with ``<pad>``, ``<bos>`` and ``<unk>`` excluded: generation never
+        emits them (a placeholder is never a better caption word than the likeliest real one; ImageCaptioning.pytorch
+        suppresses ``<unk>`` alike). Greedy, beam search, sampling and the samples' scored log-probabilities all
+        use this, so beam=1 equals greedy and a sample's log-probability is that of the distribution it was drawn
+        from."""
         logits = logits.float()
-        logits[..., PAD] = float("-inf")
-        logits[..., BOS] = float("-inf")
+        logits[..., NEVER_GENERATED] = float("-inf")
         return logits.log_softmax(-1)
 
     def _next_logprobs(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

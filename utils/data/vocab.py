@@ -90,16 +90,26 @@ class Vocabulary:
         return tokenize(text)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 2) -> "Vocabulary":
-        """A vocabulary of every word seen at least ``min_count`` times; rarer words map to ``<unk>``.
+    def build(cls, captions: Iterable[str], min_count: int = 2, max_unk: float = 1.0) -> "Vocabulary":
+        """A vocabulary of every word seen at least ``m`` times; rarer words map to ``<unk>``. ``m`` is the
+        largest count ``<= min_count`` at which ``<unk>`` stands for at most ``max_unk`` of the captions' words
+        (1 when none does). So COCO's 400k captions keep the usual threshold 5 (about 10k words, a fraction of
+        a percent ``<unk>``), while a few hundred captions keep every word instead of training the decoder to
+        say ``<unk>`` for one word in ten.
 
         Words are ordered by descending count, then alphabetically, so the same captions always give
         the same ids (whatever order they come in).
         """
         counts = Counter(w for c in captions for w in tokenize(c))
-        words = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
+        total, m = sum(counts.values()), max(int(min_count), 1)
+        while m > 1 and sum(n for n in counts.values() if n < m) > max_unk * total:
+            m -= 1
+        words = sorted((w for w, n in counts.items() if n >= m and w not in SPECIALS),
                        key=lambda w: (-counts[w], w))
-        return cls(words)
+        vocab = cls(words)
+        # how it was built, for the training log (not part of the saved word list)
+        vocab.min_count, vocab.unk_share = m, sum(n for n in counts.values() if n < m) / max(total, 1)
+        return vocab
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -1,5 +1,5 @@
 """Caption decoding outside the vision graph: numpy mirrors of ``CaptionHead.greedy`` / ``beam_search`` that
-run an exported decoder-step graph (same start token, same ``<pad>``/``<bos>`` masking, same stopping rule,
+run an exported decoder-step graph (same start token, same ``<pad>``/``<bos>``/``<unk>`` masking, same stopping rule,
 same ``max_len``), so a ``.pt`` and its ``.onnx`` caption alike."""
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ from typing import Callable
 
 import numpy as np
 
-from utils.tasks import BOS, EOS, PAD
+from utils.tasks import BOS, EOS, NEVER_GENERATED, PAD
 
 StepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (memory, tokens) -> next-token logits
 
 
 def _next_logprobs(logits: np.ndarray) -> np.ndarray:
-    """As ``CaptionHead._next_logprobs``: float32, never ``<pad>`` or ``<bos>``, log-softmax."""
+    """As ``CaptionHead._next_logprobs``: float32, never ``<pad>``, ``<bos>`` or ``<unk>``, log-softmax."""
     x = logits.astype(np.float32, copy=True)
-    x[:, PAD] = -np.inf
-    x[:, BOS] = -np.inf
+    x[:, NEVER_GENERATED] = -np.inf
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 

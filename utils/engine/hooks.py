@@ -273,8 +273,9 @@ class Console(Hook):
 
 
 class EarlyStop(Hook):
-    """``--patience N``: stops when N epochs in a row have not improved the best fitness (never after the
-    final epoch, which ends the run anyway). Off when N is 0."""
+    """``--patience N``: stops when N epochs in a row have not improved the best fitness, checked after each
+    validated epoch (``--val-period``, ``--noval``) and never after the final one, which ends the run anyway.
+    Off when N is 0."""
 
     main_only = True
 
@@ -282,7 +283,8 @@ class EarlyStop(Hook):
         self.patience = patience
 
     def after_epoch(self, trainer: Trainer) -> None:
-        if self.patience and trainer.epoch - trainer.best_epoch >= self.patience and not trainer.final_epoch:
+        if (self.patience and trainer.validated and not trainer.final_epoch
+                and trainer.epoch - trainer.best_epoch >= self.patience):
             print(f"early stop: no improvement for {self.patience} epochs (best epoch {trainer.best_epoch + 1})")
             trainer.request_stop()
 

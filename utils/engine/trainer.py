@@ -61,8 +61,8 @@ from utils.loss.multitask import MultiTaskLoss
 from utils.ops.letterbox import to_float
 from utils.tasks import fitness, parse_tasks
 
-# gradients are accumulated up to this batch, and weight decay scaled to it; read when a Trainer is built,
-# so a test may set utils.engine.trainer.NOMINAL_BATCH first
+# gradients are accumulated up to this batch, and weight decay scaled to it, unless the hyp's ``nbs`` says
+# otherwise; read when a Trainer is built, so a test may set utils.engine.trainer.NOMINAL_BATCH first
 NOMINAL_BATCH = 64
 MULTI_SCALE_STREAM = 7  # --multi-scale draws from (this, seed, epoch, batch): apart from the datasets' streams
 
@@ -141,7 +141,8 @@ class Trainer:
     What hooks read, besides the parts built here (``opt``, ``hyp``, ``dist``, ``model``, ``ema``, ``optimizer``,
     ``train_set``, ``logger``, ...): ``epoch``, ``nb`` (batches per epoch), ``progress`` (the epoch's
     :class:`EpochProgress`), ``batch_index``, ``batch``, ``batch_inputs``, ``metrics`` (the epoch's row),
-    ``is_best``, ``best_fitness``, ``best_epoch``, ``final_epoch``, ``last_eval`` (the latest validation).
+    ``validated`` (this epoch was), ``is_best``, ``best_fitness``, ``best_epoch``, ``final_epoch``, ``last_eval`` (the
+    latest validation).
     Kept for callers and tests: ``on_step`` (functions called after each optimizer step, on every rank),
     ``mid_epoch_saves`` and ``skipped_steps``.
     """
@@ -181,7 +182,7 @@ class Trainer:
         self.progress: EpochProgress | None = None
         self.batch, self.batch_inputs = None, {}
         self.metrics: dict = {}
-        self.is_best = False
+        self.is_best = self.validated = False
         self.rank_rng: list[dict] | None = None  # every rank's RNG state at the end of the epoch (DDP)
         self.last_eval = None  # the latest validation (its predictions feed the curves drawn at the end)
         # section(name) -> context manager around each named part of a training batch (head_inputs, to_device,
@@ -221,7 +222,8 @@ class Trainer:
                 self.vocab = Vocabulary.from_list(resume_ckpt["meta"]["vocab"])
             else:
                 captions = (c for _, rec in self.train_set.items for c in rec.captions)
-                self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)))
+                self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)),
+                                              max_unk=float(self.hyp.get("cap_max_unk", 1.0)))
 
     def _cache_images(self) -> None:
         """``--cache ram|disk``: the training images, and the validation ones unless ``--noval`` (then validated
@@ -257,8 +259,9 @@ class Trainer:
     def _build_optimizer(self) -> None:
         """Gradient accumulation, the optimizer (``--optimizer auto`` resolved), the lr schedule, the AMP scaler."""
         opt = self.opt
-        self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
-        decay = self.hyp.get("weight_decay", 5e-4) * opt.batch_size * self.accumulate / NOMINAL_BATCH
+        nominal = int(self.hyp.get("nbs", NOMINAL_BATCH))
+        self.accumulate = max(round(nominal / opt.batch_size), 1)
+        decay = self.hyp.get("weight_decay", 5e-4) * opt.batch_size * self.accumulate / nominal
         iterations = opt.epochs * math.ceil(len(self.train_set) / opt.batch_size)
         name = opt.optimizer
         if name == "auto":  # Ultralytics' rule: AdamW for short schedules, SGD for long ones
@@ -331,6 +334,9 @@ class Trainer:
         self.log(f"model: {self.model.info()}; optimizer {self.optimizer_name} lr0={self.lr0}; "
                  f"accumulate {self.accumulate}; device {self.device}, "
                  f"{str(self.amp_dtype).removeprefix('torch.') if self.amp_dtype else 'fp32'}")
+        if getattr(self.vocab, "min_count", None):  # built by this run, not resumed
+            self.log(f"captions: {len(self.vocab)} tokens (words seen >= {self.vocab.min_count} times; <unk> "
+                     f"{100 * self.vocab.unk_share:.1f}% of the training words)")
 
     # --- hooks ---------------------------------------------------------------------------------
     def register(self, *hooks: Hook) -> None:
@@ -606,8 +612,8 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         """The epoch's row (``self.metrics``): loss means over every rank, task weights, timing; then, on
-        rank 0, validation (unless --noval, except after the final epoch), learning rates and the best
-        fitness. The collectives here run on every rank, in the same order."""
+        rank 0, learning rates, and validation and the best fitness after every ``--val-period``-th epoch (none
+        under --noval) and the final one. The collectives here run on every rank, in the same order."""
         epoch, progress = self.epoch, self.progress
         self.scheduler.step()
         train_time = progress.elapsed()
@@ -619,16 +625,18 @@ class Trainer:
         # ranks' RNG streams differ (dropout), so each rank's goes into the checkpoints; validation,
         # checkpoints and logs happen once, on rank 0
         self.rank_rng = gather_objects(rng_state(self.cuda), self.dist) if self.dist.enabled else None
-        self.metrics, self.is_best = row, False
+        self.metrics, self.is_best, self.validated = row, False, False
         if not self.dist.main:
             return
-        if not getattr(self.opt, "noval", False) or self.final_epoch:
-            self._validate(row)
         row |= {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
-        fit = fitness(row)
-        self.is_best = fit > self.best_fitness or self.best_fitness < 0
-        if self.is_best:
-            self.best_fitness, self.best_epoch = fit, epoch
+        period = max(getattr(self.opt, "val_period", 1), 1)
+        if self.final_epoch or (not getattr(self.opt, "noval", False) and (epoch + 1) % period == 0):
+            self._validate(row)
+            # only a validated epoch can be the best one (and so reset --patience's count)
+            fit, self.validated = fitness(row), True
+            self.is_best = fit > self.best_fitness or self.best_fitness < 0
+            if self.is_best:
+                self.best_fitness, self.best_epoch = fit, epoch
 
     def _validate(self, row: dict) -> None:
         """Validates the EMA model into ``row`` and ``last_eval`` (rank 0)."""
