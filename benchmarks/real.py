@@ -21,7 +21,7 @@ from benchmarks import peers
 
 # name -> the defaults it sets; the CPU one fits 30 minutes a model on 2 cores (measured in README's table)
 BUDGETS = {
-    "cpu": {"img": 128, "epochs": 200, "batch_size": 8, "nbs": 8, "aug": "off", "at": "50,100,200"},
+    "cpu": {"img": 128, "epochs": 100, "batch_size": 8, "nbs": 8, "aug": "off", "at": "25,50,100"},
     "gpu": {"img": 640, "epochs": 300, "batch_size": 16, "nbs": 16, "aug": "off", "at": "100,200,300",
             "device": "0", "workers": 8},
 }

@@ -3,6 +3,7 @@ peers themselves need Ultralytics, which the benchmark installs; the tests do no
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import cv2
 import numpy as np
 import yaml
 
-from benchmarks import peers, real
+from benchmarks import caption_lm, peers, real
 from benchmarks.peers import constant_caption_floor
 from benchmarks.ultralytics_peer import convert
 from utils.data.config import load_data_config
@@ -84,7 +85,7 @@ def test_a_real_image_budget_sets_one_recipe_for_every_model(tmp_path):
     """benchmarks.real's CPU budget: small images, no augmentation and a step every batch, given to our hyp file
     and to the peers' overrides alike; any of its settings is still a flag."""
     opt = real.parse(["--project", str(tmp_path)])
-    assert (opt.img, opt.batch_size, opt.nbs, opt.aug, opt.peers, opt.latency) == (128, 8, 8, "off", "yolov8n-seg", 0)
+    assert (opt.img, opt.epochs, opt.nbs, opt.aug, opt.peers, opt.latency) == (128, 100, 8, "off", "yolov8n-seg", 0)
     hyp = load_hyp(peers.our_hyp(opt, tmp_path))
     overrides = peers.recipe_overrides(opt)
     assert overrides["nbs"] == 8 and overrides["mosaic"] == 0 and overrides["fliplr"] == 0
@@ -92,3 +93,15 @@ def test_a_real_image_budget_sets_one_recipe_for_every_model(tmp_path):
     assert hyp["lr0"] == load_hyp(opt.hyp)["lr0"]  # the rest is --hyp's
     assert peers.recipe_overrides(real.parse(["--aug", "on"])) == {"nbs": 8}
     assert (real.parse(["--budget", "gpu"]).img, real.parse(["--budget", "gpu", "--img", "320"]).img) == (640, 320)
+
+
+def test_caption_lm_prints_both_bounds_at_each_reported_epoch(tiny_data, capsys):
+    """benchmarks.caption_lm trains the decoder on one shared input and on one input per image and prints a row
+    per reported epoch for each, with the vocabulary rule it took."""
+    caption_lm.main(["--data", str(tiny_data), "--epochs", "2", "--at", "1,2", "--batch-size", "8", "--d-model", "32",
+                     "--layers", "1", "--heads", "4"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("language model", "image identity"))]
+    assert [(r[0], int(r[2])) for r in rows] == [("language", 1), ("language", 2), ("image", 1), ("image", 2)]
+    assert all(math.isfinite(float(r[3])) and float(r[3]) > 0 for r in rows)  # cross-entropy
+    assert "decoder d_model 32, 1 layers, 4 heads" in out
