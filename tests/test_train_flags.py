@@ -263,7 +263,7 @@ def test_hyp_nbs_sets_the_nominal_batch(tiny_cfg_file, tiny_data, tmp_path, monk
     """hyp nbs (Ultralytics' name) replaces the nominal batch of 64: batch 8 and nbs 16 step every 2 batches,
     weight decay scaled to 16 images."""
     hyp = tmp_path / "hyp.yaml"
-    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text().replace("nbs: 64", "nbs: 16"))
+    hyp.write_text((HYPS_DIR / "hyp.scratch.yaml").read_text() + "nbs: 16\n")
     opt = _opt(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, 1, "--hyp", str(hyp))
     trainer = trainer_module.Trainer(opt)
     assert trainer.accumulate == 2
