@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 import export as export_script
 import test as test_script
@@ -30,19 +31,44 @@ from tests.test_export import IMG, zero_class_priors
 from utils.data.coco import LabelReport, load_split
 from utils.data.config import load_data_config
 from utils.data.vocab import Vocabulary
+from utils.deploy.export import verification_images
+from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 
 FIXTURE = ROOT / "tests/fixtures/coco-real"
 INSTANCES = json.loads((FIXTURE / "annotations/instances_val2017.json").read_text())
 CAPTIONS = json.loads((FIXTURE / "annotations/captions_val2017.json").read_text())
 CATEGORY_IDS = [c["id"] for c in INSTANCES["categories"]]  # COCO's 80, 1..90 with gaps
 IMAGES = {im["id"]: im for im in INSTANCES["images"]}
-CONF = "0.3"  # class priors zeroed: scores sit around 0.5 (see tests.test_export.zero_class_priors)
+CONF, MAX_DET = "0.3", "10"  # class priors zeroed: scores around 0.5 (see tests.test_export.zero_class_priors)
+
+
+def recalibrate_bn(weights: Path, data: Path) -> None:
+    """Recomputes the BatchNorm running statistics of ``weights`` (model and EMA) on the data's val images.
+
+    Two short epochs move them only a few percent from their initial mean 0 / variance 1, so in eval mode every
+    layer shrinks the signal and by the heads the outputs no longer depend on the image (~1e-7 apart); the
+    photographs' own statistics make the predictions differ from one photograph to the next, as a trained
+    model's do.
+    """
+    ckpt = load_checkpoint(weights)
+    x = verification_images(data, (IMG, IMG), len(IMAGES)).float() / 255.0
+    for key in ("model", "ema"):
+        model = build_from_checkpoint(ckpt, ema=key == "ema")
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average: exactly these images' statistics
+        with torch.no_grad():
+            model.train()(x)
+        ckpt[key] = model.state_dict()
+    save_checkpoint(ckpt, weights)
 
 
 @pytest.fixture(scope="module")
 def real(tiny_cfg_file, tmp_path_factory) -> dict:
     """The fixture copied to a temporary folder (its data yaml's ``path`` pointed there), a 2-epoch tiny run on it
-    (all its tasks: det, inst, cap) with the run's printout, and the run's best.pt with its class priors zeroed."""
+    (all its tasks: det, inst, cap) with the run's printout, and the run's best.pt with its class priors zeroed and
+    its BatchNorm statistics taken on the photographs (``model``)."""
     root = tmp_path_factory.mktemp("coco_real")
     folder = root / "coco-real"
     shutil.copytree(FIXTURE, folder, ignore=shutil.ignore_patterns("*.cache", "make.py", "__pycache__"))
@@ -52,8 +78,9 @@ def real(tiny_cfg_file, tmp_path_factory) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = train_script.main(train_args(tiny_cfg_file, data, root / "runs", 2, "real"))
-    run = root / "runs/real"
-    model = zero_class_priors(run / "weights/best.pt", root / "model/real.pt") if rc == 0 else None
+    run, model = root / "runs/real", root / "model/real.pt"
+    if rc == 0:
+        recalibrate_bn(zero_class_priors(run / "weights/best.pt", model), data)
     return {"rc": rc, "log": out.getvalue(), "run": run, "data": data, "images": folder / "images/val2017",
             "model": model, "root": root}
 
@@ -112,9 +139,10 @@ def test_crowd_rle_is_not_an_instance_and_polygons_are_kept(real):
 
 def test_validate_checkpoint(real, tmp_path):
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out):  # a conf and max-det that keep NMS short on scores all around 0.5
         rc = test_script.main(["--weights", str(real["model"]), "--data", str(real["data"]), "--batch-size", "5",
-                               "--workers", "0", "--device", "cpu", "--project", str(tmp_path), "--save-json"])
+                               "--conf-thres", CONF, "--max-det", MAX_DET, "--workers", "0", "--device", "cpu",
+                               "--project", str(tmp_path), "--save-json"])
     assert rc == 0, out.getvalue()
     metrics = json.loads((tmp_path / "exp/metrics.json").read_text())
     for key in ("box_map", "box_map50", "mask_map", "mask_map50", "cap_bleu1", "cap_bleu4", "cap_rougel",
@@ -128,7 +156,7 @@ def test_validate_checkpoint(real, tmp_path):
 
 def test_detect_keeps_original_sizes_and_real_ids(real, tmp_path):
     rc, out, save = run_detect(["--weights", str(real["model"]), "--source", str(real["images"]), "--conf-thres",
-                                CONF, "--save-json"], tmp_path)
+                                CONF, "--max-det", MAX_DET, "--save-json"], tmp_path)
     assert rc == 0, out
     for im in IMAGES.values():  # portrait, square and wide pictures at their own size, something drawn on each
         src, res = cv2.imread(str(real["images"] / im["file_name"])), cv2.imread(str(save / im["file_name"]))
@@ -140,6 +168,9 @@ def test_detect_keeps_original_sizes_and_real_ids(real, tmp_path):
         x, y, w, h = p["bbox"]
         im = IMAGES[p["image_id"]]
         assert -1 <= x and -1 <= y and x + w <= im["width"] + 1 and y + h <= im["height"] + 1, p
+    per_image = {iid: sorted((p["category_id"], *np.round(p["bbox"]).tolist()) for p in preds if p["image_id"] == iid)
+                 for iid in IMAGES}
+    assert len({tuple(v) for v in per_image.values()}) == len(IMAGES)  # each photograph its own detections
     captions = json.loads((save / "captions.json").read_text())
     assert len(captions) == len(IMAGES)
 
@@ -154,7 +185,7 @@ def test_track_on_a_video_of_the_photographs(real, tmp_path):
             writer.write(frame)
     writer.release()
     rc, out, save = run_detect(["--weights", str(real["model"]), "--source", str(video), "--track", "--track-thresh",
-                                CONF, "--save-json"], tmp_path / "runs")
+                                CONF, "--max-det", MAX_DET, "--save-json"], tmp_path / "runs")
     assert rc == 0, out
     cap = cv2.VideoCapture(str(save / video.name))
     try:
@@ -182,12 +213,16 @@ def test_export_verifies_on_the_photographs_and_onnx_detects_the_same(real, tmp_
     got = {}
     for w in (weights, weights.with_suffix(".onnx")):
         rc, log, save = run_detect(["--weights", str(w), "--source", str(real["images"]), "--conf-thres", CONF,
-                                    "--save-json", "--nosave", "--name", w.suffix[1:]], tmp_path / "runs")
+                                    "--max-det", MAX_DET, "--save-json", "--nosave", "--name", w.suffix[1:]],
+                                   tmp_path / "runs")
         assert rc == 0, log
         got[w.suffix] = (_predictions(save), json.loads((save / "captions.json").read_text()))
     (pt, pt_caps), (ox, ox_caps) = got[".pt"], got[".onnx"]
     assert len(pt) == len(ox) > 0 and pt_caps == ox_caps
-    for a, b in zip(pt, ox):
-        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
-        assert np.abs(np.subtract(a["bbox"], b["bbox"])).max() <= 1e-3 * max(a["bbox"][2:] + [640.0])
-        assert abs(a["score"] - b["score"]) <= 1e-4
+    left = list(ox)
+    for a in pt:  # the same detections, in whatever order near-equal scores leave them
+        b = next((b for b in left if b["image_id"] == a["image_id"] and b["category_id"] == a["category_id"]
+                  and abs(a["score"] - b["score"]) <= 1e-4 and np.abs(np.subtract(a["bbox"], b["bbox"])).max() <= 0.5),
+                 None)
+        assert b is not None, a
+        left.remove(b)
