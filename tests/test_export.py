@@ -46,13 +46,8 @@ HEAD_OUTPUTS = {"det": ["det_pred"], "inst": ["inst_coeffs", "inst_protos"], "se
 
 
 def train_tiny_model(data: Path, root: Path) -> Path:
-    """Trains the tiny cfg for one epoch at 64 px; returns its best.pt with the detection class priors zeroed.
-
-    Why zero the priors: the detection head starts from a class bias of log(5 / nc / (640 / s)^2) (~ -6..-9),
-    which one epoch of a few steps does not move, so every anchor scores ~0.003 and near-identical scores
-    would make any NMS comparison a coin toss on ties. Zeroing that bias gives distinct scores around 0.5 from
-    the trained features; everything else is the trained checkpoint as written.
-    """
+    """Trains the tiny cfg for one epoch at 64 px; returns its best.pt with the detection class priors zeroed
+    (see :func:`zero_class_priors`)."""
     cfg = root / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_cfg()))
     args = ["--cfg", str(cfg), "--data", str(data), "--epochs", "1", "--img", str(IMG), "--batch-size", "8",
@@ -60,13 +55,25 @@ def train_tiny_model(data: Path, root: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         assert train_script.main(args) == 0
     weights = root / "runs/exp/weights/best.pt"
+    zero_class_priors(weights, weights)
+    return weights
+
+
+def zero_class_priors(weights: Path, out: Path) -> Path:
+    """Writes ``weights`` to ``out`` with the detection class priors zeroed; returns ``out``.
+
+    Why: the detection head starts from a class bias of log(5 / nc / (640 / s)^2) (~ -6..-9), which one epoch
+    of a few steps does not move, so every anchor scores ~0.003 and near-identical scores would make any NMS
+    comparison a coin toss on ties. Zeroing that bias gives distinct scores around 0.5 from the trained
+    features; everything else is the trained checkpoint as written.
+    """
     ckpt = load_checkpoint(weights)
     for key in ("model", "ema"):
         for name, t in ckpt[key].items():
             if re.search(r"\.cls_out\.\d+\.conv\.bias$", name):
                 t.zero_()
-    save_checkpoint(ckpt, weights)
-    return weights
+    save_checkpoint(ckpt, out)
+    return out
 
 
 def copy_weights(weights: Path, folder: Path) -> Path:
