@@ -58,6 +58,8 @@ def run(opt: argparse.Namespace) -> dict:
     if opt.half:
         model.half()
     data = load_data_config(opt.data or ckpt["opt"]["data"])
+    if ckpt["opt"].get("single_cls"):  # trained with --single-cls: scored as one class too
+        data = data.single_class()
     meta = model.meta
     if data.category_ids != meta.get("category_ids", data.category_ids):
         raise ValueError(f"{data.file}: its categories differ from the checkpoint's ({len(meta['category_ids'])} classes)")

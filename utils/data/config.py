@@ -18,6 +18,7 @@ contiguous indices are used inside the model, original category ids in everythin
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,10 +89,26 @@ class DataConfig:
     semantic_ids: list[int] = field(default_factory=list)   # semantic index -> original category id
     synthetic: dict | None = None
     test: list[SplitSpec] = field(default_factory=list)
+    # the category ids the label files are read with (``category_ids`` unless ``single_cls`` collapsed them)
+    label_ids: list[int] = field(default_factory=list)
+    single_cls: bool = False
+
+    def __post_init__(self) -> None:
+        self.label_ids = self.label_ids or list(self.category_ids)
 
     @property
     def nc(self) -> int:
         return len(self.names)
+
+    def single_class(self) -> DataConfig:
+        """train.py's ``--single-cls`` (YOLOv5's): every object class becomes one class named 'item' with
+        category id 1 (a one-class dataset keeps its name and id). Labels are still read with the original
+        ids (``label_ids``); the datasets collapse their classes to 0 and the evaluation its ground truth."""
+        if self.nc == 0 or self.single_cls:
+            return self
+        one = self.nc == 1
+        return dataclasses.replace(self, names=self.names if one else ["item"],
+                                   category_ids=self.category_ids if one else [1], single_cls=True)
 
     @property
     def tasks(self) -> list[str]:

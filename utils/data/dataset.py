@@ -131,8 +131,12 @@ class CocoDataset(Dataset):
         self.lut = data.semantic_lut()
         self.semantic_ids, self.semantic_names = list(data.semantic_ids), list(data.semantic_names)
         self.items: list[tuple[SplitSpec, ImageRecord]] = []
+        # --single-cls: the ground truth's one category id (evaluation collapses its classes too)
+        self.single_class_id = data.category_ids[0] if data.single_cls else None
         for split in splits:
-            for rec in load_split(split, data.category_ids, self.report, use_cache, data.semantic_ids):
+            for rec in load_split(split, data.label_ids, self.report, use_cache, data.semantic_ids):
+                if data.single_cls:
+                    rec.classes = np.zeros_like(rec.classes)
                 self.items.append((split, rec))
         if not self.items:
             raise ValueError(f"no usable images in {[str(s.images) for s in splits]} ({self.report.summary()})")

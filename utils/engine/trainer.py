@@ -46,7 +46,7 @@ from utils.engine.ema import ModelEMA, unwrap
 from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
-from utils.engine.optim import build_optimizer, fit_adamw_lr
+from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows
 from utils.engine.torch_utils import (
     autocast_dtype,
     increment_path,
@@ -204,6 +204,8 @@ class Trainer:
         if not self.dist.main:  # let rank 0 generate the dataset and write the label caches first
             barrier(self.dist)
         self.data: DataConfig = load_data_config(opt.data)
+        if getattr(opt, "single_cls", False):  # checkpoints from before --single-cls: off
+            self.data = self.data.single_class()
         tasks = self._tasks()
         cap_view = self.hyp.get("cap_view", 0.5) if "cap" in tasks else 0.0
         self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed,
@@ -242,6 +244,10 @@ class Trainer:
                            head_kwargs=self._head_kwargs(self.tasks)).to(self.device, memory_format=torch.channels_last)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
+        rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # checkpoints from before --freeze: ""
+        if rows:
+            n = freeze(self.model, rows)
+            self.log(f"freeze: rows {','.join(map(str, rows))} ({n} parameter tensors get no gradient)")
 
     def _build_loaders(self) -> None:
         """The train and val loaders; ``--batch-size`` is the total over all processes, as YOLOv5."""

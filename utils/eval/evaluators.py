@@ -71,13 +71,14 @@ class InstanceTruth:
     def __init__(self, dataset: CocoDataset, owner: dict[int, SplitSpec]):
         self.owner = owner
         self.files = [s.instances for s in {id(s): s for s, _ in dataset.items}.values() if s.instances]
+        self.single_class_id = dataset.single_class_id
         self._gt = None
 
     @property
     def gt(self):
         """The pycocotools COCO of every instance file (loaded on first use)."""
         if self._gt is None:
-            self._gt = load_ground_truth(self.files)
+            self._gt = load_ground_truth(self.files, self.single_class_id)
         return self._gt
 
     def scored(self, image_ids: Sequence[int]) -> list[int]:
