@@ -62,7 +62,7 @@ def train_tiny_model(data: Path, root: Path) -> Path:
     weights = root / "runs/exp/weights/best.pt"
     ckpt = load_checkpoint(weights)
     for key in ("model", "ema"):
-        for name, t in ckpt[key].items():
+        for name, t in (ckpt.get(key) or {}).items():
             if re.search(r"\.cls_out\.\d+\.conv\.bias$", name):
                 t.zero_()
     save_checkpoint(ckpt, weights)

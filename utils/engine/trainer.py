@@ -32,7 +32,7 @@ from utils.data.dataset import (
     stall_guard,
 )
 from utils.data.vocab import Vocabulary
-from utils.engine.checkpoint import load_checkpoint
+from utils.engine.checkpoint import is_stripped, load_checkpoint
 from utils.engine.distributed import (
     DistInfo,
     barrier,
@@ -390,7 +390,7 @@ class Trainer:
 
     def _load_pretrained(self, weights: str) -> None:
         ckpt = load_checkpoint(weights)
-        state = ckpt.get("ema") or ckpt["model"]
+        state = ckpt.get("ema") or ckpt["model"]  # a stripped checkpoint's model is its FP16 EMA
         own = self.model.state_dict()
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not any(v.dim() > 0 for v in matched.values()):  # BN step counters (0-dim) always "match"
@@ -403,8 +403,9 @@ class Trainer:
         if path is None:
             raise FileNotFoundError("--resume: no runs/train/exp*/weights/last.pt found; give the path to last.pt")
         ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt:
-            raise ValueError(f"--resume {path}: this checkpoint has finished training (no optimizer state)")
+        if is_stripped(ckpt):
+            raise ValueError(f"--resume {path}: this run has finished; its checkpoint keeps only the FP16 EMA weights "
+                             f"(no optimizer state). Train on from it with --weights {path}")
         saved = argparse.Namespace(**ckpt["opt"])
         saved.resume, saved.save_dir = str(path), str(Path(path).parents[1])
         saved.device = self.opt.device or saved.device
