@@ -1,4 +1,4 @@
-"""COCO-layout dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
+"""COCO-layout and YOLO-format dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +35,7 @@ from utils.data.coco import (
 )
 from utils.data.config import DataConfig, SplitSpec
 from utils.data.sample import Sample
+from utils.data.yolo import load_yolo_split
 from utils.ops.letterbox import Letterbox
 from utils.tasks import IGNORE_INDEX, TASKS
 
@@ -134,7 +135,8 @@ class CocoDataset(Dataset):
         # --single-cls: the ground truth's one category id (evaluation collapses its classes too)
         self.single_class_id = data.category_ids[0] if data.single_cls else None
         for split in splits:
-            for rec in load_split(split, data.label_ids, self.report, use_cache, data.semantic_ids):
+            read = load_yolo_split if split.yolo else load_split
+            for rec in read(split, data.label_ids, self.report, use_cache, data.semantic_ids):
                 if data.single_cls:
                     rec.classes = np.zeros_like(rec.classes)
                 self.items.append((split, rec))
@@ -200,8 +202,8 @@ class CocoDataset(Dataset):
             segments = [[p * np.array([sx, sy], np.float32) for p in s] for s in segments]
         if split.semantic is not None and self._ram is None:
             semantic = self._load_semantic(split, rec, (h, w))
-        present = {"det": split.instances is not None, "inst": split.instances is not None,
-                   "sem": semantic is not None, "cap": bool(rec.captions)}
+        tasks = split.tasks
+        present = {"det": "det" in tasks, "inst": "inst" in tasks, "sem": semantic is not None, "cap": bool(rec.captions)}
         return Sample(image=image, boxes=boxes, classes=rec.classes.copy(), segments=segments, semantic=semantic,
                       captions=list(rec.captions), image_id=rec.image_id, path=str(path), orig_shape=(h, w),
                       present=present)
