@@ -45,6 +45,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"],
                    help="read each image once: --cache / --cache ram keeps them decoded in memory (if they fit in "
                         "half the available RAM), --cache disk writes .npy files beside the images folder")
+    p.add_argument("--rect", action="store_true",
+                   help="rectangular batches (YOLOv5's): images sorted by aspect ratio, each batch letterboxed to "
+                        "its own shape (training: not shuffled, no mosaic; validation too)")
     p.add_argument("--multi-scale", action="store_true",
                    help="vary img-size +/- 50%%: each training batch resized to a random multiple of 32 in "
                         "[0.5, 1.5] x --img, labels with it")

@@ -86,3 +86,48 @@ def test_single_cls_ground_truth_is_one_category(tiny_data):
     assert {a["category_id"] for a in single.dataset["annotations"]} == {1}
     assert len(single.dataset["annotations"]) == len(plain.dataset["annotations"])
     assert single.getCatIds() == [1]
+
+
+def test_rect_shapes_follow_yolov5s_rule(tmp_path):
+    """Sorted by aspect ratio; a batch of wide images is letterboxed to ceil(ratio * img / stride + pad) * stride
+    high and img wide (+ pad), one of tall images the other way round, a square one stays square."""
+    from tests.yolo_layout import write_coco8_seg
+    from utils.data.config import load_data_config
+    from utils.data.dataset import CocoDataset
+
+    wide = write_coco8_seg(tmp_path / "wide", n_train=2, n_val=3, size=(96, 48))
+    tall = write_coco8_seg(tmp_path / "tall", n_train=2, n_val=2, size=(48, 96), seed=1)
+    data = load_data_config(wide)
+    ds = CocoDataset(data, data.val + load_data_config(tall).val, 64)
+    ds.rect(2, 32, 0.5)
+    ratios = [rec.height / rec.width for _, rec in ds.items]
+    assert ratios == sorted(ratios) == [0.5] * 3 + [2.0] * 2
+    # h/w 0.5: ceil(0.5 * 2 + 0.5) = 2 strides high, ceil(2.5) = 3 wide; the mixed batch is square
+    assert ds.batch_shapes.tolist() == [[64, 96], [96, 96], [96, 64]]
+    assert [tuple(ds[i]["image"].shape[1:]) for i in range(5)] == [(64, 96)] * 2 + [(96, 96)] * 2 + [(96, 64)]
+
+
+def test_rect_trains_and_validates_with_square_metrics(tiny_cfg_file, tmp_path, monkeypatch):
+    """--rect on 4:3 images at --img 128: training batches 96 x 128 (pad 0, not shuffled, no mosaic); test.py
+    --rect (128 x 160 batches) gives the square validation's metrics within 0.05 (a tiny model's scores move
+    with the padding's few pixels), every image scored."""
+    from tests.yolo_layout import write_coco8_seg
+
+    data = write_coco8_seg(tmp_path, n_train=8, n_val=4, size=(96, 72))
+    shapes = set()
+    monkeypatch.setattr(trainer_module, "NOMINAL_BATCH", 8)
+    opt = train_script.parse_opt(train_args(tiny_cfg_file, data, tmp_path / "runs", 1, "exp", "--noplots", "--rect",
+                                            "--img", "128", "--batch-size", "4"))
+    trainer = trainer_module.Trainer(opt)
+    trainer.on_step.append(lambda t: shapes.add(tuple(t.batch.images.shape[2:])))
+    weights = trainer.run() / "weights/best.pt"
+    assert shapes == {(96, 128)} and trainer.train_set.batch_shapes.tolist() == [[96, 128]] * 2
+    metrics = {}
+    for rect in (False, True):
+        out = tmp_path / f"test{rect}"
+        assert test_script.main(["--weights", str(weights), "--project", str(out), "--workers", "0", "--batch-size",
+                                 "2", "--device", "cpu"] + ["--rect"] * rect) == 0
+        metrics[rect] = json.loads((out / "exp/metrics.json").read_text())
+    assert metrics[True]["images"] == metrics[False]["images"] == 4
+    for k in ("box_map", "box_map50", "mask_map", "mask_map50"):
+        assert metrics[True][k] == pytest.approx(metrics[False][k], abs=0.05), k

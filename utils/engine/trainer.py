@@ -257,7 +257,16 @@ class Trainer:
         if opt.batch_size % self.dist.world:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of the {self.dist.world} processes")
         per_rank = opt.batch_size // self.dist.world
-        self.train_loader = create_dataloader(self.train_set, per_rank, True, opt.workers, opt.seed, self.dist.enabled)
+        rect = getattr(opt, "rect", False)  # checkpoints from before --rect: off
+        if rect:
+            # grouped by the total batch: a DistributedSampler deals rank r the items r, r + world, ..., so
+            # every rank's batch j lies inside the same group j (validation's per-rank batches too)
+            gs = max(int(self.model.stride), 32)
+            self.train_set.rect(opt.batch_size, gs, 0.0)
+            self.val_set.rect(opt.batch_size, gs, 0.5)
+            self.log("--rect: batches of similar aspect ratio, letterboxed to their own shape, not shuffled, no mosaic")
+        self.train_loader = create_dataloader(self.train_set, per_rank, not rect, opt.workers, opt.seed,
+                                              self.dist.enabled)
         self.val_loader = create_dataloader(self.val_set, per_rank, False, opt.workers, opt.seed)
 
     def _build_optimizer(self) -> None:
