@@ -67,7 +67,7 @@ class Evaluator:
 
 class InstanceTruth:
     """The instance ground truth boxes and masks are scored on, loaded once for both: the images of splits
-    with ``instances`` (only their predictions may reach ``loadRes``, which refuses unknown images)."""
+    with ``instances`` or YOLO labels (only their predictions may reach ``loadRes``, which refuses unknown images)."""
 
     def __init__(self, dataset: CocoDataset, owner: dict[int, SplitSpec], category_ids: Sequence[int]):
         self.owner = owner
@@ -82,6 +82,7 @@ class InstanceTruth:
 
     @property
     def has_truth(self) -> bool:
+        """Whether any split has object labels to score against."""
         return bool(self.files or self.records)
 
     @property
