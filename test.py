@@ -38,6 +38,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         "resized to each original image and compared with its original PNG, as COCO-Stuff reports)")
     p.add_argument("--pan-stuff-area", type=int, default=4096,
                    help="panoptic merge: stuff regions under this many original pixels become void")
+    p.add_argument("--rect", action="store_true",
+                   help="rectangular batches (YOLOv5's val): images sorted by aspect ratio, each batch letterboxed "
+                        "to the smallest shape that holds it, less padding to compute")
     p.add_argument("--save-json", action="store_true", help="write COCO-format predictions")
     p.add_argument("--project", default="runs/test")
     p.add_argument("--name", default="exp")
@@ -58,6 +61,8 @@ def run(opt: argparse.Namespace) -> dict:
     if opt.half:
         model.half()
     data = load_data_config(opt.data or ckpt["opt"]["data"])
+    if ckpt["opt"].get("single_cls"):  # trained with --single-cls: scored as one class too
+        data = data.single_class()
     meta = model.meta
     if data.category_ids != meta.get("category_ids", data.category_ids):
         raise ValueError(f"{data.file}: its categories differ from the checkpoint's ({len(meta['category_ids'])} classes)")
@@ -66,6 +71,8 @@ def run(opt: argparse.Namespace) -> dict:
     if not splits:
         raise ValueError(f"{data.file} has no '{opt.task}' split")
     dataset = CocoDataset(data, splits, img, augment=False)
+    if opt.rect:
+        dataset.rect(opt.batch_size, max(int(model.stride), 32), 0.5)
     loader = create_dataloader(dataset, opt.batch_size, False, opt.workers)
     print(f"{weights}: {model.info()}\n{opt.task}: {len(dataset)} images ({dataset.labels_summary()})")
     vocab = Vocabulary.from_list(meta["vocab"]) if meta.get("vocab") else None

@@ -47,9 +47,17 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"],
                    help="read each image once: --cache / --cache ram keeps them decoded in memory (if they fit in "
                         "half the available RAM), --cache disk writes .npy files beside the images folder")
+    p.add_argument("--rect", action="store_true",
+                   help="rectangular batches (YOLOv5's): images sorted by aspect ratio, each batch letterboxed to "
+                        "its own shape (training: not shuffled, no mosaic; validation too)")
     p.add_argument("--multi-scale", action="store_true",
                    help="vary img-size +/- 50%%: each training batch resized to a random multiple of 32 in "
                         "[0.5, 1.5] x --img, labels with it")
+    p.add_argument("--freeze", default="",
+                   help="freeze cfg rows: N = the first N rows (10 = the nano backbone), or a comma list of row "
+                        "indices (0,1,2); their parameters get no gradient (YOLOv5's --freeze)")
+    p.add_argument("--single-cls", action="store_true",
+                   help="train every object class as one class 'item' (YOLOv5's --single-cls)")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")
     p.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCERS),
                    help="task loss balancing: dwa (default, measured best; see utils/loss/balance.py), fixed "

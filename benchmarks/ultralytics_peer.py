@@ -8,7 +8,7 @@ run, never into the project's environment)::
     python -m benchmarks.ultralytics_peer train --model yolov8n-seg.yaml --data-yaml .../seg.yaml --run DIR ...
     python -m benchmarks.ultralytics_peer score --run DIR --data data/shapes.yaml --epochs 5,10
 
-The labels the peer trains on are the ones our loader reads (same crowd handling, same semantic indices), one
+Conversion is :func:`utils.data.convert.coco_to_yolo`: the labels the peer trains on are the ones our loader reads (same crowd handling, same semantic indices), one
 YOLO polygon line per instance (several polygons of one instance merged as Ultralytics' COCO converter
 does); semantic masks are PNGs of our semantic indices (255 ignored). Scores: each chosen epoch's checkpoint
 predicts every val image at ``--img`` with conf 0.001, IoU 0.7, 300 detections (our validation's thresholds),
@@ -23,11 +23,11 @@ import shutil
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import yaml
 
 from utils.data.config import load_data_config
+from utils.data.convert import coco_to_yolo
 from utils.data.dataset import CocoDataset, collate
 from utils.eval.evaluate import image_splits
 from utils.eval.evaluators import (
@@ -40,54 +40,13 @@ from utils.ops.postprocess import Result
 
 
 def convert(data: str, out: Path, merge=None) -> dict[str, Path]:
-    """Writes ``out/{images,labels,masks}/{train,val}`` (images linked, not copied) and the two data yamls
-    (``seg.yaml`` for detection + instance models, ``sem.yaml`` for semantic ones); returns their paths.
-
-    ``merge`` joins the flat ``[x0, y0, x1, ...]`` polygons of one instance into ``(k, 2)`` pieces of one
-    outline; default Ultralytics' own ``merge_multi_segment`` (the rule of its COCO converter)."""
+    """:func:`utils.data.convert.coco_to_yolo` with ``merge`` (joining the flat ``[x0, y0, x1, ...]`` polygons of
+    one instance into ``(k, 2)`` pieces of one outline) Ultralytics' own ``merge_multi_segment`` by default (the
+    rule of its COCO converter), so the peer trains on the outlines its own tools would write."""
     if merge is None:
         from ultralytics.data.converter import merge_multi_segment as merge
 
-    cfg = load_data_config(data)
-    has_sem = False
-    for split, specs in (("train", cfg.train), ("val", cfg.val)):
-        ds = CocoDataset(cfg, specs, augment=False, use_cache=True)
-        for d in ("images", "labels", "masks"):
-            (out / d / split).mkdir(parents=True, exist_ok=True)
-        for i in range(len(ds)):
-            s = ds.load(i)
-            if s is None:
-                continue
-            src = Path(s.path).resolve()
-            stem = f"{s.image_id:012d}"
-            link = out / "images" / split / f"{stem}{src.suffix}"
-            if not link.exists():
-                link.symlink_to(src)
-            h, w = s.orig_shape
-            lines = []
-            for c, box, polys in zip(s.classes.tolist(), s.boxes, s.segments):
-                polys = [p for p in polys if len(p) >= 3]
-                if not polys:  # no polygon (a crowd RLE): its box as one
-                    x1, y1, x2, y2 = box.tolist()
-                    poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
-                elif len(polys) > 1:
-                    poly = np.concatenate(merge([p.reshape(-1).tolist() for p in polys]), 0)
-                else:
-                    poly = polys[0]
-                poly = np.clip(poly / np.array([w, h], np.float32), 0, 1)
-                lines.append(" ".join([str(c)] + [f"{v:.6f}" for v in poly.reshape(-1)]))
-            (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-            if s.semantic is not None:
-                has_sem = True
-                cv2.imwrite(str(out / "masks" / split / f"{stem}.png"), s.semantic)
-    yamls = {"seg": out / "seg.yaml"}
-    common = {"path": str(out.resolve()), "train": "images/train", "val": "images/val"}
-    yamls["seg"].write_text(yaml.safe_dump(common | {"names": dict(enumerate(cfg.names))}))
-    if has_sem:
-        yamls["sem"] = out / "sem.yaml"
-        yamls["sem"].write_text(yaml.safe_dump(common | {"masks_dir": "masks",
-                                                         "names": dict(enumerate(cfg.semantic_names))}))
-    return yamls
+    return coco_to_yolo(data, out, lambda polys: np.concatenate(merge([p.reshape(-1).tolist() for p in polys]), 0))
 
 
 def train(model: str, data_yaml: str, run: Path, epochs: int, img: int, batch: int, seed: int, device: str,
@@ -140,7 +99,7 @@ def score(run: Path, data: str, epochs: list[int], img: int, device: str) -> dic
             continue
         yolo = YOLO(str(weights))
         (run / "model_info.json").write_text(json.dumps({"params": sum(q.numel() for q in yolo.model.parameters())}))
-        truth = InstanceTruth(ds, owner)
+        truth = InstanceTruth(ds, owner, cfg.category_ids)
         semantic = yolo.task == "semantic"
         evaluators = ([SemanticEvaluator(len(cfg.semantic_ids), ds)] if semantic else
                       [BoxEvaluator(truth, cfg.category_ids), MaskEvaluator(truth, cfg.category_ids)])

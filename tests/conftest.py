@@ -61,10 +61,13 @@ def train_args(cfg: Path, data: Path, project: Path, epochs: int, name: str = "e
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
-    """Two checkpoints' model and EMA state_dicts are bit-identical."""
+    """Two checkpoints' model and EMA state_dicts are bit-identical (a finished run's stripped checkpoint has
+    only ``model``, its FP16 EMA: both must be of the same kind)."""
     import torch
 
-    for part in ("model", "ema"):
+    parts = [p for p in ("model", "ema") if p in a]
+    assert parts == [p for p in ("model", "ema") if p in b]
+    for part in parts:
         assert a[part].keys() == b[part].keys(), part
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"

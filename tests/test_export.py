@@ -69,7 +69,7 @@ def zero_class_priors(weights: Path, out: Path) -> Path:
     """
     ckpt = load_checkpoint(weights)
     for key in ("model", "ema"):
-        for name, t in ckpt[key].items():
+        for name, t in (ckpt.get(key) or {}).items():
             if re.search(r"\.cls_out\.\d+\.conv\.bias$", name):
                 t.zero_()
     save_checkpoint(ckpt, out)

@@ -40,8 +40,9 @@ def test_run_folder_contents(trained):
 
 def test_checkpoint_loads_with_weights_only(trained):
     ckpt = torch.load(trained / "weights/best.pt", map_location="cpu", weights_only=True)
-    assert {"model", "ema", "cfg", "meta", "epoch"} <= set(ckpt)
-    assert "optimizer" not in ckpt  # finished runs are stripped like YOLOv5's
+    assert {"model", "cfg", "meta", "epoch"} <= set(ckpt)
+    assert "optimizer" not in ckpt and "ema" not in ckpt  # finished runs are stripped like Ultralytics': FP16 EMA
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float16}
     assert ckpt["meta"]["category_ids"] and len(ckpt["meta"]["names"]) == len(ckpt["meta"]["category_ids"])
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.data.config import DataError, SplitSpec, read_json, semantic_lut
+from utils.data.augment import polygon_area
+from utils.data.config import IMAGE_SUFFIXES, DataError, SplitSpec, read_json, semantic_lut
 from utils.tasks import IGNORE_INDEX
 
 # 4: image/map headers checked (sizes, EXIF orientation), non-UTF-8 captions; 5: semantic-map values scanned,
 # key covers the folders' listings and the semantic ids
 CACHE_VERSION = 5
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -323,7 +323,7 @@ def _load_json_coco(path: Path, report: LabelReport):
     return coco, repaired
 
 
-def _polygons(seg, w: int, h: int) -> list[np.ndarray] | None:
+def clean_polygons(seg, w: int, h: int) -> list[np.ndarray] | None:
     """COCO polygon segmentation -> list of (K, 2) arrays; ``None`` if unusable (RLE or degenerate)."""
     if not isinstance(seg, list):
         return None  # RLE (crowd) annotations carry no polygon
@@ -338,14 +338,9 @@ def _polygons(seg, w: int, h: int) -> list[np.ndarray] | None:
         a = a.reshape(-1, 2)
         a[:, 0] = a[:, 0].clip(0, w)
         a[:, 1] = a[:, 1].clip(0, h)
-        if _area(a) > 1.0:
+        if polygon_area(a) > 1.0:
             polys.append(a)
     return polys or None
-
-
-def _area(poly: np.ndarray) -> float:
-    x, y = poly[:, 0], poly[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
 def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) -> list[ImageRecord]:
@@ -392,7 +387,7 @@ def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) 
             if not np.isfinite([x1, y1, x2, y2]).all() or x2 - x1 < 1 or y2 - y1 < 1:
                 report.add("boxes outside the image or degenerate", f"{rec.file}:{ann.get('id')}")
                 continue
-            polys = _polygons(ann.get("segmentation"), rec.width, rec.height)
+            polys = clean_polygons(ann.get("segmentation"), rec.width, rec.height)
             if ann.get("segmentation") and polys is None:
                 report.add("degenerate polygons (box kept)", f"{rec.file}:{ann.get('id')}")
             b, c, s = per_image.setdefault(rec.image_id, ([], [], []))
@@ -426,13 +421,15 @@ def parse_split(split: SplitSpec, category_ids: list[int], report: LabelReport) 
 
 
 def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, use_cache: bool = True,
-               semantic_ids: list[int] | None = None) -> list[ImageRecord]:
+               semantic_ids: list[int] | None = None, parse=None, key_of=None) -> list[ImageRecord]:
     """Records of one split, images and semantic maps checked; from the cache when its key is unchanged.
 
     ``semantic_ids`` (the data's semantic classes) also counts map values of no class; ``None`` skips that.
+    ``parse`` / ``key_of``: the split's reader and cache key, :func:`parse_split` and :func:`cache_key` (COCO)
+    unless given (``utils.data.yolo`` passes its own, so both formats share the cache and the image checks).
     """
     cache = Path(str(split.images).rstrip("/") + ".cache")
-    key = cache_key(split, category_ids, semantic_ids)
+    key = (key_of or cache_key)(split, category_ids, semantic_ids)
     if use_cache and cache.is_file():
         try:
             with open(cache, "rb") as f:
@@ -443,7 +440,7 @@ def load_split(split: SplitSpec, category_ids: list[int], report: LabelReport, u
         except Exception:  # a stale or foreign cache is rebuilt, never trusted
             pass
     local = LabelReport()
-    records = parse_split(split, category_ids, local)
+    records = (parse or parse_split)(split, category_ids, local)
     good = []
     for rec in records:
         problem, header = inspect_image(split.images / rec.file)

@@ -15,9 +15,15 @@ COCO-Stuff's category 183 'other' is dropped from the semantic classes: its maps
 A missing task key means the split has no labels of that task (panoptic ground truth without ``panoptic`` is
 derived from ``instances`` + ``semantic`` when the split has both: :mod:`utils.data.panoptic`). Class names come from the JSON categories;
 contiguous indices are used inside the model, original category ids in everything written out.
+
+A data yaml with ``names`` is Ultralytics' (YOLO format): its ``train`` / ``val`` / ``test`` strings are image
+folders or ``.txt`` lists of images (or lists of those), each image's labels in the ``.txt`` the ``/images/`` ->
+``/labels/`` rule names (:func:`yolo_label_path`), read by :mod:`utils.data.yolo`; class ``i`` is category
+id ``i + 1``. Mappings in the same list are COCO splits as above, so one run can mix both.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +36,7 @@ from utils.data.synthetic import generate
 from utils.tasks import IGNORE_INDEX, TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download"}
+DATA_KEYS = {"path", "train", "val", "test", "semantic_categories", "synthetic", "download", "names", "nc"}
 SPLIT_KEYS = {"images", "instances", "semantic", "captions", "panoptic"}
 # COCO-Stuff lists category 183 'other' in stuff_*.json, where it marks the thing pixels of the stuff-only
 # annotations; its stuffthingmaps never hold 'other' (value 182): those pixels carry their thing's id, or
@@ -51,6 +57,9 @@ class SplitSpec:
     semantic: Path | None = None
     captions: Path | None = None
     panoptic: Path | None = None  # COCO panoptic JSON; the PNG folder is beside it, named as the JSON's stem
+    # a YOLO-format split (``images`` a folder or a .txt list of images): the tasks its label files supply
+    # (det, and inst when a line is a polygon); None for a COCO split
+    yolo: tuple[str, ...] | None = None
 
     @property
     def panoptic_pngs(self) -> Path | None:
@@ -64,7 +73,7 @@ class SplitSpec:
 
     @property
     def tasks(self) -> set[str]:
-        t = set()
+        t = set(self.yolo or ())
         if self.instances:
             t |= {"det", "inst"}
         if self.semantic:
@@ -88,10 +97,26 @@ class DataConfig:
     semantic_ids: list[int] = field(default_factory=list)   # semantic index -> original category id
     synthetic: dict | None = None
     test: list[SplitSpec] = field(default_factory=list)
+    # the category ids the label files are read with (``category_ids`` unless ``single_cls`` collapsed them)
+    label_ids: list[int] = field(default_factory=list)
+    single_cls: bool = False
+
+    def __post_init__(self) -> None:
+        self.label_ids = self.label_ids or list(self.category_ids)
 
     @property
     def nc(self) -> int:
         return len(self.names)
+
+    def single_class(self) -> DataConfig:
+        """train.py's ``--single-cls`` (YOLOv5's): every object class becomes one class named 'item' with
+        category id 1 (a one-class dataset keeps its name and id). Labels are still read with the original
+        ids (``label_ids``); the datasets collapse their classes to 0 and the evaluation its ground truth."""
+        if self.nc == 0 or self.single_cls:
+            return self
+        one = self.nc == 1
+        return dataclasses.replace(self, names=self.names if one else ["item"],
+                                   category_ids=self.category_ids if one else [1], single_cls=True)
 
     @property
     def tasks(self) -> list[str]:
@@ -141,10 +166,50 @@ def find_data_yaml(data: str | Path) -> Path:
     raise DataError(f"data yaml not found: {data}")
 
 
-def _split(value, root: Path, where: str) -> list[SplitSpec]:
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def yolo_images(source: Path) -> list[Path]:
+    """The images of a YOLO-format source, sorted: a folder's (recursively), or the lines of a ``.txt`` list
+    (a relative line, ``./images/x.jpg`` as Ultralytics writes them, is under the list's folder)."""
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    try:
+        lines = source.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{source}: not a readable list of images: {e}") from None
+    return [p if p.is_absolute() else source.parent / p for p in (Path(x.strip()) for x in lines if x.strip())]
+
+
+def yolo_label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last ``/images/`` of the image's path becomes ``/labels/``, the suffix ``.txt``."""
+    head, sep, tail = str(image).rpartition("/images/")
+    return Path(head + "/labels/" + tail if sep else str(image)).with_suffix(".txt")
+
+
+def yolo_tasks(source: Path) -> tuple[str, ...]:
+    """The tasks a YOLO source's label files supply: det, and inst as soon as one line is a polygon (more
+    than 5 values; read only until the first is found)."""
+    for image in yolo_images(source):
+        try:
+            text = yolo_label_path(image).read_text(errors="replace")
+        except OSError:
+            continue
+        if any(len(line.split()) > 5 for line in text.splitlines()):
+            return ("det", "inst")
+    return ("det",)
+
+
+def _split(value, root: Path, where: str, yolo: bool = False) -> list[SplitSpec]:
     items = value if isinstance(value, list) else [value]
     out = []
     for k, item in enumerate(items):
+        if isinstance(item, str) and yolo:  # Ultralytics': an image folder or list, labels beside
+            source = root / item
+            if not source.exists():
+                raise DataError(f"{where}[{k}]: {source} not found")
+            out.append(SplitSpec(images=source, yolo=yolo_tasks(source)))
+            continue
         if isinstance(item, str):  # a bare images folder: no labels of any task
             item = {"images": item}
         if not isinstance(item, dict):
@@ -215,9 +280,10 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
         if key not in d:
             raise DataError(f"{file}: '{key}' is required")
     root = resolve_root(d.get("path"), file)
-    train = _split(d["train"], root, f"{file}: train")
-    val = _split(d["val"], root, f"{file}: val")
-    test = _split(d["test"], root, f"{file}: test") if d.get("test") else []
+    yolo_names = _yolo_names(d, file) if "names" in d else None
+    yolo = yolo_names is not None
+    train, val = (_split(d[k], root, f"{file}: {k}", yolo) for k in ("train", "val"))
+    test = _split(d["test"], root, f"{file}: test", yolo) if d.get("test") else []
     synthetic = d.get("synthetic")
     if ensure and synthetic is not None:
         ensure_synthetic(root, synthetic, train + val)
@@ -228,6 +294,12 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
             raise DataError(f"{file}: image folder(s) not found: {missing}{hint}")
     inst_files = [s.instances for s in train + val if s.instances]
     thing_cats = read_categories(inst_files[0]) if inst_files else []
+    if yolo_names is not None:
+        if thing_cats and len(thing_cats) != len(yolo_names):
+            raise DataError(f"{file}: 'names' lists {len(yolo_names)} classes, {inst_files[0]} {len(thing_cats)}")
+        # YOLO class i is category id i + 1, unless a COCO split's JSON beside it gives the ids
+        ids = [int(c["id"]) for c in thing_cats] or list(range(1, len(yolo_names) + 1))
+        thing_cats = [{"id": i, "name": n} for i, n in zip(ids, yolo_names)]
     names = [str(c.get("name", c["id"])) for c in thing_cats]  # a nameless category is named by its id
     ids = [int(c["id"]) for c in thing_cats]
     sem_cats = dict(zip(ids, names))
@@ -241,6 +313,25 @@ def load_data_config(data: str | Path, ensure: bool = True) -> DataConfig:
     return DataConfig(file=file, root=root, train=train, val=val, names=names, category_ids=ids,
                       semantic_names=[sem_cats[i] for i in sem_ids], semantic_ids=sem_ids, synthetic=synthetic,
                       test=test)
+
+
+def _yolo_names(d: dict, file: Path) -> list[str]:
+    """Ultralytics' ``names``: a list, or a mapping ``{0: person, 1: bicycle, ...}`` with keys 0..n-1 (``nc``,
+    when given, must agree)."""
+    names = d["names"]
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DataError(f"{file}: 'names' keys must be class indices 0..n-1") from None
+        if keys != list(range(len(keys))):
+            raise DataError(f"{file}: 'names' keys must be 0..{len(keys) - 1} without gaps, got {keys}")
+        names = [names[k] if k in names else names[str(k)] for k in keys]
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{file}: 'names' must be a non-empty list or mapping of class names")
+    if "nc" in d and d["nc"] != len(names):
+        raise DataError(f"{file}: nc {d['nc']} but {len(names)} names")
+    return [str(n) for n in names]
 
 
 def ensure_synthetic(root: Path, spec: dict, splits: list[SplitSpec]) -> None:

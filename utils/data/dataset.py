@@ -1,4 +1,4 @@
-"""COCO-layout dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
+"""COCO-layout and YOLO-format dataset: records -> ``Sample`` -> task-aware augmentation -> tensors -> ``Batch``."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +35,7 @@ from utils.data.coco import (
 )
 from utils.data.config import DataConfig, SplitSpec
 from utils.data.sample import Sample
+from utils.data.yolo import load_yolo_split
 from utils.ops.letterbox import Letterbox
 from utils.tasks import IGNORE_INDEX, TASKS
 
@@ -131,12 +132,20 @@ class CocoDataset(Dataset):
         self.lut = data.semantic_lut()
         self.semantic_ids, self.semantic_names = list(data.semantic_ids), list(data.semantic_names)
         self.items: list[tuple[SplitSpec, ImageRecord]] = []
+        # --single-cls: the ground truth's one category id (evaluation collapses its classes too)
+        self.single_class_id = data.category_ids[0] if data.single_cls else None
         for split in splits:
-            for rec in load_split(split, data.category_ids, self.report, use_cache, data.semantic_ids):
+            read = load_yolo_split if split.yolo else load_split
+            for rec in read(split, data.label_ids, self.report, use_cache, data.semantic_ids):
+                if data.single_cls:
+                    rec.classes = np.zeros_like(rec.classes)
                 self.items.append((split, rec))
         if not self.items:
             raise ValueError(f"no usable images in {[str(s.images) for s in splits]} ({self.report.summary()})")
         self.read_failures: list[str] = []
+        # --rect (rect()): per run of `rect_batch` items, the (h, w) input shape their batch is letterboxed to
+        self.batch_shapes: np.ndarray | None = None
+        self.rect_batch = 0
         self.cache: str | None = None  # "ram" or "disk" once cache_images() has run
         # --cache ram: per item, (image, semantic map) as load() reads them (None: unreadable / no map)
         self._ram: list[tuple[np.ndarray | None, np.ndarray | None]] | None = None
@@ -177,6 +186,33 @@ class CocoDataset(Dataset):
                           f"training map: {shown}", stacklevel=2)
         return absent
 
+    def rect(self, batch_size: int, stride: int, pad: float) -> None:
+        """YOLOv5's rectangular batches (``--rect``): the items sorted by aspect ratio (h / w, from the labels'
+        image sizes), and each run of ``batch_size`` of them letterboxed to one shape, the smallest that holds
+        the run's ratios: ``ceil(shape * img_size / stride + pad) * stride`` (YOLOv5 pads 0.5 for validation,
+        0 for training). The loader must then draw items in order (no shuffle), in batches of ``batch_size``
+        or a divisor of it. Masks, maps and boxes map back through each image's ``Letterbox`` as before.
+        """
+        hw = np.array([(rec.height or 1, rec.width or 1) for _, rec in self.items], np.float64)
+        order = np.argsort(hw[:, 0] / hw[:, 1], kind="stable")
+        self.items = [self.items[i] for i in order]
+        if self._ram is not None:
+            self._ram = [self._ram[i] for i in order]
+        ratios = (hw[:, 0] / hw[:, 1])[order]
+        shapes = []
+        for start in range(0, len(ratios), batch_size):
+            lo, hi = ratios[start:start + batch_size].min(), ratios[start:start + batch_size].max()
+            shapes.append([hi, 1.0] if hi < 1 else [1.0, 1.0 / lo] if lo > 1 else [1.0, 1.0])
+        self.batch_shapes = np.ceil(np.array(shapes) * self.img_size / stride + pad).astype(int) * stride
+        self.rect_batch = batch_size
+
+    def input_shape(self, index: int) -> int | tuple[int, int]:
+        """The network input item ``index`` is letterboxed to: ``img_size`` square, or its ``--rect`` batch's."""
+        if self.batch_shapes is None:
+            return self.img_size
+        h, w = self.batch_shapes[index // self.rect_batch]
+        return int(h), int(w)
+
     def load(self, index: int) -> Sample | None:
         """Reads image ``index`` with its labels at original size; ``None`` if the image is unreadable."""
         split, rec = self.items[index]
@@ -196,8 +232,8 @@ class CocoDataset(Dataset):
             segments = [[p * np.array([sx, sy], np.float32) for p in s] for s in segments]
         if split.semantic is not None and self._ram is None:
             semantic = self._load_semantic(split, rec, (h, w))
-        present = {"det": split.instances is not None, "inst": split.instances is not None,
-                   "sem": semantic is not None, "cap": bool(rec.captions)}
+        tasks = split.tasks
+        present = {"det": "det" in tasks, "inst": "inst" in tasks, "sem": semantic is not None, "cap": bool(rec.captions)}
         return Sample(image=image, boxes=boxes, classes=rec.classes.copy(), segments=segments, semantic=semantic,
                       captions=list(rec.captions), image_id=rec.image_id, path=str(path), orig_shape=(h, w),
                       present=present)
@@ -337,25 +373,26 @@ class CocoDataset(Dataset):
         one whole image, so it is false after a flip or inside a mosaic. With ``mosaic`` False the strong
         view is never a mosaic (letterbox, perspective, flips).
         """
-        hyp, size = self.hyp, self.img_size
+        hyp, size, shape = self.hyp, self.img_size, self.input_shape(index)
         index, sample = self.load_valid(index)
         if not self.augment:
-            return A.letterbox(sample, size)
+            return A.letterbox(sample, shape)
         rng = self.rng(index)
         if sample.present.get("cap") and rng.random() < self.caption_view:
-            sample, _ = A.letterbox(A.load_resized(sample, size), size)
+            sample, _ = A.letterbox(A.load_resized(sample, size), shape)
             A.augment_hsv(sample.image, rng, hyp.get("hsv_h", 0.015), hyp.get("hsv_s", 0.7), hyp.get("hsv_v", 0.4))
             return sample, Letterbox.identity(sample.image.shape[:2])
         persp = dict(degrees=hyp.get("degrees", 0.0), translate=hyp.get("translate", 0.1),
                      scale=hyp.get("scale", 0.5), shear=hyp.get("shear", 0.0), perspective=hyp.get("perspective", 0.0))
         # the draw is made even with mosaic off, so the rest of the item's draws match hyp mosaic: 0 exactly
-        if rng.random() < (hyp.get("mosaic", 1.0) if self.mosaic else 0.0):
+        # no mosaic in --rect batches (a mosaic is square), as YOLOv5
+        if rng.random() < (hyp.get("mosaic", 1.0) if self.mosaic and self.batch_shapes is None else 0.0):
             others = [self.load_valid(int(j))[1] for j in rng.integers(0, len(self), 3)]
             tiles = [A.load_resized(s, size) for s in [sample] + others]
             sample = A.mosaic4(tiles, size, rng)
             sample = A.random_perspective(sample, rng, border=(-size // 2, -size // 2), **persp)
         else:
-            sample, _ = A.letterbox(A.load_resized(sample, size), size)
+            sample, _ = A.letterbox(A.load_resized(sample, size), shape)
             sample = A.random_perspective(sample, rng, **persp)
         A.augment_hsv(sample.image, rng, hyp.get("hsv_h", 0.015), hyp.get("hsv_s", 0.7), hyp.get("hsv_v", 0.4))
         if rng.random() < hyp.get("flipud", 0.0):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from utils.engine.checkpoint import load_checkpoint, save_checkpoint
+from utils.engine.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
 from utils.engine.distributed import gather_objects
 from utils.engine.loggers import N_TRAIN_BATCHES
 from utils.engine.torch_utils import rng_state
@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # the trainer imports this module: its type is only named her
     from utils.engine.trainer import Trainer
 
 EVENTS = ("before_train", "before_epoch", "before_batch", "after_step", "after_batch", "after_epoch", "after_train")
-STRIPPED_KEYS = ("optimizer", "scheduler", "scaler", "rng", "rank_rng")  # what a finished run's checkpoints drop
 
 
 class Hook:
@@ -175,8 +174,9 @@ class StepCallbacks(Hook):
 
 
 class Checkpoints(Hook):
-    """weights/last.pt after every epoch and best.pt when it is the best; when training ends, both drop the
-    optimizer state, as YOLOv5's strip_optimizer."""
+    """weights/last.pt after every epoch and best.pt when it is the best; when training ends, both are
+    stripped to their EMA weights in FP16 (:func:`~utils.engine.checkpoint.strip_checkpoint`, Ultralytics'
+    strip_optimizer)."""
 
     main_only = True
 
@@ -190,10 +190,7 @@ class Checkpoints(Hook):
         for name in ("best.pt", "last.pt"):
             f = trainer.wdir / name
             if f.is_file():
-                ckpt = load_checkpoint(f)
-                for k in STRIPPED_KEYS:
-                    ckpt.pop(k, None)
-                save_checkpoint(ckpt, f)
+                save_checkpoint(strip_checkpoint(load_checkpoint(f)), f)
 
 
 # --- logging ---------------------------------------------------------------------------------------------

@@ -58,3 +58,41 @@ def fit_adamw_lr(lr0: float, nc: int) -> float:
     """Ultralytics' AdamW learning rate for ``--optimizer auto`` (hyp ``lr_fit: true``): ``lr0 * 5 / (4 + nc)``,
     i.e. ``lr0`` for one class, less for many (0.00111 for 5 classes, 0.00012 for COCO's 80 from 0.002)."""
     return lr0 * 5.0 / (4 + max(int(nc), 1))
+
+
+def freeze_rows(spec: str | int | None, n_rows: int) -> list[int]:
+    """The cfg rows ``--freeze`` names: ``N`` the first N rows, ``i,j,...`` those rows (YOLOv5's rule: one
+    number is a count, several are indices; ``"5,"`` is row 5 alone); ``""`` / ``0``: none.
+
+    Raises ValueError on anything else, or a row the cfg does not have (it has ``n_rows``).
+    """
+    text = str(spec if spec is not None else "").strip()
+    if text in ("", "0"):
+        return []
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts if p]
+    except ValueError:
+        raise ValueError(f"--freeze {text}: expected a row count N or a comma list of row indices") from None
+    if not values:
+        return []
+    rows = list(range(values[0])) if len(parts) == 1 else sorted(set(values))
+    bad = [r for r in rows if not 0 <= r < n_rows]
+    if bad or (len(parts) == 1 and values[0] < 0):
+        raise ValueError(f"--freeze {text}: the cfg has rows 0..{n_rows - 1}")
+    return rows
+
+
+def freeze(model: nn.Module, rows: list[int]) -> int:
+    """Stops gradients to every parameter of the ``layers.<row>.`` modules in ``rows`` (they then never move:
+    no gradient, so no optimizer step or weight decay touches them); returns how many tensors were frozen.
+
+    BatchNorm statistics of frozen rows still update in training mode, as in YOLOv5 and Ultralytics.
+    """
+    prefixes = tuple(f"layers.{r}." for r in rows)
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen

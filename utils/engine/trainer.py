@@ -32,7 +32,7 @@ from utils.data.dataset import (
     stall_guard,
 )
 from utils.data.vocab import Vocabulary
-from utils.engine.checkpoint import load_checkpoint
+from utils.engine.checkpoint import is_stripped, load_checkpoint
 from utils.engine.distributed import (
     DistInfo,
     barrier,
@@ -46,7 +46,7 @@ from utils.engine.ema import ModelEMA, unwrap
 from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
-from utils.engine.optim import build_optimizer, fit_adamw_lr
+from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows
 from utils.engine.torch_utils import (
     autocast_dtype,
     increment_path,
@@ -205,6 +205,8 @@ class Trainer:
         if not self.dist.main:  # let rank 0 generate the dataset and write the label caches first
             barrier(self.dist)
         self.data: DataConfig = load_data_config(opt.data)
+        if getattr(opt, "single_cls", False):  # checkpoints from before --single-cls: off
+            self.data = self.data.single_class()
         tasks = self._tasks()
         cap_view = self.hyp.get("cap_view", 0.5) if "cap" in tasks else 0.0
         self.train_set = CocoDataset(self.data, self.data.train, opt.img, augment=True, hyp=self.hyp, seed=opt.seed,
@@ -244,6 +246,10 @@ class Trainer:
                            head_kwargs=self._head_kwargs(self.tasks)).to(self.device, memory_format=torch.channels_last)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
+        rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # checkpoints from before --freeze: ""
+        if rows:
+            n = freeze(self.model, rows)
+            self.log(f"freeze: rows {','.join(map(str, rows))} ({n} parameter tensors get no gradient)")
 
     def _build_loaders(self) -> None:
         """The train and val loaders; ``--batch-size`` is the total over all processes, as YOLOv5."""
@@ -253,7 +259,16 @@ class Trainer:
         if opt.batch_size % self.dist.world:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of the {self.dist.world} processes")
         per_rank = opt.batch_size // self.dist.world
-        self.train_loader = create_dataloader(self.train_set, per_rank, True, opt.workers, opt.seed, self.dist.enabled)
+        rect = getattr(opt, "rect", False)  # checkpoints from before --rect: off
+        if rect:
+            # grouped by the total batch: a DistributedSampler deals rank r the items r, r + world, ..., so
+            # every rank's batch j lies inside the same group j (validation's per-rank batches too)
+            gs = max(int(self.model.stride), 32)
+            self.train_set.rect(opt.batch_size, gs, 0.0)
+            self.val_set.rect(opt.batch_size, gs, 0.5)
+            self.log("--rect: batches of similar aspect ratio, letterboxed to their own shape, not shuffled, no mosaic")
+        self.train_loader = create_dataloader(self.train_set, per_rank, not rect, opt.workers, opt.seed,
+                                              self.dist.enabled)
         self.val_loader = create_dataloader(self.val_set, per_rank, False, opt.workers, opt.seed)
 
     def _build_optimizer(self) -> None:
@@ -390,7 +405,7 @@ class Trainer:
 
     def _load_pretrained(self, weights: str) -> None:
         ckpt = load_checkpoint(weights)
-        state = ckpt.get("ema") or ckpt["model"]
+        state = ckpt.get("ema") or ckpt["model"]  # a stripped checkpoint's model is its FP16 EMA
         own = self.model.state_dict()
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not any(v.dim() > 0 for v in matched.values()):  # BN step counters (0-dim) always "match"
@@ -403,8 +418,9 @@ class Trainer:
         if path is None:
             raise FileNotFoundError("--resume: no runs/train/exp*/weights/last.pt found; give the path to last.pt")
         ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt:
-            raise ValueError(f"--resume {path}: this checkpoint has finished training (no optimizer state)")
+        if is_stripped(ckpt):
+            raise ValueError(f"--resume {path}: this run has finished; its checkpoint keeps only the FP16 EMA weights "
+                             f"(no optimizer state). Train on from it with --weights {path}")
         saved = argparse.Namespace(**ckpt["opt"])
         saved.resume, saved.save_dir = str(path), str(Path(path).parents[1])
         saved.device = self.opt.device or saved.device

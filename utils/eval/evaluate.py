@@ -74,7 +74,7 @@ def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitS
     ground truth in some split."""
     evaluators: list[Evaluator] = []
     tasks = model.tasks
-    truth = InstanceTruth(dataset, owner)
+    truth = InstanceTruth(dataset, owner, category_ids)
     if "det" in tasks:
         evaluators.append(BoxEvaluator(truth, category_ids))
         if "inst" in tasks:  # masks are the kept boxes' masks

@@ -23,6 +23,7 @@ from utils.data.panoptic import (
     load_panoptic_json,
     read_panoptic_png,
 )
+from utils.data.yolo import coco_dict
 from utils.eval.metrics.caption import caption_scores
 from utils.eval.metrics.detection import coco_map, load_ground_truth
 from utils.eval.metrics.panoptic import PQStat
@@ -66,23 +67,34 @@ class Evaluator:
 
 class InstanceTruth:
     """The instance ground truth boxes and masks are scored on, loaded once for both: the images of splits
-    with ``instances`` (only their predictions may reach ``loadRes``, which refuses unknown images)."""
+    with ``instances`` or YOLO labels (only their predictions may reach ``loadRes``, which refuses unknown images)."""
 
-    def __init__(self, dataset: CocoDataset, owner: dict[int, SplitSpec]):
+    def __init__(self, dataset: CocoDataset, owner: dict[int, SplitSpec], category_ids: Sequence[int]):
         self.owner = owner
-        self.files = [s.instances for s in {id(s): s for s, _ in dataset.items}.values() if s.instances]
+        splits = {id(s): s for s, _ in dataset.items}.values()
+        self.files = [s.instances for s in splits if s.instances]
+        self.single_class_id = dataset.single_class_id
+        # YOLO splits have no JSON: their ground truth is made from the records (classes already collapsed
+        # under --single-cls)
+        yolo = [rec for s, rec in dataset.items if s.yolo]
+        self.records = coco_dict(yolo, list(category_ids), [str(c) for c in category_ids]) if yolo else None
         self._gt = None
 
     @property
+    def has_truth(self) -> bool:
+        """Whether any split has object labels to score against."""
+        return bool(self.files or self.records)
+
+    @property
     def gt(self):
-        """The pycocotools COCO of every instance file (loaded on first use)."""
+        """The pycocotools COCO of every instance file and YOLO split (loaded on first use)."""
         if self._gt is None:
-            self._gt = load_ground_truth(self.files)
+            self._gt = load_ground_truth(self.files, self.single_class_id, self.records)
         return self._gt
 
-    def scored(self, image_ids: Sequence[int]) -> list[int]:
-        """The ids among ``image_ids`` that have instance labels, sorted."""
-        return sorted({i for i in image_ids if self.owner[i].instances})
+    def scored(self, image_ids: Sequence[int], task: str = "det") -> list[int]:
+        """The ids among ``image_ids`` that have labels of ``task`` (det or inst), sorted."""
+        return sorted({i for i in image_ids if task in self.owner[i].tasks})
 
 
 class _CocoEvaluator(Evaluator):
@@ -112,9 +124,9 @@ class _CocoEvaluator(Evaluator):
                 self.predictions += self.convert(r, iid)
 
     def evaluate(self) -> dict[str, float]:
-        if not self.truth.files:
+        if not self.truth.has_truth:
             return {}
-        self.scored_ids = self.truth.scored(self.image_ids)
+        self.scored_ids = self.truth.scored(self.image_ids, self.task)
         keep = set(self.scored_ids)
         self.predictions = [d for d in self.predictions if d["image_id"] in keep]
         self.stats = coco_map(self.truth.gt, self.predictions, self.scored_ids, self.category_ids, self.iou_type)

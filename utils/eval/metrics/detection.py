@@ -11,19 +11,38 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 
-def load_ground_truth(json_files: list[Path]) -> COCO:
+def load_ground_truth(json_files: list[Path], single_class_id: int | None = None, extra: dict | None = None) -> COCO:
     """One COCO object over one or more instances JSON files (image ids are unique across COCO splits).
+
+    ``single_class_id`` (train.py's ``--single-cls``): every annotation of the files becomes that one category.
+    ``extra``: a COCO dict added to the files' (the ground truth of YOLO-format splits), not cached.
 
     Read once per process while the files are unchanged (keyed by path, size and mtime): training validates
     every epoch, and parsing COCO's val JSON again each time costs about a second. COCOeval only adds
     idempotent fields to the ground truth (RLE of polygons, ignore flags), so sharing it is safe.
     """
     key = tuple((str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in json_files)
-    return _load_ground_truth(key)
+    if extra is None:
+        return _load_ground_truth(key, single_class_id)
+    base = _load_ground_truth(key, single_class_id).dataset if key else {"images": [], "annotations": []}
+    first = max((a["id"] for a in base["annotations"]), default=0)  # annotation ids stay unique
+    merged = {"images": base["images"] + extra["images"],
+              "annotations": base["annotations"] + [a | {"id": first + k + 1} for k, a in enumerate(extra["annotations"])],
+              "categories": base.get("categories") or extra["categories"]}
+    return _index(merged)
+
+
+def _index(dataset: dict) -> COCO:
+    """A pycocotools COCO over an in-memory dataset dict, quietly."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 @functools.lru_cache(maxsize=4)
-def _load_ground_truth(key: tuple[tuple[str, int, int], ...]) -> COCO:
+def _load_ground_truth(key: tuple[tuple[str, int, int], ...], single_class_id: int | None) -> COCO:
     import json
 
     json_files = [Path(k[0]) for k in key]
@@ -38,11 +57,11 @@ def _load_ground_truth(key: tuple[tuple[str, int, int], ...]) -> COCO:
         a.setdefault("id", k + 1)
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(a["bbox"][2]) * float(a["bbox"][3]))
-    coco = COCO()
-    coco.dataset = merged
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+        if single_class_id is not None:
+            a["category_id"] = single_class_id
+    if single_class_id is not None:
+        merged["categories"] = [{"id": single_class_id, "name": "item"}]
+    return _index(merged)
 
 
 def coco_map(gt: COCO, results: list[dict], image_ids: list[int], category_ids: list[int],
