@@ -120,8 +120,8 @@ def test_train_on_real_photographs(real):
     assert ckpt["meta"]["category_ids"] == CATEGORY_IDS  # the real ids, in JSON order
     assert ckpt["meta"]["names"] == [c["name"] for c in INSTANCES["categories"]]
     # the vocabulary is the one the real captions give (capitals and punctuation tokenized away)
-    min_count = int(ckpt["hyp"].get("cap_min_count", 2))
-    vocab = Vocabulary.build([a["caption"] for a in CAPTIONS["annotations"]], min_count=min_count)
+    vocab = Vocabulary.build([a["caption"] for a in CAPTIONS["annotations"]], min_count=int(ckpt["hyp"]["cap_min_count"]),
+                             max_unk=float(ckpt["hyp"]["cap_max_unk"]))
     assert ckpt["meta"]["vocab"] == vocab.to_list() and {"laptop", "motorcycle"} <= set(vocab.to_list())
     # the label cache went into the temporary copy, never into the repository's fixture
     assert (real["images"].parent / "val2017.cache").is_file()
