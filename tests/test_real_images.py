@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 import export as export_script
+from benchmarks import rect as rect_bench
 import test as test_script
 import train as train_script
 from tests.conftest import ROOT, train_args
@@ -158,6 +159,18 @@ def test_validate_checkpoint(real, tmp_path):
     preds = json.loads((tmp_path / "exp/predictions.json").read_text())
     assert preds and {p["image_id"] for p in preds} <= set(IMAGES)
     assert {p["category_id"] for p in preds} <= set(CATEGORY_IDS)
+
+
+def test_rect_validation_computes_fewer_pixels_on_real_aspect_ratios(real, tmp_path):
+    """benchmarks.rect scores the checkpoint square and ``--rect``: the same metrics reported, and on photographs of
+    real aspect ratios (a portrait among landscapes) the rectangular batches feed fewer pixels per image."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = rect_bench.run(rect_bench.parse(["--weights", str(real["model"]), "--data", str(real["data"]),
+                                                "--batch-size", "2", "--rounds", "1", "--workers", "0",
+                                                "--conf-thres", CONF, "--max-det", MAX_DET,
+                                                "--project", str(tmp_path)]))
+    assert set(rows["rect"]) == set(rows["square"]) and "box_map" in rows["rect"] and "cap_cider" in rows["rect"]
+    assert rows["rect"]["pixels"] < rows["square"]["pixels"]
 
 
 def test_detect_keeps_original_sizes_and_real_ids(real, tmp_path):
