@@ -15,7 +15,7 @@ from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg
 
 def test_nano_scale_resolves_from_filename():
     n = Model("cfg/yolor-mt-n.yaml", nc=3, tasks=["det"])
-    full = Model("cfg/yolor-mt.yaml", nc=3, tasks=["det"])
+    full = Model("cfg/yolor-mt-l.yaml", nc=3, tasks=["det"])
     pn = sum(p.numel() for p in n.parameters())
     pf = sum(p.numel() for p in full.parameters())
     assert pn < pf / 10
