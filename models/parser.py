@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 
 from models.common import SPPCSP, SPPF, Bottleneck, BottleneckCSP, C2f, Concat, Conv
+from models.gelan import SPPELAN, ADown, RepNCSPELAN4
 from models.heads import HEADS
 from models.implicit import FORMS, Implicit, ImplicitA, ImplicitC, ImplicitM, fold_error
 
@@ -95,6 +96,21 @@ def _sppf(ctx: BuildContext, c2, k=5):
     return SPPF(ctx.ch[0], c2, k), c2, ctx.strides[0]
 
 
+def _elan(ctx: BuildContext, c2, c3, c4):
+    c2, c3, c4 = ctx.width(c2), ctx.width(c3), ctx.width(c4)
+    return RepNCSPELAN4(ctx.ch[0], c2, c3, c4, ctx.n), c2, ctx.strides[0]
+
+
+def _adown(ctx: BuildContext, c2):
+    c2 = ctx.width(c2)
+    return ADown(ctx.ch[0], c2), c2, ctx.strides[0] * 2
+
+
+def _sppelan(ctx: BuildContext, c2, c3):
+    c2, c3 = ctx.width(c2), ctx.width(c3)
+    return SPPELAN(ctx.ch[0], c2, c3), c2, ctx.strides[0]
+
+
 def _upsample(ctx: BuildContext, scale=2, mode="nearest"):
     return nn.Upsample(scale_factor=scale, mode=mode), ctx.ch[0], ctx.strides[0] / scale
 
@@ -132,6 +148,10 @@ def registry() -> dict[str, ModuleSpec]:
         "C2f": ModuleSpec(1, 2, _c2f, repeats=True),
         "SPPCSP": ModuleSpec(1, 1, _sppcsp),
         "SPPF": ModuleSpec(1, 2, _sppf),
+        # YOLOv9's GELAN (models/gelan.py); RepNCSPELAN4's ``number`` is its RepNCSP depth (YOLOv9's 4th arg, c5)
+        "RepNCSPELAN4": ModuleSpec(3, 3, _elan, repeats=True),
+        "ADown": ModuleSpec(1, 1, _adown),
+        "SPPELAN": ModuleSpec(2, 2, _sppelan),
         "Upsample": ModuleSpec(0, 2, _upsample),
         "Concat": ModuleSpec(0, 1, _concat),
         "ImplicitA": ModuleSpec(0, 1, _implicit(ImplicitA)),
