@@ -50,3 +50,25 @@ def test_gelan_cfg_builds_at_every_scale_with_gelan_c_at_l():
     # GELAN-C's block outputs (yolov9 models/detect/gelan-c.yaml), neck included
     assert widths == [256, 512, 512, 512, 512, 512, 256, 512, 512]
     assert sizes["m"] <= 30e6
+
+
+def test_fused_gelan_model_exports_to_onnx_with_parity(tmp_path):
+    """ADown's pools and chunks and the folded RepConvNs survive the ONNX export: every output as PyTorch's."""
+    pytest.importorskip("onnxruntime")
+    from tests.conftest import HEAD_KW, tiny_cfg
+    from utils.deploy.backends import ort_session
+    from utils.deploy.export import export_vision
+    from utils.deploy.interface import DeployModel
+
+    torch.manual_seed(0)
+    model = Model(tiny_cfg("yolor-mt-gelan.yaml"), nc=5, head_kwargs=HEAD_KW).eval()
+    randomize_bn_and_implicits(model)
+    deploy = DeployModel(model.fuse())
+    x = torch.rand(2, 3, 64, 96)
+    path = export_vision(deploy, x, tmp_path / "gelan.onnx", 17, True, {})
+    with torch.no_grad():
+        want = [t.numpy() for t in deploy(x)]
+    got = ort_session(path).run(None, {ort_session(path).get_inputs()[0].name: x.numpy()})
+    assert len(got) == len(want) == len(deploy.output_names)
+    for name, g, w in zip(deploy.output_names, got, want):
+        assert g.shape == w.shape and abs(g - w).max() <= 1e-4 * max(1.0, abs(w).max()), name
