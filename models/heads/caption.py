@@ -214,9 +214,9 @@ class CaptionHead(nn.Module):
         nn.init.normal_(self.level_embed, std=0.02)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
-        nn.init.normal_(self.out.weight, std=0.02)  # when tied, this draws the shared weight (the embedding's above)
+        nn.init.normal_(self.out.weight, std=0.02)  # tied: this redraws the one shared tensor (the same std)
         with torch.no_grad():
-            self.embed.weight[PAD].zero_()  # after out's draw, which would overwrite it when tied
+            self.embed.weight[PAD].zero_()  # after out's draw, so a tied <pad> row is zero too
         nn.init.zeros_(self.out.bias)
 
     # ------------------------------------------------------------------------------------------------
