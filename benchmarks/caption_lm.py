@@ -48,7 +48,7 @@ class LearnedInputs(torch.nn.Module):
 
 
 def head_args(cfg: str) -> list:
-    """The ``CaptionHead`` row's args of ``cfg`` (d_model, layers, heads)."""
+    """The ``CaptionHead`` row's args of ``cfg`` at its scale (d_model, layers, heads[, tie])."""
     rows = [r for r in load_cfg(cfg)["heads"] if r[2] == "CaptionHead"]
     if not rows:
         raise SystemExit(f"{cfg} has no CaptionHead row")
@@ -60,8 +60,8 @@ def train_decoder(opt: argparse.Namespace, captions: list[list[str]], vocab: Voc
     """Trains one decoder on learned inputs; returns a row per reported epoch."""
     torch.manual_seed(opt.seed)
     d_model, layers, heads = opt.d_model, opt.layers, opt.heads
-    head = CaptionHead(0, [c for c, _ in LEVELS], [16, 32], d_model, layers, heads, len(vocab),
-                       int(hyp.get("cap_max_len", 24)))
+    head = CaptionHead(0, [c for c, _ in LEVELS], [16, 32], d_model, layers, heads, opt.tie, vocab_size=len(vocab),
+                       max_len=int(hyp.get("cap_max_len", 24)))
     inputs = LearnedInputs(len(captions), per_image)
     loss_fn = CaptionLoss(vocab, hyp)
     plain = CaptionLoss(vocab, hyp | {"label_smoothing": 0.0})
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the vocabulary's min count, fixed (hyp cap_min_count without the cap_max_unk rule)")
     opt = p.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    d, n, h = head_args(opt.cfg)
+    d, n, h, *tie = head_args(opt.cfg)
     opt.d_model, opt.layers, opt.heads = opt.d_model or d, opt.layers or n, opt.heads or h
+    opt.tie = bool(tie and tie[0])
     hyp = load_hyp(opt.hyp)
     if opt.label_smoothing is not None:
         hyp["label_smoothing"] = opt.label_smoothing

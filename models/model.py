@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.common import Concat, Conv
+from models.gelan import RepConvN
 from models.implicit import Implicit, fold_into_next_conv
 from models.parser import load_cfg, parse_model
 
@@ -86,6 +87,9 @@ class Model(nn.Module):
         before = module_counts(self)
         for m in self.modules():
             if isinstance(m, Conv):
+                m.fuse()
+        for m in list(self.modules()):  # after its branches' BatchNorms: a RepConvN becomes one 3x3 conv
+            if isinstance(m, RepConvN):
                 m.fuse()
         for i, layer in enumerate(self.layers):
             if isinstance(layer, Implicit):

@@ -1,6 +1,8 @@
 """YAML cfg -> modules. Rows are ``[from, number, module, args]``; modules come from a registry (no eval).
 
 Every error names the cfg file, the section and the row index, because a cfg is written by hand.
+A cfg's ``scale`` picks the body's multiples from ``scales`` and the heads' args from ``head_scales`` (see
+:func:`resolve_head_sizes`), so one cfg describes a whole model at every size.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import yaml
 from torch import nn
 
 from models.common import SPPCSP, SPPF, Bottleneck, BottleneckCSP, C2f, Concat, Conv
+from models.gelan import SPPELAN, ADown, RepNCSPELAN4
 from models.heads import HEADS
 from models.implicit import FORMS, Implicit, ImplicitA, ImplicitC, ImplicitM, fold_error
 
 CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
 SECTIONS = ("backbone", "neck", "heads")
-TOP_KEYS = {"nc", "scales", "scale", "depth_multiple", "width_multiple", "max_channels", "implicit", *SECTIONS}
+TOP_KEYS = {"nc", "scales", "scale", "head_scales", "depth_multiple", "width_multiple", "max_channels", "implicit",
+            *SECTIONS}
 
 
 class CfgError(ValueError):
@@ -92,6 +96,21 @@ def _sppf(ctx: BuildContext, c2, k=5):
     return SPPF(ctx.ch[0], c2, k), c2, ctx.strides[0]
 
 
+def _elan(ctx: BuildContext, c2, c3, c4):
+    c2, c3, c4 = ctx.width(c2), ctx.width(c3), ctx.width(c4)
+    return RepNCSPELAN4(ctx.ch[0], c2, c3, c4, ctx.n), c2, ctx.strides[0]
+
+
+def _adown(ctx: BuildContext, c2):
+    c2 = ctx.width(c2)
+    return ADown(ctx.ch[0], c2), c2, ctx.strides[0] * 2
+
+
+def _sppelan(ctx: BuildContext, c2, c3):
+    c2, c3 = ctx.width(c2), ctx.width(c3)
+    return SPPELAN(ctx.ch[0], c2, c3), c2, ctx.strides[0]
+
+
 def _upsample(ctx: BuildContext, scale=2, mode="nearest"):
     return nn.Upsample(scale_factor=scale, mode=mode), ctx.ch[0], ctx.strides[0] / scale
 
@@ -129,6 +148,10 @@ def registry() -> dict[str, ModuleSpec]:
         "C2f": ModuleSpec(1, 2, _c2f, repeats=True),
         "SPPCSP": ModuleSpec(1, 1, _sppcsp),
         "SPPF": ModuleSpec(1, 2, _sppf),
+        # YOLOv9's GELAN (models/gelan.py); RepNCSPELAN4's ``number`` is its RepNCSP depth (YOLOv9's 4th arg, c5)
+        "RepNCSPELAN4": ModuleSpec(3, 3, _elan, repeats=True),
+        "ADown": ModuleSpec(1, 1, _adown),
+        "SPPELAN": ModuleSpec(2, 2, _sppelan),
         "Upsample": ModuleSpec(0, 2, _upsample),
         "Concat": ModuleSpec(0, 1, _concat),
         "ImplicitA": ModuleSpec(0, 1, _implicit(ImplicitA)),
@@ -173,7 +196,43 @@ def load_cfg(cfg: str | Path | dict) -> dict:
         if scale not in (d.get("scales") or {}):
             raise CfgError(f"{name}: no scale '{scale}' (scales: {sorted(d.get('scales') or {})})")
         d["scale"] = scale
-    return d
+    return resolve_head_sizes(d)
+
+
+def scale_name(d: dict) -> str | None:
+    """The scale a cfg is built at (``scale``, else the first of ``scales``); None when it gives explicit multiples."""
+    if "depth_multiple" in d or "width_multiple" in d:
+        return None
+    scales = d.get("scales") or {}
+    return d.get("scale") or next(iter(scales), None)
+
+
+def resolve_head_sizes(d: dict) -> dict:
+    """``d`` with each head row's args replaced by ``head_scales[scale][module]``: the heads sized for the scale.
+
+    ``head_scales`` maps every scale of ``scales`` to ``{head module: args}``; a head it does not list keeps its
+    row's args, and so does every head of a cfg given explicit multiples (no scale name). The rule behind each
+    entry is the cfg's to state (a comment), as the body's widths are; the parser only looks the row up, so a
+    built model's ``yaml`` shows the args it was built with. Idempotent: resolving a resolved cfg changes nothing.
+    """
+    table, scale, name = d.get("head_scales"), scale_name(d), d_name(d)
+    if table is None or scale is None:
+        return d
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise CfgError(f"{name}: head_scales must map each scale to {{head module: args}}, got {table!r}")
+    scales = set(d.get("scales") or {})
+    if set(table) != scales:
+        raise CfgError(f"{name}: head_scales has scales {sorted(table)}, scales has {sorted(scales)}; "
+                       "give every scale its head sizes")
+    if scale not in scales:
+        return d  # scale_multiples names the unknown scale
+    sizes = table[scale]
+    unknown = set(sizes) - set(HEADS)
+    if unknown:
+        raise CfgError(f"{name}: head_scales[{scale}] names {sorted(unknown)}, not heads; heads: {sorted(HEADS)}")
+    heads = [[r[0], r[1], r[2], list(sizes[r[2]])] if isinstance(r, (list, tuple)) and len(r) == 4 and r[2] in sizes
+             else r for r in d.get("heads") or []]
+    return {**d, "heads": heads}
 
 
 def d_name(d: dict) -> str:
@@ -185,7 +244,7 @@ def scale_multiples(d: dict) -> tuple[float, float, int]:
     if "depth_multiple" in d or "width_multiple" in d:
         return float(d.get("depth_multiple", 1.0)), float(d.get("width_multiple", 1.0)), int(d.get("max_channels", 1 << 16))
     scales = d.get("scales") or {"l": [1.0, 1.0, 1024]}
-    scale = d.get("scale") or next(iter(scales))
+    scale = scale_name(d) or next(iter(scales))
     if scale not in scales:
         raise CfgError(f"{d_name(d)}: scale '{scale}' not in scales {sorted(scales)}")
     depth, width, max_ch = scales[scale]

@@ -31,8 +31,8 @@ def one_thread():
 
 def tiny_head(vocab_size: int, form: str = "vector", seed: int = 0) -> CaptionHead:
     torch.manual_seed(seed)
-    # positional args in cfg order (d_model, layers, heads, vocab_size, max_len), as the parser passes them
-    return CaptionHead(80, CH, STRIDES, 32, 1, 4, vocab_size, MAX_LEN, dropout=0.0, form=form)
+    # the row's args positional in cfg order (d_model, layers, heads), the data's sizes by name, as the parser passes them
+    return CaptionHead(80, CH, STRIDES, 32, 1, 4, vocab_size=vocab_size, max_len=MAX_LEN, dropout=0.0, form=form)
 
 
 def feats(b: int = 2, seed: int = 1) -> list[torch.Tensor]:

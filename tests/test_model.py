@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.gelan import RepConvN
 from models.implicit import Implicit
 from models.model import Model, module_counts
 from models.parser import CfgError
@@ -15,7 +16,7 @@ from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg
 
 def test_nano_scale_resolves_from_filename():
     n = Model("cfg/yolor-mt-n.yaml", nc=3, tasks=["det"])
-    full = Model("cfg/yolor-mt.yaml", nc=3, tasks=["det"])
+    full = Model("cfg/yolor-mt-l.yaml", nc=3, tasks=["det"])
     pn = sum(p.numel() for p in n.parameters())
     pf = sum(p.numel() for p in full.parameters())
     assert pn < pf / 10
@@ -50,7 +51,8 @@ def _all_outputs(model: Model, x: torch.Tensor, tokens: torch.Tensor) -> dict[st
     ("vector", "Detect", "yolor-mt.yaml"), ("nn", "Detect", "yolor-mt.yaml"), ("mf", "Detect", "yolor-mt.yaml"),
     ("vector", "DetectAnchor", "yolor-mt.yaml"), ("nn", "DetectAnchor", "yolor-mt.yaml"),
     ("mf", "DetectAnchor", "yolor-mt.yaml"), ("vector", "Detect", "yolor-mt-bcsp.yaml"),
-    ("mf", "Detect", "yolor-mt-bcsp.yaml"), ("vector", "Detect", "yolor-mt-csp.yaml")])
+    ("mf", "Detect", "yolor-mt-bcsp.yaml"), ("vector", "Detect", "yolor-mt-csp.yaml"),
+    ("vector", "Detect", "yolor-mt-gelan.yaml"), ("mf", "Detect", "yolor-mt-gelan.yaml")])
 def test_fuse_is_exact_and_complete(form, det_head, base):
     torch.manual_seed(0)
     d = tiny_cfg(base, implicit=form)
@@ -73,6 +75,7 @@ def test_fuse_is_exact_and_complete(form, det_head, base):
     assert before["BatchNorm2d"] > 0 and before["Implicit"] > 0
     assert after["BatchNorm2d"] == 0 and after["Implicit"] == 0
     assert not any(isinstance(m, (nn.BatchNorm2d, Implicit)) for m in model.modules())
+    assert all(m.conv1 is None and m.conv2 is None for m in model.modules() if isinstance(m, RepConvN))
     for k in ref:  # every head's every output
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=0, msg=k)
     # decoded boxes are in pixels (up to ~100 here), so compare them relative to their scale

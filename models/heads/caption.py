@@ -172,6 +172,8 @@ class CaptionHead(nn.Module):
         ch, strides: channels and strides of the input levels.
         d_model, layers, heads: decoder width, depth and attention heads (``d_model % 4 == 0`` and
             ``d_model % heads == 0``).
+        tie: the output projection's weight is the word embedding (Press & Wolf 2017, as the Transformer): half the
+            ``2 * vocab_size * d_model`` parameters the two cost untied, most of a small decoder at COCO's 10k words.
         vocab_size: output classes; must equal ``len(vocab)`` of the ``Vocabulary`` used for training.
         max_len: longest id sequence, ``<bos>`` and ``<eos>`` included (as in ``Vocabulary.encode``).
         dropout: decoder dropout.
@@ -182,8 +184,8 @@ class CaptionHead(nn.Module):
     extra_inputs = ("captions", "caption_index")
 
     def __init__(self, nc: int, ch: list[int], strides: list[float], d_model: int = 128, layers: int = 2,
-                 heads: int = 4, vocab_size: int = 1000, max_len: int = 24, dropout: float = 0.1,
-                 form: str = "vector"):
+                 heads: int = 4, tie: bool = False, vocab_size: int = 1000, max_len: int = 24,
+                 dropout: float = 0.1, form: str = "vector"):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
@@ -203,15 +205,18 @@ class CaptionHead(nn.Module):
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(d_model))
         self.out = nn.Linear(d_model, vocab_size)
+        self.tie = bool(tie)
+        if self.tie:
+            self.out.weight = self.embed.weight  # one (V, d) parameter: the bias stays the output layer's own
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
         nn.init.normal_(self.level_embed, std=0.02)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
+        nn.init.normal_(self.out.weight, std=0.02)  # tied: this redraws the one shared tensor (the same std)
         with torch.no_grad():
-            self.embed.weight[PAD].zero_()
-        nn.init.normal_(self.out.weight, std=0.02)
+            self.embed.weight[PAD].zero_()  # after out's draw, so a tied <pad> row is zero too
         nn.init.zeros_(self.out.bias)
 
     # ------------------------------------------------------------------------------------------------

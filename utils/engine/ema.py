@@ -25,7 +25,13 @@ class ModelEMA:
         self.updates += 1
         d = self.d()
         msd = unwrap(model).state_dict()
+        seen: set[int] = set()
         for k, v in self.ema.state_dict().items():
+            # a tied weight (the caption head's embedding = output projection) is one tensor under two names:
+            # averaging it once per name would apply the decay twice
+            if v.numel() and v.data_ptr() in seen:
+                continue
+            seen.add(v.data_ptr())
             if v.dtype.is_floating_point:
                 v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
             else:
