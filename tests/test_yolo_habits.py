@@ -90,7 +90,8 @@ def test_single_cls_ground_truth_is_one_category(tiny_data):
 
 def test_rect_shapes_follow_yolov5s_rule(tmp_path):
     """Sorted by aspect ratio; a batch of wide images is letterboxed to ceil(ratio * img / stride + pad) * stride
-    high and img wide (+ pad), one of tall images the other way round, a square one stays square."""
+    high and img wide (+ pad), one of tall images the other way round, a square one stays square; the images keep
+    their square-validation scale inside those shapes (padding only)."""
     from tests.yolo_layout import write_coco8_seg
     from utils.data.config import load_data_config
     from utils.data.dataset import CocoDataset
@@ -105,6 +106,11 @@ def test_rect_shapes_follow_yolov5s_rule(tmp_path):
     # h/w 0.5: ceil(0.5 * 2 + 0.5) = 2 strides high, ceil(2.5) = 3 wide; the mixed batch is square
     assert ds.batch_shapes.tolist() == [[64, 96], [96, 96], [96, 64]]
     assert [tuple(ds[i]["image"].shape[1:]) for i in range(5)] == [(64, 96)] * 2 + [(96, 96)] * 2 + [(96, 64)]
+    # a rect shape only pads: each image has the scale it has in square validation (long side 64), as YOLOv5
+    square = CocoDataset(data, data.val + load_data_config(tall).val, 64)
+    scale = {square.items[i][1].file: square[i]["letterbox"].ratio for i in range(5)}
+    assert [ds[i]["letterbox"].ratio for i in range(5)] == [scale[rec.file] for _, rec in ds.items]
+    assert set(scale.values()) == {64 / 96}
 
 
 def test_rect_trains_and_validates_with_square_metrics(tiny_cfg_file, tmp_path, monkeypatch):

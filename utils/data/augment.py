@@ -155,13 +155,17 @@ def _scale_translate(sample: Sample, image: np.ndarray, semantic: np.ndarray | N
 # resizing
 # --------------------------------------------------------------------------------------------------
 def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int, int, int] = (FILL, FILL, FILL),
-              scaleup: bool = True, auto: bool = False, stride: int = 32) -> tuple[Sample, Letterbox]:
+              scaleup: bool = True, auto: bool = False, stride: int = 32,
+              long_side: int | None = None) -> tuple[Sample, Letterbox]:
     """Resizes keeping the aspect ratio, then pads to ``new_shape`` (``int`` or ``(h, w)``).
 
     The image is resized with ``INTER_LINEAR``, the semantic map with (centre-aligned) nearest
     neighbour so no new class values appear; image padding is ``color``, map padding ``IGNORE_INDEX``.
     ``scaleup=False`` only ever shrinks (better val mAP, as in YOLOv5); ``auto=True`` pads only up to
-    the next multiple of ``stride`` (minimum rectangle) instead of to ``new_shape``.
+    the next multiple of ``stride`` (minimum rectangle) instead of to ``new_shape``. ``long_side`` caps the
+    resized image's longer side: a ``--rect`` validation shape is up to a stride larger than the image size
+    (YOLOv5's half-stride pad) and, as in YOLOv5 (which loads at the image size, then pads), only adds padding,
+    so objects keep the scale they have in square validation.
 
     Returns ``(new_sample, Letterbox(ratio, (pad_w, pad_h), orig_shape, input_shape))``: a point maps as
     ``x' = x * ratio + pad_w`` (same for y), so predictions map back with ``(x' - pad_w) / ratio`` (the
@@ -174,6 +178,8 @@ def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int
     r = min(new_h / h, new_w / w)
     if not scaleup:
         r = min(r, 1.0)
+    if long_side is not None:
+        r = min(r, long_side / max(h, w))
     unpad_w, unpad_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
     dw, dh = new_w - unpad_w, new_h - unpad_h
     if auto:

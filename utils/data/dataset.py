@@ -376,7 +376,7 @@ class CocoDataset(Dataset):
         hyp, size, shape = self.hyp, self.img_size, self.input_shape(index)
         index, sample = self.load_valid(index)
         if not self.augment:
-            return A.letterbox(sample, shape)
+            return A.letterbox(sample, shape, long_side=size)
         rng = self.rng(index)
         if sample.present.get("cap") and rng.random() < self.caption_view:
             sample, _ = A.letterbox(A.load_resized(sample, size), shape)
