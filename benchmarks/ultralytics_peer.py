@@ -222,11 +222,17 @@ def loader_rate(data_yaml: str, img: int, batch: int, batches: int) -> dict:
 
     torch.set_num_threads(1)
     _, _, dataset = _peer_setup("yolov8n-seg.yaml", data_yaml, img)
-    it = iter(build_dataloader(dataset, batch, workers=0, shuffle=True, device="cpu"))
+    loader = build_dataloader(dataset, batch, workers=0, shuffle=True, device="cpu")
+    it = iter(loader)
     next(it)
     n, t0 = 0, time.perf_counter()
     for _ in range(batches):
-        n += len(next(it)["img"])
+        try:
+            b = next(it)
+        except StopIteration:  # a small dataset: its next epoch (without workers the loader does not repeat)
+            it = iter(loader)
+            b = next(it)
+        n += len(b["img"])
     seconds = time.perf_counter() - t0
     return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9)}
 
