@@ -306,8 +306,9 @@ def profile_memory(trainer: Trainer, warmup: int = 1) -> tuple[TensorMemory, flo
         torch.cuda.synchronize(trainer.device)
         torch.cuda.reset_peak_memory_stats(trainer.device)
     mem = TensorMemory(trainer.device.type)
+    held = state_tensors(trainer)  # outside the tracker: state_dict()'s detach() would be charged as an allocation
     with mem:
-        mem.adopt(state_tensors(trainer), "weights, EMA, optimizer state")
+        mem.adopt(held, "weights, EMA, optimizer state")
         profile_steps(trainer, 1, 0, accumulate=1, memory=mem)
     allocated = torch.cuda.max_memory_allocated(trainer.device) / 2 ** 20 if trainer.cuda else float("nan")
     return mem, allocated
