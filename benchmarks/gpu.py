@@ -63,6 +63,9 @@ def our_throughput(trainer: Trainer, opt: argparse.Namespace) -> dict:
         while len(items) < b:
             items.append(ds[len(items) % len(ds)])
         batch = collate(items[:b])
+        # on the card before the clock starts, as the peer's batch is (the trainer converts it to float itself)
+        batch.images = batch.images.to(trainer.device)
+        batch.semantic = batch.semantic.to(trainer.device) if batch.semantic is not None else None
 
         def step() -> None:
             trainer._train_batch(count[0], batch, -1)  # warmup -1: no lr ramp, no accumulation ramp

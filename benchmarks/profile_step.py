@@ -6,6 +6,13 @@ likewise, the per-epoch costs outside the batches, and a run's epoch-time series
     python -m benchmarks.profile_step --tasks det,inst --val 0         # two heads, no validation pass
     python -m benchmarks.profile_step --weights runs/train/exp/weights/last.pt   # a trained model's validation
     python -m benchmarks.profile_step --steps 0 --val 0 --results runs/train/exp/results.csv  # series only
+    python -m benchmarks.coco_like && python -m benchmarks.profile_step --memory --workers 0 --img 640 \
+        --batch-size 16 --data runs/bench/coco-like/data.yaml   # tensor memory by part, COCO's counts
+
+``--memory``: one batch (after an untraced one) traced by :class:`benchmarks.memtrack.TensorMemory`, each of the
+parts below a phase: per part, the MiB it allocated that are alive at the step's peak, the peak while it ran and
+the largest tensor it made (on CUDA also ``torch.cuda.max_memory_allocated``). No timing, validation or per-epoch
+costs then.
 
 Everything is built by :class:`utils.engine.trainer.Trainer` from train.py's own options (data, model, loss,
 optimizer, AMP scaler, EMA, loaders, default hooks; the run folder goes under ``--project``), and each batch
