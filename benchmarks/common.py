@@ -126,7 +126,7 @@ def largest_batch(measure: Callable[[int], dict], start: int, limit: int, recove
     while b <= limit:
         try:
             tried[b] = measure(b)
-        except Exception as err:  # noqa: BLE001 - only an allocation failure is expected; others re-raise
+        except Exception as err:  # only an allocation failure is expected: any other error re-raises
             if not out_of_memory(err):
                 raise
             tried[b] = None

@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Callable
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

@@ -82,10 +82,10 @@ import torch
 
 import train as train_script
 import utils.eval.evaluate as evaluate_module
+from benchmarks.memtrack import TensorMemory, print_memory_table
 from utils.data.dataset import stall_guard
 from utils.engine.checkpoint import save_checkpoint
 from utils.engine.hooks import write_results
-from benchmarks.memtrack import TensorMemory, print_memory_table
 from utils.engine.trainer import Trainer, _no_section
 
 TASKS = ("det", "inst", "sem", "cap")

@@ -2,6 +2,8 @@
 trainer as it found it (no timed assertion: only shares of one measured total)."""
 from __future__ import annotations
 
+import math
+
 from benchmarks import profile_step
 from utils.engine.trainer import _no_section
 
@@ -73,6 +75,6 @@ def test_memory_charges_the_step_to_its_parts(tiny_cfg_file, tiny_data, tmp_path
     assert rows["other"].allocated < params  # the loader's batch: none of the weights
     assert rows["backward"].allocated >= params  # every parameter's gradient at least
     assert rows["head/sem"].allocated > 0 and rows["loss/sem"].peak_while_open >= rows["head/sem"].peak_while_open
-    assert allocated != allocated  # NaN: no CUDA figure on the CPU
+    assert math.isnan(allocated)  # no CUDA figure on the CPU
     assert trainer.section is _no_section and not trainer.model._forward_hooks
     trainer.logger.close()
