@@ -44,8 +44,9 @@ class SemanticLoss:
         sem_loss_chunk: the cross-entropy is computed ``c`` images at a time, each chunk's upsampling and
             cross-entropy recomputed in backward (activation checkpointing), so only one chunk's upsampled
             logits, log-probabilities and their gradients are ever alive instead of the batch's (default 1; 0: the
-            whole batch at once). The same loss and gradient (tested): at 640 px, batch 16 and 171 classes the
-            unchunked ones were the largest part of a nano step's peak memory (``profile_step --memory``).
+            whole batch at once). The same loss and gradient (tested): at 640 px and 171 classes the unchunked
+            ones were half a nano step's peak tensor memory (batch 8: 1.6 of 3.0 GiB; 1.7 GiB chunked; README,
+            ``profile_step --memory``).
             With the dice term on, the batch is scored at once (dice is a ratio over the whole batch).
 
     Pixels equal to ``IGNORE_INDEX`` (255) and pixels whose label is outside ``[0, K)`` are ignored, as are
