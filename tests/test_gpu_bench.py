@@ -48,3 +48,33 @@ def test_tiny_cpu_run_prints_every_column(tmp_path: Path, capsys) -> None:
     assert "171 semantic classes" in out and "img/s by batch 2:" in out
     if not PEER_SITE:
         assert "Ultralytics rows skipped: it does not import from" in out
+
+
+def test_coco_like_data_has_cocos_counts(tmp_path: Path) -> None:
+    """The data the GPU and memory figures are measured on: COCO's 80 thing and 171 semantic classes, 5 captions per
+    image over a vocabulary every word of which is used, thing pixels of the maps under their instances' class."""
+    import json
+
+    import numpy as np
+
+    from benchmarks.coco_like import write_coco_like
+    from utils.data.config import load_data_config
+    from utils.data.dataset import CocoDataset
+    from utils.data.vocab import Vocabulary
+
+    data = write_coco_like(tmp_path, 12, (96, 72), vocab=300)
+    cfg = load_data_config(data)
+    assert (cfg.nc, len(cfg.semantic_ids)) == (80, 171)
+    ds = CocoDataset(cfg, cfg.train, 96)
+    assert all(len(rec.captions) == 5 for _, rec in ds.items)
+    vocab = Vocabulary.build((c for _, rec in ds.items for c in rec.captions), min_count=1)
+    assert len(vocab) >= 300  # every made-up word (+ the special tokens)
+    instances = json.loads(cfg.train[0].instances.read_text())["annotations"]
+    assert 4 < len(instances) / 12 < 11  # ~7.3 per image, Poisson
+    s = ds.load(0)
+    lut = cfg.semantic_lut()
+    thing = {int(lut[c - 1]) for c in cfg.category_ids}
+    assert set(np.unique(s.semantic).tolist()) & thing  # instances painted over the stuff bands
+    stamp = data.stat().st_mtime_ns
+    assert write_coco_like(tmp_path, 12, (96, 72), vocab=300) == data
+    assert data.stat().st_mtime_ns == stamp  # the same arguments: not rewritten
