@@ -3,6 +3,7 @@ YOLOv8-seg of the same letter on the same card in the same run, and each data lo
 many cores keep one GPU fed).
 
     python -m benchmarks.gpu --device 0                  # scales n and l, 640 px, AMP: the README's GPU table
+    python -m benchmarks.gpu --loader-only               # the loaders' img/s per core alone (no GPU needed)
     python -m benchmarks.gpu --device cpu --img 64 --batch 2 --max-batch 2 --steps 1 --warmup 1 --images 8 \\
         --loader-batches 2 --scales n                   # the suite's tiny CPU run of the same code
 
@@ -88,14 +89,15 @@ def trainer_for(scale: str, data: Path, opt: argparse.Namespace) -> Trainer:
     return build_trainer(ns)
 
 
-def peer_rows(opt: argparse.Namespace, data: Path) -> tuple[dict[str, dict], str]:
-    """The Ultralytics rows (name -> figures) and a note (why they are missing, or where Ultralytics came from)."""
+def peer_rows(opt: argparse.Namespace, data: Path) -> tuple[dict[str, dict], str, float]:
+    """The Ultralytics rows (name -> figures; none with ``--loader-only``), a note (why they are missing, or where
+    Ultralytics came from) and its loader's img/s per core (NaN when missing)."""
     project = Path(opt.project)
     site = Path(opt.peer_site) if opt.peer_site else project / "_ultralytics"
     env = peer_env(site, project)
     probe = subprocess.run([sys.executable, "-c", "import ultralytics"], env=env, capture_output=True, check=False)
     if probe.returncode != 0 and opt.no_install:
-        return {}, f"Ultralytics rows skipped: it does not import from {site} (--no-install)"
+        return {}, f"Ultralytics rows skipped: it does not import from {site} (--no-install)", math.nan
     version = ensure_ultralytics(site, env)
     yamls = json.loads(run_peer(["convert", "--data", str(data), "--out", str(project / "yolo-data")], env)
                        .strip().splitlines()[-1])
@@ -103,13 +105,13 @@ def peer_rows(opt: argparse.Namespace, data: Path) -> tuple[dict[str, dict], str
     rate = json.loads(run_peer(["loader", "--data-yaml", seg, "--img", str(opt.img), "--batch-size",
                                 str(opt.loader_batch), "--steps", str(opt.loader_batches)], env).strip().splitlines()[-1])
     rows = {}
-    for scale in opt.scales.split(","):
+    for scale in [] if opt.loader_only else opt.scales.split(","):
         name = f"yolov8{scale}-seg"
         out = run_peer(["step", "--model", f"{name}.yaml", "--data-yaml", seg, "--img", str(opt.img), "--batch-size",
                         str(opt.batch), "--max-batch", str(opt.max_batch), "--steps", str(opt.steps), "--warmup",
                         str(opt.warmup), "--device", str(opt.device)], env)
         rows[name] = json.loads(out.strip().splitlines()[-1]) | {"loader": rate["img_per_s"]}
-    return rows, f"Ultralytics {version} from {site}"
+    return rows, f"Ultralytics {version} from {site}", rate["img_per_s"]
 
 
 def print_table(rows: dict[str, dict], opt: argparse.Namespace, device: str, vocab: int, notes: list[str]) -> None:
@@ -149,6 +151,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never pip-install Ultralytics: skip the peer rows "
                    "when it does not import from --peer-site")
     p.add_argument("--no-peers", action="store_true", help="our rows only")
+    p.add_argument("--loader-only", action="store_true", help="only the two loaders' img/s per core (no GPU needed)")
     return p.parse_args(argv)
 
 
@@ -160,11 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     data = write_coco_like(project / "coco-like", opt.images, (opt.img, h - h % 2), opt.vocab)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core: the loader's rate per core
+    opt.cap_view = float(load_hyp(opt.hyp).get("cap_view", 0.5))
     rate = loader_throughput(str(data), opt.img, opt.loader_batch, 0, opt.loader_batches,
-                             caption_view=float(load_hyp(opt.hyp).get("cap_view", 0.5)))["img_per_s"]
+                             caption_view=opt.cap_view)["img_per_s"]
     torch.set_num_threads(threads)
     rows, device, vocab = {}, "", 0
-    for scale in opt.scales.split(","):
+    for scale in [] if opt.loader_only else opt.scales.split(","):
         trainer = trainer_for(scale, data, opt)
         device = (torch.cuda.get_device_name(trainer.device) if trainer.cuda else
                   f"cpu ({os.cpu_count()} cores, {threads} torch threads)")
@@ -174,15 +178,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    notes = []
+    notes, peer_rate = [], math.nan
     if not opt.no_peers:
-        peers, note = peer_rows(opt, data)
+        peers, note, peer_rate = peer_rows(opt, data)
         notes.append(note)
         # each of our scales beside the peer of its letter
         rows = {k: r for scale in opt.scales.split(",") for k, r in
-                ((f"yolor-mt-{scale}", rows[f"yolor-mt-{scale}"]), (f"yolov8{scale}-seg", peers.get(f"yolov8{scale}-seg")))
+                ((f"yolor-mt-{scale}", rows.get(f"yolor-mt-{scale}")), (f"yolov8{scale}-seg", peers.get(f"yolov8{scale}-seg")))
                 if r is not None}
-    print_table(rows, opt, device, vocab, notes)
+    print(f"\nloader img/s per CPU core ({opt.img} px, batch {opt.loader_batch}, one process without workers, torch at "
+          f"1 thread): ours {rate:.1f} (mosaic, every task's labels, cap_view {opt.cap_view}), Ultralytics "
+          f"{peer_rate:.1f} (mosaic, polygons to masks)")
+    if not opt.loader_only:
+        print_table(rows, opt, device, vocab, notes)
+    else:
+        print("\n".join(notes))
     return rows
 
 
