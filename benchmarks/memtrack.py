@@ -18,7 +18,7 @@ import contextlib
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -73,20 +73,23 @@ class TensorMemory(TorchDispatchMode):
             self.exit()
 
     def enter(self, name: str) -> None:
+        """Opens phase ``name`` (inside the open ones); :meth:`exit` closes the innermost."""
         self._open.append(_Open(name, self.live))
         self.phases[name]  # listed even if it allocates nothing
 
     def exit(self) -> None:
+        """Closes the innermost open phase, keeping the peak reached while it was open."""
         top = self._open.pop()
         p = self.phases[top.name]
         p.peak_while_open = max(p.peak_while_open, top.peak)
 
     @property
     def current(self) -> str:
+        """The phase new tensors are charged to: the innermost open one, ``other`` outside every phase."""
         return self._open[-1].name if self._open else "other"
 
     # --- counting ----------------------------------------------------------------------------------
-    def adopt(self, tensors, phase: str) -> None:
+    def adopt(self, tensors: Iterable[torch.Tensor], phase: str) -> None:
         """Counts ``tensors`` (made before tracking) as allocated by ``phase``."""
         self._open.append(_Open(phase, self.live))
         try:
