@@ -3,11 +3,13 @@ with :func:`utils.viz.plots.read_results`, the reader of results.png and report.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,3 +107,34 @@ def params_and_gflops(model: torch.nn.Module, img: int) -> tuple[int, float]:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, img, img))
     return n, counter.get_total_flops() / 1e9
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA's ``OutOfMemoryError``, or the CPU allocator's)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err)))
+
+
+def largest_batch(measure: Callable[[int], dict], start: int, limit: int, recover: Callable[[], None] = lambda: None
+                  ) -> tuple[int, dict[int, dict | None]]:
+    """``measure(b)`` for ``b = start, 2 start, 4 start ...`` up to ``limit``, until one runs out of memory; returns
+    the largest ``b`` that fitted (0: none) and every tried size's result (``None``: out of memory). After an
+    out-of-memory error ``recover()`` drops what the failed step held, then the allocator's cache is emptied,
+    so the next model measured in this process starts clean."""
+    tried: dict[int, dict | None] = {}
+    best, b = 0, max(start, 1)
+    while b <= limit:
+        try:
+            tried[b] = measure(b)
+        except Exception as err:  # only an allocation failure is expected: any other error re-raises
+            if not out_of_memory(err):
+                raise
+            tried[b] = None
+            del err
+            recover()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
+        best, b = b, 2 * b
+    return best, tried

@@ -69,16 +69,22 @@ def current_rss() -> int | None:
 
 
 def write_synthetic_labels(folder: Path, n_images: int, anns_per_image: float, points: int, captions: int,
-                           seed: int = 0) -> SplitSpec:
-    """COCO-like instances and captions JSONs for ``n_images`` 640x480 images; returns their split."""
+                           seed: int = 0, size: tuple[int, int] = (640, 480), vocab: int = 0,
+                           words_per_caption: int = 10) -> SplitSpec:
+    """COCO-like instances and captions JSONs for ``n_images`` images of ``size`` (w, h; COCO's typical 640x480);
+    returns their split. Captions draw from :data:`WORDS`, or with ``vocab > 0`` from that many made-up words
+    (``w0`` ...) dealt in turn, so that ``vocab / words_per_caption / captions`` images use every one of them
+    (a COCO-sized vocabulary, ~10k words, gives the caption head COCO's output width)."""
     rng = np.random.default_rng(seed)
+    w, h = size
     ids = 100_000 + 3 * np.arange(n_images)  # COCO ids are sparse, never list indices
-    images = [{"id": int(i), "file_name": f"{i:012d}.jpg", "width": 640, "height": 480} for i in ids]
+    images = [{"id": int(i), "file_name": f"{i:012d}.jpg", "width": w, "height": h} for i in ids]
     owner = np.repeat(ids, rng.poisson(anns_per_image, n_images))  # vectorized: 73k polygons in a second
     n = len(owner)
     angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
-    centre = rng.uniform([60, 60], [580, 420], (n, 1, 2))
-    radius = rng.uniform(8, 60, (n, 1)) * rng.uniform(0.6, 1.0, (n, points))  # star-shaped: a simple polygon
+    scale = min(w, h) / 480  # the 640x480 layout, shrunk for small images
+    centre = rng.uniform([60 * scale, 60 * scale], [w - 60 * scale, h - 60 * scale], (n, 1, 2))
+    radius = rng.uniform(8, 60, (n, 1)) * scale * rng.uniform(0.6, 1.0, (n, points))  # star-shaped: simple polygon
     polys = (centre + radius[..., None] * np.stack([np.cos(angles), np.sin(angles)], 1)).round(2)
     lo, hi = polys.min(1), polys.max(1)
     boxes = np.concatenate([lo, hi - lo], 1).round(2).tolist()
@@ -86,9 +92,15 @@ def write_synthetic_labels(folder: Path, n_images: int, anns_per_image: float, p
     anns = [{"id": k + 1, "image_id": int(owner[k]), "category_id": cats[k], "segmentation": [seg],
              "area": boxes[k][2] * boxes[k][3], "bbox": boxes[k], "iscrowd": 0}
             for k, seg in enumerate(polys.reshape(n, -1).tolist())]
-    words = np.asarray(WORDS)
-    caps = [{"id": k + 1, "image_id": int(iid), "caption": " ".join(words[rng.integers(0, len(WORDS), 10)])}
-            for k, iid in enumerate(np.repeat(ids, captions))]
+    n_caps, k = n_images * captions, words_per_caption
+    if vocab > 0:
+        words = np.asarray([f"w{i}" for i in range(vocab)])
+        drawn = np.arange(n_caps * k).reshape(n_caps, k) % vocab  # dealt in turn: every word used
+    else:
+        words = np.asarray(WORDS)
+        drawn = rng.integers(0, len(WORDS), (n_caps, k))
+    caps = [{"id": j + 1, "image_id": int(iid), "caption": " ".join(words[drawn[j]])}
+            for j, iid in enumerate(np.repeat(ids, captions))]
     categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in COCO_IDS]
     inst, cap = folder / "instances.json", folder / "captions.json"
     inst.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
@@ -151,13 +163,15 @@ def label_memory(n_images: int, anns_per_image: float, points: int, captions: in
     return figures
 
 
-def loader_throughput(data: str, img: int, batch_size: int, workers: int, batches: int, seed: int = 0) -> dict[str, float]:
-    """Images per second of the training DataLoader (mosaic on every image) over ``batches`` batches."""
+def loader_throughput(data: str, img: int, batch_size: int, workers: int, batches: int, seed: int = 0,
+                      caption_view: float = 0.0) -> dict[str, float]:
+    """Images per second of the training DataLoader over ``batches`` batches: mosaic on every image, or with
+    ``caption_view`` > 0 that share of the captioned images given the weak caption view instead (training's mix)."""
 
     cfg = load_data_config(data)  # generates the embedded dataset on first use
     hyp = load_hyp(ROOT / "data/hyps/hyp.scratch.yaml")
     t0 = time.perf_counter()
-    ds = CocoDataset(cfg, cfg.train, img, augment=True, hyp=hyp, seed=seed, caption_view=0.0)
+    ds = CocoDataset(cfg, cfg.train, img, augment=True, hyp=hyp, seed=seed, caption_view=caption_view)
     setup_s = time.perf_counter() - t0
     loader = create_dataloader(ds, batch_size, shuffle=True, workers=workers, seed=seed)
     it = iter(loader)

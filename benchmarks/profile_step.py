@@ -6,6 +6,13 @@ likewise, the per-epoch costs outside the batches, and a run's epoch-time series
     python -m benchmarks.profile_step --tasks det,inst --val 0         # two heads, no validation pass
     python -m benchmarks.profile_step --weights runs/train/exp/weights/last.pt   # a trained model's validation
     python -m benchmarks.profile_step --steps 0 --val 0 --results runs/train/exp/results.csv  # series only
+    python -m benchmarks.coco_like && python -m benchmarks.profile_step --memory --workers 0 --img 640 \
+        --batch-size 16 --data runs/bench/coco-like/data.yaml   # tensor memory by part, COCO's counts
+
+``--memory``: one batch (after an untraced one) traced by :class:`benchmarks.memtrack.TensorMemory`, each of the
+parts below a phase: per part, the MiB it allocated that are alive at the step's peak, the peak while it ran and
+the largest tensor it made (on CUDA also ``torch.cuda.max_memory_allocated``). No timing, validation or per-epoch
+costs then.
 
 Everything is built by :class:`utils.engine.trainer.Trainer` from train.py's own options (data, model, loss,
 optimizer, AMP scaler, EMA, loaders, default hooks; the run folder goes under ``--project``), and each batch
@@ -75,6 +82,7 @@ import torch
 
 import train as train_script
 import utils.eval.evaluate as evaluate_module
+from benchmarks.memtrack import TensorMemory, print_memory_table
 from utils.data.dataset import stall_guard
 from utils.engine.checkpoint import save_checkpoint
 from utils.engine.hooks import write_results
@@ -84,11 +92,13 @@ TASKS = ("det", "inst", "sem", "cap")
 
 
 class Sections:
-    """Seconds and calls per named part; ``timer(name)`` is a context manager (nesting allowed)."""
+    """Seconds and calls per named part; ``timer(name)`` is a context manager (nesting allowed). With ``memory``
+    every part is also a phase of that :class:`~benchmarks.memtrack.TensorMemory` (its tensors charged to it)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, memory: TensorMemory | None = None):
         self.cuda = device.type == "cuda"
         self.device = device
+        self.memory = memory
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.enabled = True
@@ -102,15 +112,26 @@ class Sections:
             self.seconds[name] += seconds
             self.calls[name] += 1
 
+    def enter(self, name: str) -> float:
+        """Opens part ``name``; returns its start time for :meth:`exit`."""
+        self.sync()
+        if self.memory is not None:
+            self.memory.enter(name)
+        return time.perf_counter()
+
+    def exit(self, name: str, t0: float) -> None:
+        self.sync()
+        self.add(name, time.perf_counter() - t0)
+        if self.memory is not None:
+            self.memory.exit()
+
     @contextlib.contextmanager
     def __call__(self, name: str):
-        self.sync()
-        t0 = time.perf_counter()
+        t0 = self.enter(name)
         try:
             yield
         finally:
-            self.sync()
-            self.add(name, time.perf_counter() - t0)
+            self.exit(name, t0)
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -136,12 +157,10 @@ def time_module(module: torch.nn.Module, name: str, sections: Sections) -> list:
     start: list[float] = []
 
     def pre(*_):
-        sections.sync()
-        start.append(time.perf_counter())
+        start.append(sections.enter(name))
 
     def post(*_):
-        sections.sync()
-        sections.add(name, time.perf_counter() - start.pop())
+        sections.exit(name, start.pop())
 
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
@@ -167,6 +186,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    "sampled captions scored by CIDEr-D instead of teacher forcing; the caption loss row is split into "
                    "sampling, the samples' log-probabilities and the rest")
     p.add_argument("--profiler", action="store_true", help="torch.profiler's top-15 ops of backward (inflates it)")
+    p.add_argument("--memory", action="store_true", help="instead of the timings: one batch's tensor memory by part "
+                   "of the step (benchmarks/memtrack.py; pass --workers 0: a worker's tensors are not seen)")
     p.add_argument("--results", default="", help="a run's results.csv: print its epoch-time series")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--project", default="runs/profile", help="where the Trainer's run folder goes")
@@ -187,10 +208,12 @@ def build_trainer(opt: argparse.Namespace) -> Trainer:
     return Trainer(train_script.parse_opt(args))
 
 
-def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0, profiler: bool = False):
+def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0, profiler: bool = False,
+                  memory: TensorMemory | None = None):
     """Trains ``warmup + steps`` batches of epoch 0 through ``trainer._train_batch``; returns (Sections of the
-    timed batches, wall seconds of each timed batch, backward op table rows or None)."""
-    sec = Sections(trainer.device)
+    timed batches, wall seconds of each timed batch, backward op table rows or None). ``memory``: every part
+    is also a phase of it (pass ``warmup`` 0 and trace only the steps wanted)."""
+    sec = Sections(trainer.device, memory)
     model = trainer.model
     handles = time_module(model, "forward_hooked", sec)
     for t in model.tasks:
@@ -262,6 +285,40 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
                 model.head("cap").__dict__.pop(method, None)
         trainer.section = _no_section
     return sec, walls, (dict(ops) if profiler else None)
+
+
+# memory phases (the Sections' part names) as the table shows them
+MEMORY_LABELS = {"forward_hooked": "forward: body (backbone + neck)", "forward": "forward: outside the model",
+                 **{f"head/{t}": f"forward: head {t}" for t in TASKS}, **{f"loss/{t}": f"loss {t}" for t in TASKS},
+                 "loss": "loss: other (gt masks, balancer)", "backward": "backward (activation + weight grads)",
+                 "step": "optimizer step (unscale, clip, step)", "ema": "EMA update",
+                 "other": "other (loader with 0 workers, hooks)"}
+
+
+def state_tensors(trainer: Trainer) -> list[torch.Tensor]:
+    """The tensors a run holds between steps: weights and buffers, the EMA copy, the optimizer state, the
+    balancer's parameters."""
+    tensors = [*trainer.model.parameters(), *trainer.model.buffers(), *trainer.ema.ema.state_dict().values(),
+               *trainer.loss.balancer.parameters()]
+    return tensors + [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+def profile_memory(trainer: Trainer, warmup: int = 1) -> tuple[TensorMemory, float]:
+    """One training batch traced by :class:`~benchmarks.memtrack.TensorMemory`, each part of the step a phase,
+    with an optimizer step (accumulate 1), after ``warmup`` untraced batches (which create the optimizer state,
+    held from then on); returns the tracker and, on CUDA, ``torch.cuda.max_memory_allocated`` over that batch
+    in MiB (NaN elsewhere)."""
+    profile_steps(trainer, 0, warmup, accumulate=1)
+    if trainer.cuda:
+        torch.cuda.synchronize(trainer.device)
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    mem = TensorMemory(trainer.device.type)
+    held = state_tensors(trainer)  # outside the tracker: state_dict()'s detach() would be charged as an allocation
+    with mem:
+        mem.adopt(held, "weights, EMA, optimizer state")
+        profile_steps(trainer, 1, 0, accumulate=1, memory=mem)
+    allocated = torch.cuda.max_memory_allocated(trainer.device) / 2 ** 20 if trainer.cuda else float("nan")
+    return mem, allocated
 
 
 def step_rows(sec: Sections, walls: list[float], tasks: list[str]) -> list[tuple[str, int, float, float]]:
@@ -380,6 +437,20 @@ def epoch_series(path: Path) -> list[tuple[int, float, float]]:
     return [(e, t, t / med) for e, t in rows]
 
 
+def print_memory(trainer: Trainer, opt: argparse.Namespace) -> None:
+    """``--memory``: the table of :func:`profile_memory`, with the sizes it is for."""
+    mem, allocated = profile_memory(trainer, max(opt.warmup, 1))
+    head = trainer.model.head
+    sizes = []
+    if "sem" in trainer.model.tasks:
+        sizes.append(f"{head('sem').num_classes} semantic classes")
+    if "cap" in trainer.model.tasks:
+        sizes.append(f"{head('cap').vocab_size}-word vocabulary x {trainer.loss.cap.refs} references")
+    extra = {"torch.cuda.max_memory_allocated": allocated} if trainer.cuda else None
+    print_memory_table(mem, f"tensor memory of one training batch (MiB; {', '.join(sizes)}; {trainer.model.nc} "
+                       "classes)", extra, MEMORY_LABELS)
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     if opt.threads > 0:
@@ -394,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{opt.cfg} tasks {','.join(tasks)}, {opt.img} px, batch {opt.batch_size}, device {trainer.device}, "
               f"{torch.get_num_threads()} torch threads, {opt.workers} loader workers, accumulate "
               f"{opt.accumulate or trainer.accumulate}")
-        if opt.steps > 0:
+        if opt.memory:
+            print_memory(trainer, opt)
+        elif opt.steps > 0:
             sec, walls, ops = profile_steps(trainer, opt.steps, opt.warmup, opt.accumulate, opt.profiler)
             print_table(f"training batch: {opt.steps} timed after {opt.warmup} untimed "
                         f"(batch wall ms: min {1e3 * min(walls):.0f}, median {1e3 * statistics.median(walls):.0f}, "
@@ -407,11 +480,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (cpu, dev, n) in sorted(ops.items(), key=lambda kv: -kv[1][key])[:15]:
                     print(f"{name[:70]:<70} {cpu / opt.steps:>9.2f}" + (f" {dev / opt.steps:>9.2f}" if key else "")
                           + f" {n // opt.steps:>7}")
-        if opt.val:
+        if opt.val and not opt.memory:
             rows, wall, images = profile_validation(trainer)
             print_table(f"validation pass: {images} images, {wall:.1f} s (ms/batch: per validation pass)",
                         rows, 1, wall)
-        if opt.epoch_costs:
+        if opt.epoch_costs and not opt.memory:
             print("\nper-epoch costs outside the batches")
             for name, seconds in epoch_costs(trainer):
                 print(f"{name:<68} {1e3 * seconds:>9.1f} ms")

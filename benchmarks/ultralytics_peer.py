@@ -150,9 +150,96 @@ def latency(model: str, data_yaml: str, img: int, threads: int) -> float:
     return 1e3 * time_fn(lambda t: sess.run(None, {name: t.numpy()}), x, 3, 20)
 
 
+def _peer_setup(model: str, data_yaml: str, img: int):
+    """Ultralytics' segmentation model ``model`` (its yaml, random weights) sized for ``data_yaml``'s classes, its
+    default training arguments (loss gains) and its training dataset (mosaic and the rest of its augmentation)."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.nn.tasks import SegmentationModel
+
+    args = get_cfg(overrides={"task": "segment", "mode": "train", "imgsz": img, "model": model, "data": data_yaml})
+    data = check_det_dataset(data_yaml)
+    net = SegmentationModel(model, nc=data["nc"], ch=3, verbose=False)
+    net.args = args  # the loss reads its gains from here, as Ultralytics' trainer sets them
+    dataset = build_yolo_dataset(args, data["train"], 16, data, mode="train", stride=int(net.stride.max()))
+    return net, args, dataset
+
+
+def step_throughput(model: str, data_yaml: str, img: int, batch: int, max_batch: int, steps: int, warmup: int,
+                    device: str) -> dict:
+    """Training img/s and peak memory of Ultralytics' model at the largest batch that fits (``batch`` doubled up to
+    ``max_batch``), by the step of its own trainer: AMP on CUDA (its default), forward + loss, scaled backward, unscale,
+    clip to 10, optimizer step, EMA update, on one batch of its own training loader (the loader is timed apart,
+    :func:`loader_rate`); memory as :func:`benchmarks.memtrack.step_memory` measures ours."""
+    import torch
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    from benchmarks.common import largest_batch
+    from benchmarks.memtrack import step_memory
+
+    dev = torch.device("cuda:0" if device.isdigit() else device)
+    net, _, dataset = _peer_setup(model, data_yaml, img)
+    net = net.to(dev).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.002, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
+    ema = ModelEMA(net)
+    items: list = []
+
+    def step(b: dict) -> None:
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            loss, _ = net(b)
+        scaler.scale(loss.sum()).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=10.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ema.update(net)
+
+    def measure(b: int) -> dict:
+        while len(items) < b:
+            items.append(dataset[len(items) % len(dataset)])
+        data = dataset.collate_fn(items[:b])
+        data = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        data["img"] = data["img"].float() / 255
+        state = [*net.parameters(), *net.buffers(), *ema.ema.state_dict().values()]
+        return step_memory(lambda: step(data), dev, steps, warmup, b, lambda: state + [
+            v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)])
+
+    best, tried = largest_batch(measure, batch, max_batch, lambda: opt.zero_grad(set_to_none=True))
+    return {"batch": best, "params": sum(q.numel() for q in net.parameters()), **(tried[best] if best else {}),
+            "tried": {b: (r or {}).get("img_s") for b, r in tried.items()}}
+
+
+def loader_rate(data_yaml: str, img: int, batch: int, batches: int) -> dict:
+    """Images per second of Ultralytics' training loader (its mosaic, random perspective, HSV, flips, polygon to
+    mask) in this process alone (no workers: the rate of one CPU core), over ``batches`` batches after the first."""
+    import time
+
+    import torch
+    from ultralytics.data import build_dataloader
+
+    torch.set_num_threads(1)
+    _, _, dataset = _peer_setup("yolov8n-seg.yaml", data_yaml, img)
+    loader = build_dataloader(dataset, batch, workers=0, shuffle=True, device="cpu")
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            b = next(it)
+        except StopIteration:  # a small dataset: its next epoch (without workers the loader does not repeat)
+            it = iter(loader)
+            b = next(it)
+        n += len(b["img"])
+    seconds = time.perf_counter() - t0
+    return {"images": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["convert", "train", "score", "latency"])
+    p.add_argument("action", choices=["convert", "train", "score", "latency", "step", "loader"])
     p.add_argument("--data", default="data/shapes.yaml")
     p.add_argument("--out", default="runs/bench/peers/yolo-data")
     p.add_argument("--model", default="yolov8n-seg.yaml")
@@ -166,11 +253,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--save-period", type=int, default=1, help="train: a checkpoint every N epochs")
     p.add_argument("--overrides", default="{}", help="train: Ultralytics hyperparameters, a JSON object")
+    p.add_argument("--max-batch", type=int, default=0, help="step: the largest batch tried (doubling from --batch-size)")
+    p.add_argument("--steps", type=int, default=10, help="step: timed steps; loader: timed batches")
+    p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first")
     opt = p.parse_args(argv)
     if opt.action == "convert":
         print(json.dumps({k: str(v) for k, v in convert(opt.data, Path(opt.out)).items()}))
     elif opt.action == "latency":
         print(json.dumps({"ms": latency(opt.model, opt.data_yaml, opt.img, opt.workers)}))
+    elif opt.action == "step":
+        print(json.dumps(step_throughput(opt.model, opt.data_yaml, opt.img, opt.batch_size,
+                                         max(opt.max_batch, opt.batch_size), opt.steps, opt.warmup, opt.device)))
+    elif opt.action == "loader":
+        print(json.dumps(loader_rate(opt.data_yaml, opt.img, opt.batch_size, opt.steps)))
     elif opt.action == "train":
         train(opt.model, opt.data_yaml, Path(opt.run), int(opt.epochs), opt.img, opt.batch_size, opt.seed,
               opt.device, opt.workers, opt.save_period, json.loads(opt.overrides))

@@ -2,6 +2,8 @@
 trainer as it found it (no timed assertion: only shares of one measured total)."""
 from __future__ import annotations
 
+import math
+
 from benchmarks import profile_step
 from utils.engine.trainer import _no_section
 
@@ -51,4 +53,28 @@ def test_self_critical_steps_split_the_caption_loss(tiny_cfg_file, tiny_data, tm
                                  "SCST rewards (CIDEr-D), baseline, rest"]
     assert "sample" not in head.__dict__ and "sequence_logprobs" not in head.__dict__
     assert not isinstance(trainer.loss.scst_loss, profile_step.Timed)
+    trainer.logger.close()
+
+
+def test_memory_charges_the_step_to_its_parts(tiny_cfg_file, tiny_data, tmp_path):
+    """--memory: one traced batch's tensors are charged to the part of the step that made them; the parts alive
+    at the peak add up to it, the weights held between steps are among them, and backward makes the gradients."""
+    opt = profile_step.parse_opt(["--cfg", str(tiny_cfg_file), "--data", str(tiny_data), "--img", "64",
+                                  "--batch-size", "4", "--workers", "0", "--project", str(tmp_path), "--memory"])
+    trainer = profile_step.build_trainer(opt)
+    mem, allocated = profile_step.profile_memory(trainer, 1)
+    rows = mem.report()
+    tasks = trainer.model.tasks
+    for part in ["weights, EMA, optimizer state", "forward_hooked", "backward", "step",
+                 *[f"head/{t}" for t in tasks], *[f"loss/{t}" for t in tasks]]:
+        assert part in rows, part
+    assert sum(p.live_at_peak for p in rows.values()) == mem.peak > 0
+    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    # the model, its EMA copy and AdamW's two moments, all fp32 (buffers and the balancer on top)
+    assert rows["weights, EMA, optimizer state"].live_at_peak >= 4 * params
+    assert rows["other"].allocated < params  # the loader's batch: none of the weights
+    assert rows["backward"].allocated >= params  # every parameter's gradient at least
+    assert rows["head/sem"].allocated > 0 and rows["loss/sem"].peak_while_open >= rows["head/sem"].peak_while_open
+    assert math.isnan(allocated)  # no CUDA figure on the CPU
+    assert trainer.section is _no_section and not trainer.model._forward_hooks
     trainer.logger.close()

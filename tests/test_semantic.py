@@ -227,6 +227,51 @@ def test_loss_stride_scores_the_cell_centre_pixels() -> None:
         SemanticLoss({"sem_loss_stride": 0})
 
 
+@pytest.mark.parametrize("chunk,stride", [(1, 1), (2, 2), (3, 1)])
+def test_chunked_loss_and_gradient_equal_the_whole_batch(chunk: int, stride: int) -> None:
+    """sem_loss_chunk c: the cross-entropy c images at a time (checkpointed) has the loss and the gradient of
+    the whole batch at once, with ignored pixels, an unlabelled image and bf16 logits (AMP) among them."""
+    torch.manual_seed(0)
+    base = torch.randn(5, 7, 6, 8)
+    target = torch.randint(0, 7, (5, 24, 32), dtype=torch.uint8)
+    target[1, :5] = 255
+    target[3, 4:9, 3:30] = 9  # outside [0, K): ignored too
+    present = torch.tensor([True, True, False, True, True])
+    for dtype in (torch.float32, torch.bfloat16):
+        grads, values = [], []
+        for c in (0, chunk):
+            logits = base.to(dtype).detach().clone().requires_grad_()
+            loss, parts = SemanticLoss({"sem_loss_stride": stride, "sem_loss_chunk": c})(logits, target, present)
+            loss.backward()
+            grads.append(logits.grad.float())
+            values.append((loss, parts["ce"]))
+        torch.testing.assert_close(values[1][0], values[0][0], rtol=1e-6, atol=1e-6)
+        assert values[1][1] == pytest.approx(values[0][1], rel=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+        assert grads[0][2].abs().sum() == 0 and grads[0][0].abs().sum() > 0  # the unlabelled image gets none
+    with pytest.raises(ValueError, match="sem_loss_chunk"):
+        SemanticLoss({"sem_loss_chunk": -1})
+
+
+def test_chunked_loss_keeps_one_chunk_of_full_resolution_tensors() -> None:
+    """What the chunks are for: the largest tensor memory alive during the loss and its backward falls with the
+    chunk (counted by benchmarks.memtrack, the tracker of profile_step --memory)."""
+    from benchmarks.memtrack import TensorMemory
+
+    logits0 = torch.randn(8, 20, 16, 16)
+    target = torch.randint(0, 20, (8, 128, 128))
+    peaks = {}
+    for c in (0, 1):
+        logits = logits0.clone().requires_grad_()
+        with TensorMemory() as mem:
+            loss, _ = SemanticLoss({"sem_loss_chunk": c})(logits, target, torch.ones(8, dtype=torch.bool))
+            loss.backward()
+        peaks[c] = mem.peak
+    one_image = 20 * 128 * 128 * 4  # one image's upsampled fp32 logits
+    assert peaks[0] > 8 * 2 * one_image  # the batch's upsampled logits and log-probabilities at once
+    assert peaks[1] < 4 * one_image + 2 * target.numel() * 8
+
+
 # ------------------------------------------------------------------------------------------------ protocol
 
 
