@@ -245,7 +245,7 @@ def test_random_perspective_border_crop_removes_outside(perspective):
     semantic = np.full((h, w), BG_SEM, np.uint8)
     squares = {"tl": (10.2, 10.2, 30.7, 30.7), "mid": (90.3, 90.3, 110.6, 110.6), "br": (170.1, 170.1, 190.4, 190.4)}
     boxes, segments = [], []
-    for name, (x1, y1, x2, y2) in squares.items():
+    for _name, (x1, y1, x2, y2) in squares.items():
         poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
         m = rasterize([poly], (h, w))
         image[m], semantic[m] = COLOUR[0], SEM_OF[0]
@@ -270,7 +270,7 @@ def test_random_perspective_big_translate_keeps_only_visible(seed):
     out = random_perspective(s, np.random.default_rng(seed), translate=0.45, scale=0.0)
     h, w = out.image.shape[:2]
     check_consistent(out)
-    for box, polys in zip(out.boxes, out.segments):  # survivors are really inside the image
+    for box, _polys in zip(out.boxes, out.segments):  # survivors are really inside the image
         assert box[2] - box[0] > 2 and box[3] - box[1] > 2 and box[2] <= w and box[3] <= h
 
 

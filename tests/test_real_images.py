@@ -23,9 +23,9 @@ import yaml
 from torch import nn
 
 import export as export_script
-from benchmarks import rect as rect_bench
 import test as test_script
 import train as train_script
+from benchmarks import rect as rect_bench
 from tests.conftest import ROOT, train_args
 from tests.test_detect import _predictions, run_detect
 from tests.test_export import IMG, zero_class_priors

@@ -10,8 +10,9 @@ Captions: :class:`PyTorchBackend` decodes with the head's own ``greedy`` / ``bea
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -5,9 +5,10 @@ files made from them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -136,7 +137,7 @@ class Predictor:
         return notes
 
     def __call__(self, frames: list[np.ndarray], paths: Sequence[str | None] | None = None,
-                 indices: Sequence[int | None] | None = None) -> tuple[list["Results"], dict[str, float]]:
+                 indices: Sequence[int | None] | None = None) -> tuple[list[Results], dict[str, float]]:
         """:class:`Results` for a batch of BGR frames and the ``pre`` / ``infer`` / ``post`` times in ms (whole
         batch). ``paths`` / ``indices``: per frame, where it came from and its index in its video (``None`` for
         images); they name the frame in :meth:`Results.to_json` and are not otherwise used."""
@@ -246,7 +247,7 @@ class Results(Result):
 
     @classmethod
     def of(cls, result: Result, info: ModelInfo, tasks: Sequence[str], orig_img: np.ndarray | None = None,
-           path: str | None = None, frame: int | None = None, speed: dict[str, float] | None = None) -> "Results":
+           path: str | None = None, frame: int | None = None, speed: dict[str, float] | None = None) -> Results:
         """``result`` enriched; every field of ``result`` is carried over as it is (fields added to ``Result``
         later, such as ``panoptic``, included)."""
         return cls(**{f.name: getattr(result, f.name) for f in fields(result) if f.init and hasattr(result, f.name)},
@@ -309,11 +310,11 @@ class Results(Result):
         return {"image_id": image_id, "path": self.path, "shape": [int(v) for v in self.shape],
                 "detections": coco_results(self, image_id, self.info.category_ids), "caption": self.caption}
 
-    def cpu(self) -> "Results":
+    def cpu(self) -> Results:
         """``self``: the arrays are numpy on the CPU already (kept for torch / Ultralytics habits)."""
         return self
 
-    def numpy(self) -> "Results":
+    def numpy(self) -> Results:
         """``self``: the arrays are numpy already (kept for torch / Ultralytics habits)."""
         return self
 

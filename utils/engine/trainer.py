@@ -618,7 +618,7 @@ class Trainer:
         self.skipped_steps.append((self.epoch, i))
         bad = [k for k, v in parts.items() if not math.isfinite(v)]
         where = (bad or "total") if not torch.isfinite(loss) else "another rank's batch"
-        warnings.warn(f"non-finite loss at epoch {self.epoch} batch {i} in {where}; step skipped")
+        warnings.warn(f"non-finite loss at epoch {self.epoch} batch {i} in {where}; step skipped", stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
         max_nonfinite = int(self.hyp.get("max_nonfinite", 10))
         if self.nonfinite_run >= max_nonfinite:

@@ -37,7 +37,7 @@ class Letterbox:
     input_shape: tuple[int, int]
 
     @classmethod
-    def identity(cls, shape: tuple[int, int]) -> "Letterbox":
+    def identity(cls, shape: tuple[int, int]) -> Letterbox:
         """An input that is its own original (an augmented training image: there is nothing to map back to)."""
         shape = (int(shape[0]), int(shape[1]))
         return cls(1.0, (0.0, 0.0), shape, shape)
