@@ -28,10 +28,10 @@ from utils.deploy.predictor import (
     summarize,
     yolo_lines,
 )
-from utils.engine.cli import run_cli
-from utils.engine.torch_utils import increment_path, latest_run
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.track import ByteTracker
+from utils.runtime.cli import run_cli
+from utils.runtime.runs import increment_path, latest_run
 from utils.tasks import ALL_TASKS, parse_tasks
 from utils.viz.draw import annotate
 

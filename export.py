@@ -46,10 +46,11 @@ from utils.deploy.export import (
 )
 from utils.deploy.interface import DeployModel, export_metadata
 from utils.deploy.predictor import check_img_size
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.engine.cli import run_cli
-from utils.engine.torch_utils import latest_run, select_device
 from utils.ops.nms import NMSConfig
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.cli import run_cli
+from utils.runtime.device import select_device
+from utils.runtime.runs import latest_run
 from utils.tasks import parse_tasks
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.engine.cli import run_cli
-from utils.engine.torch_utils import increment_path, latest_run, select_device
 from utils.eval.evaluate import evaluate
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.cli import run_cli
+from utils.runtime.device import select_device
+from utils.runtime.runs import increment_path, latest_run
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:

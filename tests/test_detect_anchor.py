@@ -22,10 +22,10 @@ from models.parser import CfgError
 from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg, train_args
 from tests.test_detection import overfit_detection
 from utils.data.dataset import dataset_wh
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.loss.detection_anchor import AnchorDetectionLoss
 from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
 from utils.ops.nms import non_max_suppression
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
 ANCHORS = [[8, 8, 16, 16, 24, 24], [20, 40, 40, 20, 40, 40], [40, 60, 60, 40, 70, 70]]  # pixels at 64
 

@@ -32,12 +32,12 @@ from utils.deploy.export import (
     verification_images,
 )
 from utils.deploy.interface import NMS_OUTPUTS, DeployModel
-from utils.engine.checkpoint import (
+from utils.ops.nms import BatchedNMS, NMSConfig, non_max_suppression
+from utils.runtime.checkpoint import (
     build_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from utils.ops.nms import BatchedNMS, NMSConfig, non_max_suppression
 
 IMG = 64
 ALL_OUTPUTS = ["det_pred", "inst_coeffs", "inst_protos", "sem_logits", "cap_memory"]

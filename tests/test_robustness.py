@@ -17,9 +17,9 @@ from torch import nn
 
 import train as train_script
 from tests.conftest import HEAD_KW, tiny_cfg, train_args
-from utils.engine.checkpoint import load_checkpoint, save_checkpoint
 from utils.engine.trainer import Trainer
 from utils.loss.semantic import SemanticLoss
+from utils.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 HYP = Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch.yaml"
 

@@ -26,8 +26,8 @@ from utils.deploy.interface import (
     ModelInfo,
     read_onnx_metadata,
 )
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.engine.torch_utils import select_device
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.device import select_device
 
 
 class PyTorchBackend:

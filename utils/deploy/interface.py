@@ -42,7 +42,7 @@ class ModelInfo:
 
     @classmethod
     def from_model(cls, model) -> ModelInfo:
-        """From a built ``Model`` carrying ``.meta`` (``utils.engine.checkpoint.build_from_checkpoint``)."""
+        """From a built ``Model`` carrying ``.meta`` (``utils.runtime.checkpoint.build_from_checkpoint``)."""
         meta = getattr(model, "meta", {}) or {}
         nc = getattr(model, "nc", 0)
         return cls(names=list(meta.get("names") or [str(i) for i in range(nc)]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.engine.distributed import LOCAL, DistInfo
+from utils.runtime.distributed import LOCAL, DistInfo
 from utils.tasks import IGNORE_INDEX
 
 

@@ -1,10 +1,8 @@
-"""Device selection, seeding, RNG state and run-folder naming."""
+"""Device selection, seeding and RNG state."""
 from __future__ import annotations
 
 import os
 import random
-import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,19 +67,3 @@ def set_rng_state(state: dict, cuda: bool = False) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     if cuda and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
-    """runs/train/exp -> runs/train/exp2, exp3, ... (the first free one), unless ``exist_ok``."""
-    path = Path(path)
-    if exist_ok or not path.exists():
-        return path
-    stem = re.sub(r"\d+$", "", path.name)
-    used = [int(m.group(1)) for p in path.parent.glob(f"{stem}*") if (m := re.fullmatch(rf"{re.escape(stem)}(\d+)", p.name))]
-    return path.with_name(f"{stem}{max(used + [1]) + 1}")
-
-
-def latest_run(pattern: str = "runs/train/exp*/weights/last.pt") -> Path | None:
-    """The most recently written file matching ``pattern`` (for ``--resume`` with no path)."""
-    files = list(Path().glob(pattern))
-    return max(files, key=os.path.getmtime) if files else None
