@@ -24,6 +24,7 @@ from utils.data.augment import (
     vflip,
 )
 from utils.data.sample import Sample
+from utils.ops.letterbox import letterbox_image
 from utils.tasks import IGNORE_INDEX, TASKS
 
 BG_SEM = 40
@@ -205,6 +206,10 @@ def test_letterbox(new_shape, auto, scaleup, size):
         for x, y in zip(pa, pb):
             np.testing.assert_allclose((x - [pw, ph]) / ratio, y, atol=0.5 / ratio + 1e-3)
     assert out.present == s.present and out.captions == s.captions and out.orig_shape == s.orig_shape
+    # the pixels are the letterbox of utils/ops that inference uses, the record its own
+    image, semantic, lb_image = letterbox_image(s.image, new_shape, auto=auto, scaleup=scaleup, semantic=s.semantic)
+    assert np.array_equal(image, out.image) and np.array_equal(semantic, out.semantic) and lb_image == lb
+    assert lb.scales() == (uw / REF_W, uh / REF_H)
 
 
 def test_load_resized():

@@ -104,3 +104,10 @@ def test_runtime_room_is_below_loss_and_engine():
                                          "utils.viz", "utils.tasks"))
     assert not _climbs("utils.loss", ("utils.engine",))
     assert any(name.startswith("utils.runtime") for _, name in _imports_under("utils.loss"))
+
+
+def test_deploy_letterboxes_through_ops_not_the_training_augment():
+    """Inference makes its input with the letterbox of ``utils/ops`` (the module holding its inverse too), never
+    through the training augmentation."""
+    assert _imports_under("utils.deploy")
+    assert not _climbs("utils.deploy", ("utils.data.augment",))

@@ -14,12 +14,10 @@ import cv2
 import numpy as np
 import torch
 
-from utils.data.augment import letterbox
-from utils.data.sample import Sample
 from utils.data.vocab import Vocabulary
 from utils.deploy.backends import Backend
 from utils.deploy.interface import ModelInfo
-from utils.ops.letterbox import Letterbox
+from utils.ops.letterbox import Letterbox, letterbox_image
 from utils.ops.panoptic import PanopticSpec, coco_panoptic, id2rgb
 from utils.ops.postprocess import (
     Result,
@@ -55,8 +53,8 @@ def preprocess(frames: list[np.ndarray], img_hw: tuple[int, int]) -> tuple[np.nd
     """BGR frames -> ``(B, 3, H, W)`` float32 RGB in 0..1, letterboxed exactly as the validation loader does."""
     batch, boxes = [], []
     for f in frames:
-        s, lb = letterbox(Sample(image=f), tuple(img_hw))
-        batch.append(s.image[..., ::-1].transpose(2, 0, 1))
+        image, _, lb = letterbox_image(f, tuple(img_hw))
+        batch.append(image[..., ::-1].transpose(2, 0, 1))
         boxes.append(lb)
     return np.ascontiguousarray(np.stack(batch)).astype(np.float32) / 255.0, boxes
 
