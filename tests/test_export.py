@@ -276,7 +276,6 @@ def test_simplify_keeps_parity(weights, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--half", "--device", "cpu"], "--half needs a CUDA device"),
     (["--opset", "9"], "--opset 9"),
     (["--weights", "missing.pt"], "weights not found"),
     (["--tasks", "inst,sem"], "inst needs det"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -21,6 +22,24 @@ def select_device(device: str = "") -> torch.device:
     if idx >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(f"cuda:{idx}")
+
+
+def use_half(half: bool, device: torch.device, exported: bool = False) -> bool:
+    """The scripts' one ``--half`` policy, Ultralytics': FP16 where it runs, i.e. a PyTorch model on a CUDA device;
+    elsewhere a warning on stderr and FP32 (an exported graph keeps the precision it was exported with).
+
+    Ultralytics warns and falls back in its predictor, validator and exporter alike, where YOLOv5 drops the flag
+    silently in detect/val and fails in export: a precision hint that cannot apply is worth a line, not a failed
+    run, and one rule for the three scripts is one less thing to remember.
+    """
+    if not half:
+        return False
+    why = "an exported model keeps its precision" if exported else (
+        "" if device.type == "cuda" else "FP16 needs a CUDA device")
+    if why:
+        print(f"warning: --half ignored ({why}); running in FP32", file=sys.stderr)
+        return False
+    return True
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:

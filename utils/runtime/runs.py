@@ -20,3 +20,19 @@ def latest_run(pattern: str = "runs/train/exp*/weights/last.pt") -> Path | None:
     """The most recently written file matching ``pattern`` (for ``--resume`` with no path)."""
     files = list(Path().glob(pattern))
     return max(files, key=os.path.getmtime) if files else None
+
+
+NEWEST_BEST = "runs/train/exp*/weights/best.pt"  # what test.py, detect.py and export.py use without --weights
+
+
+def resolve_weights(weights: str | Path | None) -> Path:
+    """The scripts' ``--weights``: as given, or the newest ``runs/train/exp*/weights/best.pt`` when empty.
+
+    Raises FileNotFoundError (one clear line through ``run_cli``) when none is given and no run has one.
+    """
+    if weights:
+        return Path(weights)
+    found = latest_run(NEWEST_BEST)
+    if found is None:
+        raise FileNotFoundError(f"no --weights given and no {NEWEST_BEST}; train one with: python train.py")
+    return found
