@@ -14,24 +14,17 @@ runs/detect/exp*/ under the source's name. A demo video to try this on:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from utils.data.sources import LoadSource, is_video
+from utils.data.sources import Frame, LoadSource, is_video
 from utils.deploy.backends import load_backend
-from utils.deploy.predictor import (
-    PanopticWriter,
-    Predictor,
-    coco_results,
-    semantic_png,
-    summarize,
-    yolo_lines,
-)
-from utils.engine.cli import run_cli
-from utils.engine.torch_utils import increment_path, latest_run
+from utils.deploy.predictor import Predictor, ResultWriter, summarize
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.track import ByteTracker
+from utils.runtime.cli import run_cli
+from utils.runtime.device import select_device, use_half
+from utils.runtime.runs import increment_path, resolve_weights
 from utils.tasks import ALL_TASKS, parse_tasks
 from utils.viz.draw import annotate
 
@@ -73,53 +66,40 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class VideoSaver:
-    """One cv2.VideoWriter per source video/stream, opened at its first frame with the source's fps and size."""
-
-    def __init__(self):
-        self.key: str | None = None
-        self.writer = None
-        self.path: Path | None = None
-
-    def write(self, key: str, path: Path, frame, fps: float) -> None:
-        import cv2
-
-        if key != self.key:
-            self.close()
-            h, w = frame.shape[:2]
-            self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-            if not self.writer.isOpened():
-                raise ValueError(f"cannot write video {path} (OpenCV has no mp4v encoder?)")
-            self.key, self.path = key, path
-        self.writer.write(frame)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-        self.key, self.writer = None, None
-
-
 def run(opt: argparse.Namespace) -> Path:
     """Runs detection over ``opt.source``; returns the folder results were saved to."""
-    import cv2
-
-    weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
-    if not weights:
-        raise FileNotFoundError("no --weights given and no runs/train/exp*/weights/best.pt found; "
-                                "train a model first with: python train.py")
+    weights = resolve_weights(opt.weights)
     if not 0 <= opt.semantic_alpha <= 1:
         raise ValueError(f"--semantic-alpha {opt.semantic_alpha}: must be within [0, 1]")
     if opt.beam < 1:
         raise ValueError(f"--beam {opt.beam}: must be >= 1")
     source = LoadSource(opt.source, opt.vid_stride)  # validated before the model loads: bad input fails fast
-    tracker = _tracker(opt, source)
-    half = opt.half
-    if half and (not str(weights).endswith(".pt") or opt.device == "cpu" or not _cuda()):
-        print("note: --half ignored: FP16 inference needs CUDA and a .pt model (an exported model keeps its precision)")
-        half = False
+    predictor, show_panoptic = _predictor(opt, weights, _tracker(opt, source))
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    writer = _writer(opt, save_dir, predictor)
+    h, w = predictor.img_hw
+    print(f"{weights}: {predictor.backend.name}, tasks {','.join(predictor.tasks)}, input {h}x{w}")
+    try:
+        seen, totals = _detect(opt, source, predictor, writer, show_panoptic)
+    finally:
+        writer.close()
+    n = max(seen, 1)
+    print(f"Speed: {totals['pre'] / n:.1f}ms pre-process, {totals['infer'] / n:.1f}ms inference, "
+          f"{totals['post'] / n:.1f}ms post-process per image at shape (1, 3, {h}, {w}); {seen} frame(s)")
+    saved = [] if opt.nosave else ["annotated media"]
+    saved += ["labels/*.txt"] * opt.save_txt + ["predictions.json"] * opt.save_json + ["masks/*.png"] * writer.masks
+    saved += ["panoptic/*.png, panoptic.json"] * (writer.panoptic is not None)
+    print(f"Results saved to {save_dir}" + (f" ({', '.join(saved)})" if saved else ""))
+    return save_dir
+
+
+def _predictor(opt: argparse.Namespace, weights: Path, tracker: ByteTracker | None) -> tuple[Predictor, bool]:
+    """The Predictor the options ask for (the shared --half policy; --conf-thres 0.1 by default with --track), and
+    whether the overlay draws panoptic segments (for --tasks pan only)."""
+    half = use_half(opt.half, select_device(opt.device), exported=weights.suffix != ".pt")
     backend = load_backend(weights, opt.device, half)
     tasks = parse_tasks(opt.tasks, ALL_TASKS) if opt.tasks else None
-    show_panoptic = tasks is not None and "pan" in tasks  # the overlay draws segments for --tasks pan only
+    show_panoptic = tasks is not None and "pan" in tasks
     if opt.save_panoptic and tasks is not None and "pan" not in tasks:
         tasks.append("pan")  # the PNGs need the merge; the overlay still shows only what --tasks names
     conf_thres = opt.conf_thres if opt.conf_thres is not None else (0.1 if opt.track else 0.25)
@@ -127,31 +107,27 @@ def run(opt: argparse.Namespace) -> Path:
                           opt.agnostic_nms, tasks, opt.beam,
                           PanopticSpec.from_meta(backend.info.category_ids, backend.info.semantic_ids,
                                                  stuff_area=opt.pan_stuff_area), tracker)
-    info = predictor.info
     for note in predictor.notes:
         print(f"note: {note}")
-    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    if opt.save_txt:
-        (save_dir / "labels").mkdir(exist_ok=True)
+    return predictor, show_panoptic
+
+
+def _writer(opt: argparse.Namespace, save_dir: Path, predictor: Predictor) -> ResultWriter:
+    """The files the options ask for, less those the model cannot give (with a note why)."""
     save_masks = opt.save_masks and "sem" in predictor.tasks
     if opt.save_masks and not save_masks:
         print("note: --save-masks ignored: no semantic head (or 'sem' not in --tasks)")
-    if save_masks:
-        (save_dir / "masks").mkdir(exist_ok=True)
-    panoptic = None
     if opt.save_panoptic and predictor.panoptic is None:
         print("note: --save-panoptic ignored: the panoptic merge needs det, inst and sem heads")
-    elif opt.save_panoptic:
-        panoptic = PanopticWriter(save_dir / "panoptic", predictor.panoptic, info.names, info.semantic_names)
-    h, w = predictor.img_hw
-    print(f"{weights}: {backend.name}, tasks {','.join(predictor.tasks)}, input {h}x{w}")
+    return ResultWriter(save_dir, predictor.info, opt.save_txt, opt.save_conf, opt.save_json, save_masks,
+                        predictor.panoptic if opt.save_panoptic else None)
 
-    videos, view = VideoSaver(), opt.view_img
-    coco, captions = [], {}
-    totals = {"pre": 0.0, "infer": 0.0, "post": 0.0}
-    seen, n_files, last_file = 0, len(source), None
-    file_i = 0
+
+def _detect(opt: argparse.Namespace, source: LoadSource, predictor: Predictor, writer: ResultWriter,
+            show_panoptic: bool) -> tuple[int, dict[str, float]]:
+    """The frame loop: predict, draw, write, log a line per frame. Returns the frames seen and summed times."""
+    view, totals = opt.view_img, {"pre": 0.0, "infer": 0.0, "post": 0.0}
+    seen, n_files, last_file, file_i = 0, len(source), None, 0
     try:
         for frame in source:
             # a video frame's index (ids are tracked across it with --track); None for an image
@@ -160,62 +136,37 @@ def run(opt: argparse.Namespace) -> Path:
             for k in totals:
                 totals[k] += t[k]
             seen += 1
-            src = Path(frame.path)
             if frame.path != last_file:
                 file_i, last_file = file_i + 1, frame.path
-            if frame.video is None:
-                stem, key = src.stem, src.name
-                prefix = f"image {file_i}/{n_files} {frame.path}:"
-            else:
-                stem = f"{source.stream_name() if frame.video.stream else src.stem}_{frame.index}"
-                key = stem
-                total = f"/{frame.video.frames}" if frame.video.frames else ""
-                where = f"video {file_i}/{n_files} " if not frame.video.stream else ""
-                prefix = f"{where}({frame.index + 1}{total}) {frame.path}:"
-            need_image = not opt.nosave or view
-            annotated = annotate(frame.image, r, info.names, opt.semantic_alpha,
-                                 boxes="det" in predictor.tasks, panoptic=show_panoptic) if need_image else None
+            stem, key, prefix, media = _frame_names(frame, source, file_i, n_files)
+            annotated = annotate(frame.image, r, predictor.info.names, opt.semantic_alpha,
+                                 boxes="det" in predictor.tasks, panoptic=show_panoptic) \
+                if not opt.nosave or view else None
             if not opt.nosave:
-                if frame.video is None:
-                    cv2.imwrite(str(save_dir / src.name), annotated)
-                else:
-                    name = source.stream_name() if frame.video.stream else src.stem
-                    videos.write(frame.path, save_dir / f"{name}.mp4", annotated,
-                                 frame.video.fps / opt.vid_stride)
-            if opt.save_txt:
-                lines = yolo_lines(r, opt.save_conf)
-                (save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-            if opt.save_json:
-                coco += coco_results(r, int(stem) if stem.isnumeric() else stem, info.category_ids)
-                if r.caption is not None:
-                    captions[key] = r.caption
-            if save_masks:
-                cv2.imwrite(str(save_dir / "masks" / f"{stem}.png"), semantic_png(r.semantic, info.semantic_ids))
-            if panoptic is not None:
-                panoptic.add(r, int(stem) if stem.isnumeric() else stem, stem)
+                writer.add_media(annotated, media, None if frame.video is None else frame.path,
+                                 frame.video.fps / opt.vid_stride if frame.video is not None else 30.0)
+            writer.add(r, stem, key)
             if view:
                 view = _show(frame.path, annotated)
             cap = f" '{r.caption}'" if r.caption is not None else ""
-            print(f"{prefix} {r.orig_shape[0]}x{r.orig_shape[1]} {summarize(r, info.names)}{cap} "
+            print(f"{prefix} {r.orig_shape[0]}x{r.orig_shape[1]} {summarize(r, predictor.info.names)}{cap} "
                   f"({t['pre']:.1f}ms pre, {t['infer']:.1f}ms infer, {t['post']:.1f}ms post)")
     except KeyboardInterrupt:  # a webcam or stream ends when the user says so; keep what was written
         print("interrupted")
-    finally:
-        videos.close()
-    if opt.save_json:
-        (save_dir / "predictions.json").write_text(json.dumps(coco))
-        if captions:
-            (save_dir / "captions.json").write_text(json.dumps(captions, indent=1))
-    if panoptic is not None:
-        (save_dir / "panoptic.json").write_text(json.dumps(panoptic.json()))
-    n = max(seen, 1)
-    print(f"Speed: {totals['pre'] / n:.1f}ms pre-process, {totals['infer'] / n:.1f}ms inference, "
-          f"{totals['post'] / n:.1f}ms post-process per image at shape (1, 3, {h}, {w}); {seen} frame(s)")
-    saved = [] if opt.nosave else ["annotated media"]
-    saved += ["labels/*.txt"] * opt.save_txt + ["predictions.json"] * opt.save_json + ["masks/*.png"] * save_masks
-    saved += ["panoptic/*.png, panoptic.json"] * (panoptic is not None)
-    print(f"Results saved to {save_dir}" + (f" ({', '.join(saved)})" if saved else ""))
-    return save_dir
+    return seen, totals
+
+
+def _frame_names(frame: Frame, source: LoadSource, file_i: int, n_files: int) -> tuple[str, str, str, str]:
+    """``(stem, key, log prefix, media name)`` of a frame: an image by its file, a video frame as
+    ``<video>_<index>`` (a stream by its name), its media the image file name or the video's stem."""
+    src = Path(frame.path)
+    if frame.video is None:
+        return src.stem, src.name, f"image {file_i}/{n_files} {frame.path}:", src.name
+    name = source.stream_name() if frame.video.stream else src.stem
+    stem = f"{name}_{frame.index}"
+    total = f"/{frame.video.frames}" if frame.video.frames else ""
+    where = f"video {file_i}/{n_files} " if not frame.video.stream else ""
+    return stem, stem, f"{where}({frame.index + 1}{total}) {frame.path}:", name
 
 
 def _tracker(opt: argparse.Namespace, source: LoadSource) -> ByteTracker | None:
@@ -228,12 +179,6 @@ def _tracker(opt: argparse.Namespace, source: LoadSource) -> ByteTracker | None:
     if "det" not in (parse_tasks(opt.tasks) if opt.tasks else ["det"]):
         raise ValueError("--track needs the detection task (add det to --tasks)")
     return ByteTracker(opt.track_thresh, opt.track_buffer)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _show(name: str, image) -> bool:

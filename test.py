@@ -13,10 +13,11 @@ from pathlib import Path
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.engine.cli import run_cli
-from utils.engine.torch_utils import increment_path, latest_run, select_device
 from utils.eval.evaluate import evaluate
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.cli import run_cli
+from utils.runtime.device import select_device, use_half
+from utils.runtime.runs import increment_path, resolve_weights
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,13 +50,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(opt: argparse.Namespace) -> dict:
-    weights = opt.weights or latest_run("runs/train/exp*/weights/best.pt")
-    if not weights:
-        raise FileNotFoundError("no --weights given and no runs/train/exp*/weights/best.pt; train one with python train.py")
+    weights = resolve_weights(opt.weights)
     device = select_device(opt.device)
-    if opt.half and device.type != "cuda":
-        print("--half ignored: FP16 inference needs CUDA", file=sys.stderr)
-        opt.half = False
+    opt.half = use_half(opt.half, device)
     ckpt = load_checkpoint(weights)
     model = build_from_checkpoint(ckpt).to(device).eval()
     if opt.half:

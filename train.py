@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from utils.data.dataset import LoaderStalledError
-from utils.engine.cli import run_cli
 from utils.engine.trainer import NonFiniteLossError, Trainer
 from utils.loss.balance import BALANCERS, DEFAULT_BALANCE
+from utils.runtime.cli import run_cli
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:

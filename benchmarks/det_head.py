@@ -32,8 +32,8 @@ from models.heads.detect_anchor import COCO_ANCHORS
 from models.parser import load_cfg
 from utils.data.config import load_data_config
 from utils.data.dataset import dataset_wh
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.viz.plots import read_results
 
 

@@ -25,7 +25,7 @@ from benchmarks.common import (
     run_trainings,
     train_args,
 )
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.viz.plots import read_results
 
 SINGLE = {"det": "det", "inst": "det,inst", "sem": "sem", "cap": "cap"}

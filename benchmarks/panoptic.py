@@ -17,8 +17,8 @@ from benchmarks.common import add_training_args, run_training, train_args
 from models.model import Model
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
-from utils.engine.torch_utils import select_device, set_seed
 from utils.eval.evaluate import evaluate
+from utils.runtime.device import select_device, set_seed
 from utils.viz.plots import read_results
 
 TASKS = "det,inst,sem"

@@ -49,9 +49,9 @@ from utils.data.dataset import CocoDataset
 from utils.deploy.backends import ort_session
 from utils.deploy.export import export_vision
 from utils.deploy.interface import DeployModel, export_metadata
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption import caption_scores
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.viz.plots import read_results
 
 # Pinned so a rerun trains the same peers; installed without dependencies (see the module docstring), so

@@ -26,7 +26,7 @@ def main() -> None:
     opt = p.parse_args()
     base = train_args(opt)
     results: dict[str, list[tuple[float, float]]] = {"noplots": [], "plots": []}
-    for r in range(opt.repeat):
+    for _r in range(opt.repeat):
         for name in ("noplots", "plots"):  # alternate, so drift in machine load hits both settings
             args = base + (["--noplots"] if name == "noplots" else [])
             run, minutes = run_training(args, Path(opt.project), f"plots_cost_{name}")

@@ -84,9 +84,9 @@ import train as train_script
 import utils.eval.evaluate as evaluate_module
 from benchmarks.memtrack import TensorMemory, print_memory_table
 from utils.data.dataset import stall_guard
-from utils.engine.checkpoint import save_checkpoint
 from utils.engine.hooks import write_results
 from utils.engine.trainer import Trainer, _no_section
+from utils.runtime.checkpoint import save_checkpoint
 
 TASKS = ("det", "inst", "sem", "cap")
 

@@ -19,7 +19,7 @@ import numpy as np
 import test as test_script
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
-from utils.engine.checkpoint import load_checkpoint
+from utils.runtime.checkpoint import load_checkpoint
 
 METRICS = ("box_map", "box_map50", "mask_map", "mask_map50", "cap_bleu4", "cap_cider")
 

@@ -30,8 +30,8 @@ from models.model import Model, format_counts, module_counts
 from utils.deploy.backends import openvino_model, ort_session
 from utils.deploy.export import export_vision, quiet_export
 from utils.deploy.interface import DeployModel, export_metadata
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.engine.torch_utils import select_device
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.device import select_device
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,9 +1,10 @@
 """``Model``: the network a cfg describes, returning a small named ``Outputs``; ``fuse()`` for deployment."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ class Model(nn.Module):
         return out
 
     @torch.no_grad()
-    def fuse(self, verbose: bool = False) -> "Model":
+    def fuse(self, verbose: bool = False) -> Model:
         """Folds every BatchNorm and every implicit layer into a neighbouring conv (eval-mode exact).
 
         After this, no ``BatchNorm2d`` and no ``Implicit`` module is left; outputs are unchanged up to

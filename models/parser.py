@@ -7,9 +7,10 @@ A cfg's ``scale`` picks the body's multiples from ``scales`` and the heads' args
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from torch import nn

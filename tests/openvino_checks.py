@@ -134,7 +134,7 @@ def test_api_gives_the_pt_models_boxes_from_its_openvino_export(assets):  # noqa
     rc, out = run_export(["--weights", str(w), "--img", str(IMG), "--dynamic", "--include", "openvino"])
     assert rc == 0, out
     pt, ov_model = YOLOR(assets["pt"], device="cpu"), YOLOR(w.with_name(f"{w.stem}_openvino_model"), device="cpu")
-    image = str(sorted(assets["images"].iterdir())[0])
+    image = str(min(assets["images"].iterdir()))
     compared = 0
     for source in (image, assets["images"], assets["video"]):
         a, b = pt(source, **OPTS), ov_model(source, **OPTS)

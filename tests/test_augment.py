@@ -24,6 +24,7 @@ from utils.data.augment import (
     vflip,
 )
 from utils.data.sample import Sample
+from utils.ops.letterbox import letterbox_image
 from utils.tasks import IGNORE_INDEX, TASKS
 
 BG_SEM = 40
@@ -205,6 +206,10 @@ def test_letterbox(new_shape, auto, scaleup, size):
         for x, y in zip(pa, pb):
             np.testing.assert_allclose((x - [pw, ph]) / ratio, y, atol=0.5 / ratio + 1e-3)
     assert out.present == s.present and out.captions == s.captions and out.orig_shape == s.orig_shape
+    # the pixels are the letterbox of utils/ops that inference uses, the record its own
+    image, semantic, lb_image = letterbox_image(s.image, new_shape, auto=auto, scaleup=scaleup, semantic=s.semantic)
+    assert np.array_equal(image, out.image) and np.array_equal(semantic, out.semantic) and lb_image == lb
+    assert lb.scales() == (uw / REF_W, uh / REF_H)
 
 
 def test_load_resized():
@@ -245,7 +250,7 @@ def test_random_perspective_border_crop_removes_outside(perspective):
     semantic = np.full((h, w), BG_SEM, np.uint8)
     squares = {"tl": (10.2, 10.2, 30.7, 30.7), "mid": (90.3, 90.3, 110.6, 110.6), "br": (170.1, 170.1, 190.4, 190.4)}
     boxes, segments = [], []
-    for name, (x1, y1, x2, y2) in squares.items():
+    for _name, (x1, y1, x2, y2) in squares.items():
         poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
         m = rasterize([poly], (h, w))
         image[m], semantic[m] = COLOUR[0], SEM_OF[0]
@@ -270,7 +275,7 @@ def test_random_perspective_big_translate_keeps_only_visible(seed):
     out = random_perspective(s, np.random.default_rng(seed), translate=0.45, scale=0.0)
     h, w = out.image.shape[:2]
     check_consistent(out)
-    for box, polys in zip(out.boxes, out.segments):  # survivors are really inside the image
+    for box, _polys in zip(out.boxes, out.segments):  # survivors are really inside the image
         assert box[2] - box[0] > 2 and box[3] - box[1] > 2 and box[2] <= w and box[3] <= h
 
 

@@ -556,7 +556,7 @@ def test_label_cache_is_reused_for_an_unchanged_tree(coco_published, tmp_path, m
 def test_label_cache_is_rebuilt_when_a_semantic_map_changes(coco_published, tmp_path):
     data = load_data_config(_copy_data(coco_published, tmp_path / "copy"))
     before = CocoDataset(data, data.train, 64)
-    png = sorted(data.train[0].semantic.iterdir())[0]
+    png = min(data.train[0].semantic.iterdir())
     m = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
     m[-8:] = data.semantic_ids[data.semantic_names.index("playingfield")] - 1
     cv2.imwrite(str(png), m[:, :-2])  # new values, and the wrong size

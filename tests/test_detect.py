@@ -41,7 +41,7 @@ def run_detect(args: list[str], project: Path) -> tuple[int, str, Path]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = detect_script.main(args + ["--img", str(IMG), "--project", str(project), "--device", "cpu"])
-    saved = re.search(r"^Results saved to (\S+)", out.getvalue(), re.M)
+    saved = re.search(r"^Results saved to (\S+)", out.getvalue(), re.MULTILINE)
     return rc, out.getvalue(), Path(saved.group(1)) if saved else project / "missing"
 
 

@@ -19,13 +19,13 @@ import train as train_script
 from models.heads.detect_anchor import COCO_ANCHORS, DetectAnchor
 from models.model import Model
 from models.parser import CfgError
-from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg
+from tests.conftest import HEAD_KW, randomize_bn_and_implicits, tiny_cfg, train_args
 from tests.test_detection import overfit_detection
 from utils.data.dataset import dataset_wh
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.loss.detection_anchor import AnchorDetectionLoss
 from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
 from utils.ops.nms import non_max_suppression
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
 ANCHORS = [[8, 8, 16, 16, 24, 24], [20, 40, 40, 20, 40, 40], [40, 60, 60, 40, 70, 70]]  # pixels at 64
 
@@ -153,9 +153,7 @@ def test_bad_anchors_are_cfg_errors_naming_the_row(anchors, match):
 def test_tiny_training_through_train_py(tiny_data, tmp_path):
     cfg = tmp_path / "anchor.yaml"
     cfg.write_text(yaml.safe_dump(anchor_cfg()))
-    args = ["--cfg", str(cfg), "--data", str(tiny_data), "--epochs", "1", "--img", "64", "--batch-size", "8",
-            "--workers", "0", "--project", str(tmp_path / "runs"), "--name", "exp", "--no-progress", "--noplots",
-            "--device", "cpu", "--tasks", "det"]
+    args = train_args(cfg, tiny_data, tmp_path / "runs", 1, "exp", "--noplots", "--tasks", "det")
     with contextlib.redirect_stdout(io.StringIO()):
         assert train_script.main(args) == 0
     run = tmp_path / "runs/exp"

@@ -185,8 +185,8 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_cfg_file, 
 
 def _stats_worker(rank: int, world: int, port: int, per_rank: list[list[dict]], out: str) -> None:
     _join_env(rank, world, port)
-    from utils.engine.distributed import init_distributed
     from utils.engine.trainer import EpochProgress
+    from utils.runtime.distributed import init_distributed
 
     info, _ = init_distributed("cpu")
     progress = EpochProgress()

@@ -17,7 +17,7 @@ import yaml
 import detect as detect_script
 import export as export_script
 import train as train_script
-from tests.conftest import tiny_cfg
+from tests.conftest import tiny_cfg, train_args
 from utils.deploy.backends import OnnxBackend, ort_session
 from utils.deploy.caption_decode import beam_search_decode, greedy_decode
 from utils.deploy.export import (
@@ -32,12 +32,12 @@ from utils.deploy.export import (
     verification_images,
 )
 from utils.deploy.interface import NMS_OUTPUTS, DeployModel
-from utils.engine.checkpoint import (
+from utils.ops.nms import BatchedNMS, NMSConfig, non_max_suppression
+from utils.runtime.checkpoint import (
     build_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from utils.ops.nms import BatchedNMS, NMSConfig, non_max_suppression
 
 IMG = 64
 ALL_OUTPUTS = ["det_pred", "inst_coeffs", "inst_protos", "sem_logits", "cap_memory"]
@@ -50,8 +50,7 @@ def train_tiny_model(data: Path, root: Path) -> Path:
     (see :func:`zero_class_priors`)."""
     cfg = root / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_cfg()))
-    args = ["--cfg", str(cfg), "--data", str(data), "--epochs", "1", "--img", str(IMG), "--batch-size", "8",
-            "--workers", "0", "--project", str(root / "runs"), "--name", "exp", "--no-progress", "--device", "cpu"]
+    args = train_args(cfg, data, root / "runs", 1, "exp", "--img", str(IMG))
     with contextlib.redirect_stdout(io.StringIO()):
         assert train_script.main(args) == 0
     weights = root / "runs/exp/weights/best.pt"
@@ -127,7 +126,7 @@ def test_export_prints_fuse_counts_and_parity(exported):
     assert re.search(r"fuse: before Conv2d=\d+, BatchNorm2d=[1-9]\d*, Implicit=[1-9]\d*", out)
     assert re.search(r"after\s+Conv2d=\d+, BatchNorm2d=0, Implicit=0", out)
     for name in ALL_OUTPUTS + ["cap_decoder.logits"]:
-        assert re.search(rf"^{re.escape(name)}\s", out, re.M), name
+        assert re.search(rf"^{re.escape(name)}\s", out, re.MULTILINE), name
     assert "captions: torch greedy == ORT greedy for 1/1 image(s)" in out
     assert "dynamic: also checked at (2, 3, 96, 64)" in out and "export success" in out
 
@@ -277,7 +276,6 @@ def test_simplify_keeps_parity(weights, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--half", "--device", "cpu"], "--half needs a CUDA device"),
     (["--opset", "9"], "--opset 9"),
     (["--weights", "missing.pt"], "weights not found"),
     (["--tasks", "inst,sem"], "inst needs det"),
@@ -325,7 +323,7 @@ def test_detect_on_subset_graph_draws_what_is_there(subset, tiny_data, tmp_path)
                                  "0.3", "--save-json", "--save-masks", "--project", str(tmp_path), "--device", "cpu"])
     text = out.getvalue()
     assert rc == 0, text
-    save = Path(re.search(r"^Results saved to (\S+)", text, re.M).group(1))
+    save = Path(re.search(r"^Results saved to (\S+)", text, re.MULTILINE).group(1))
     assert "tasks det,inst," in text and "--save-masks ignored" in text and not (save / "masks").exists()
     preds = json.loads((save / "predictions.json").read_text())
     assert preds and all("segmentation" in p for p in preds)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import train as train_script
-from tests.conftest import tiny_cfg
+from tests.conftest import tiny_cfg, train_args
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
 from utils.data.synthetic import generate, write_data_yaml
@@ -174,11 +174,6 @@ def cfg_file(tmp_path_factory) -> Path:
     return f
 
 
-def train_args(cfg: Path, data: Path, project: Path) -> list[str]:
-    return ["--cfg", str(cfg), "--data", str(data), "--epochs", "1", "--img", "64", "--batch-size", "8",
-            "--workers", "0", "--project", str(project), "--name", "exp", "--no-progress", "--device", "cpu"]
-
-
 def test_the_damage_is_real(hostile):
     """Guards the fixture itself: the bad byte is in the file, and the EXIF tag is one OpenCV obeys."""
     root = hostile.yaml.parent
@@ -191,7 +186,7 @@ def test_the_damage_is_real(hostile):
 
 @pytest.mark.slow
 def test_hostile_copy_trains_to_the_end_with_one_summary(hostile, cfg_file, tmp_path, capsys):
-    rc = train_script.main(train_args(cfg_file, hostile.yaml, tmp_path))
+    rc = train_script.main(train_args(cfg_file, hostile.yaml, tmp_path, 1))
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     lines = [ln for ln in out.splitlines() if ln.startswith("train: ")]
@@ -281,7 +276,7 @@ def test_malformed_json_stops_at_once_naming_file_line_column(which, cfg_file, t
     f.write_text(bad)
     with pytest.raises(json.JSONDecodeError) as e:
         json.loads(bad)
-    rc = train_script.main(train_args(cfg_file, root / "data.yaml", tmp_path / "runs"))
+    rc = train_script.main(train_args(cfg_file, root / "data.yaml", tmp_path / "runs", 1))
     out, err = capsys.readouterr()
     assert rc == 2
     err_lines = err.strip().splitlines()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.gelan import ADown, RepConvN, RepNCSPELAN4, SPPELAN
+from models.gelan import SPPELAN, ADown, RepConvN, RepNCSPELAN4
 from models.model import Model
 from tests.conftest import randomize_bn_and_implicits
 
@@ -45,8 +45,8 @@ def test_gelan_cfg_builds_at_every_scale_with_gelan_c_at_l():
         sizes[scale] = sum(p.numel() for p in model.parameters())
         assert model.stride == 32 and model.tasks == ["det", "inst", "sem", "cap"]
     assert list(sizes.values()) == sorted(sizes.values())
-    l = Model("cfg/yolor-mt-gelan-l.yaml", nc=80, tasks=["det"])
-    widths = [c for name, c, _ in l.rows_meta if name in ("RepNCSPELAN4", "SPPELAN")]
+    large = Model("cfg/yolor-mt-gelan-l.yaml", nc=80, tasks=["det"])
+    widths = [c for name, c, _ in large.rows_meta if name in ("RepNCSPELAN4", "SPPELAN")]
     # GELAN-C's block outputs (yolov9 models/detect/gelan-c.yaml), neck included
     assert widths == [256, 512, 512, 512, 512, 512, 256, 512, 512]
     assert sizes["m"] <= 30e6

@@ -83,3 +83,31 @@ def test_project_modules_are_imported_at_module_level():
     local = [f"{p.relative_to(ROOT)}:{line} imports {name}" for m, p in modules.items()
              for name, at_top, line in _imports(p, modules) if not at_top]
     assert not local, "function-local imports of project modules:\n" + "\n".join(local)
+
+
+def _imports_under(room: str) -> list[tuple[str, str]]:
+    """(module of ``room``, project module it imports) for every module under the dotted ``room``."""
+    modules = _modules()
+    return [(m, name) for m, p in modules.items() if m == room or m.startswith(room + ".")
+            for name, _, _ in _imports(p, modules)]
+
+
+def _climbs(room: str, above: tuple[str, ...]) -> list[str]:
+    return [f"{m} imports {name}" for m, name in _imports_under(room) if name.startswith(above)]
+
+
+def test_runtime_room_is_below_loss_and_engine():
+    """The runtime room (distributed, device, checkpoints, run folders) knows nothing of training or tasks, and
+    the losses never climb into the trainer's room for it."""
+    assert _imports_under("utils.runtime")  # the walk saw the room
+    assert not _climbs("utils.runtime", ("utils.engine", "utils.loss", "utils.eval", "utils.data", "utils.deploy",
+                                         "utils.viz", "utils.tasks"))
+    assert not _climbs("utils.loss", ("utils.engine",))
+    assert any(name.startswith("utils.runtime") for _, name in _imports_under("utils.loss"))
+
+
+def test_deploy_letterboxes_through_ops_not_the_training_augment():
+    """Inference makes its input with the letterbox of ``utils/ops`` (the module holding its inverse too), never
+    through the training augmentation."""
+    assert _imports_under("utils.deploy")
+    assert not _climbs("utils.deploy", ("utils.data.augment",))

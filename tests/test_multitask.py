@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import train as train_script
-from tests.conftest import tiny_cfg
+from tests.conftest import tiny_cfg, train_args
 from utils.data import augment as A
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
@@ -71,9 +71,7 @@ def test_partial_labels_are_flags_per_image(mixed_data):
 def test_mixed_partial_labels_train_with_dynamic_balancing(mixed_data, tmp_path, balance):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_cfg()))
-    args = ["--cfg", str(cfg), "--data", str(mixed_data), "--epochs", "3", "--img", "64", "--batch-size", "8",
-            "--workers", "0", "--project", str(tmp_path), "--name", "run", "--no-progress", "--device", "cpu",
-            "--balance", balance]
+    args = train_args(cfg, mixed_data, tmp_path, 3, "run", "--balance", balance)
     assert train_script.main(args) == 0
     with open(tmp_path / "run/results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -92,9 +90,8 @@ def test_single_task_caption_run_survives_batches_without_captions(tiny_data, tm
     hyp_file = Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch.yaml"
     hyp = yaml.safe_load(hyp_file.read_text()) | {"cap_view": 0.0}  # no batch has a caption
     (tmp_path / "hyp.yaml").write_text(yaml.safe_dump(hyp))
-    args = ["--cfg", str(cfg), "--data", str(tiny_data), "--epochs", "1", "--img", "64", "--batch-size", "4",
-            "--workers", "0", "--project", str(tmp_path), "--name", "cap", "--no-progress", "--device", "cpu",
-            "--tasks", "cap", "--noplots", "--hyp", str(tmp_path / "hyp.yaml")]
+    args = train_args(cfg, tiny_data, tmp_path, 1, "cap", "--batch-size", "4", "--tasks", "cap", "--noplots",
+                      "--hyp", str(tmp_path / "hyp.yaml"))
     assert train_script.main(args) == 0
     with open(tmp_path / "cap/results.csv", newline="") as f:
         row = list(csv.DictReader(f))[-1]

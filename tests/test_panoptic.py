@@ -15,10 +15,10 @@ from tests.test_export import IMG, train_tiny_model
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.panoptic import derive_panoptic, load_panoptic_json, read_panoptic_png
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.eval.evaluate import evaluate
 from utils.eval.metrics.panoptic import PQStat
 from utils.ops.panoptic import PanopticSpec, id2rgb, merge_panoptic, rgb2id
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.tasks import FITNESS_TERMS, fitness, task_of_key, task_score
 
 SPEC = PanopticSpec.from_meta([1, 3], [1, 3, 100, 101], stuff_area=6)  # things 1, 3; stuff 100, 101

@@ -14,12 +14,13 @@ import pytest
 import yaml
 
 import train as train_script
-from tests.conftest import tiny_cfg
+from tests.conftest import tiny_cfg, train_args
 from utils.eval.curves import (
     DetConfusion,
-    ap_from_matches,
     coco_curves,
     detection_confusion,
+    interpolated_precision,
+    pr_from_matches,
     pr_vs_conf,
 )
 from utils.viz.draw import SEMANTIC_PALETTE, box_color
@@ -34,11 +35,6 @@ METRIC_KEYS = {"det": ["box_map", "box_map50", "box_map75"], "inst": ["mask_map"
                "cap": ["cap_bleu1", "cap_bleu2", "cap_bleu3", "cap_bleu4", "cap_rougel", "cap_cider"]}
 
 
-def _args(cfg: Path, data: Path, project: Path, epochs: int, name: str) -> list[str]:
-    return ["--cfg", str(cfg), "--data", str(data), "--epochs", str(epochs), "--img", "64", "--batch-size", "8",
-            "--workers", "0", "--project", str(project), "--name", name, "--no-progress", "--device", "cpu"]
-
-
 @pytest.fixture(scope="module")
 def cfg_file(tmp_path_factory) -> Path:
     f = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
@@ -49,7 +45,7 @@ def cfg_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(cfg_file, tiny_data, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("plotruns")
-    assert train_script.main(_args(cfg_file, tiny_data, project, 2, "exp")) == 0
+    assert train_script.main(train_args(cfg_file, tiny_data, project, 2)) == 0
     return project / "exp"
 
 
@@ -95,7 +91,7 @@ def test_report_links_only_existing_files_and_lists_every_metric(run_dir):
 
 
 def test_noplots_leaves_no_pictures(cfg_file, tiny_data, tmp_path):
-    assert train_script.main(_args(cfg_file, tiny_data, tmp_path, 1, "quiet") + ["--noplots"]) == 0
+    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "quiet", "--noplots")) == 0
     run = tmp_path / "quiet"
     assert (run / "results.csv").is_file() and (run / "weights/last.pt").is_file()
     leftovers = [p.name for p in run.iterdir() if p.suffix in (".jpg", ".png", ".html")]
@@ -153,8 +149,9 @@ def test_ap50_hand_case(tmp_path):
     0.5, then 2/3 up to recall 1, so COCO's 101-point AP50 = (51 * 1 + 50 * 2/3) / 101."""
     expected = (51 + 50 * 2 / 3) / 101
     tp, conf = np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.6])
-    assert ap_from_matches(tp, conf, 2) == pytest.approx(expected)
-    assert ap_from_matches(tp[::-1], conf[::-1], 2) == pytest.approx(expected)  # input order does not matter
+    for t, c in ((tp, conf), (tp[::-1], conf[::-1])):  # input order does not matter
+        _, r, p = pr_from_matches(t, c, 2)
+        assert interpolated_precision(r, p).mean() == pytest.approx(expected)
     p, r = pr_vs_conf(tp, conf, 2, grid=np.array([0.95, 0.9, 0.7, 0.5]))
     assert np.allclose(r, [0, 0.5, 1, 1]) and np.allclose(p, [1, 1, 2 / 3, 0.5])
     # the same case through COCOeval: the curve helper reproduces pycocotools' own mAP@0.5
@@ -262,7 +259,8 @@ def test_plotting_thread_stays_alive_between_pictures_and_ends_at_close(tmp_path
         assert drawn[-1] == f"p{i}"
         alive = plot_threads()
         assert len(alive) == 1 and alive[0].is_alive()  # the same thread, idle, not exiting
-        first = first if i else alive[0]
+        if i == 0:
+            first = alive[0]
         assert alive[0] is first
     log.close()
     assert not first.is_alive() and drawn == ["p0", "p1", "p2"]

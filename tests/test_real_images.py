@@ -23,9 +23,9 @@ import yaml
 from torch import nn
 
 import export as export_script
-from benchmarks import rect as rect_bench
 import test as test_script
 import train as train_script
+from benchmarks import rect as rect_bench
 from tests.conftest import ROOT, train_args
 from tests.test_detect import _predictions, run_detect
 from tests.test_export import IMG, zero_class_priors
@@ -33,7 +33,7 @@ from utils.data.coco import LabelReport, load_split
 from utils.data.config import load_data_config
 from utils.data.vocab import Vocabulary
 from utils.deploy.export import verification_images
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 
 FIXTURE = ROOT / "tests/fixtures/coco-real"
 INSTANCES = json.loads((FIXTURE / "annotations/instances_val2017.json").read_text())

@@ -27,7 +27,7 @@ from tests.conftest import (
 )
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, SkipSampler, collate, create_dataloader
-from utils.engine.checkpoint import build_from_checkpoint
+from utils.runtime.checkpoint import build_from_checkpoint
 
 # 24 training images in batches of 4: 6 batches an epoch; a nominal batch of 8 accumulates 2 batches, so
 # optimizer steps come after batches 1, 3 and 5 (0-based) of every epoch

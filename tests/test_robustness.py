@@ -16,10 +16,10 @@ import yaml
 from torch import nn
 
 import train as train_script
-from tests.conftest import HEAD_KW, tiny_cfg
-from utils.engine.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import HEAD_KW, tiny_cfg, train_args
 from utils.engine.trainer import Trainer
 from utils.loss.semantic import SemanticLoss
+from utils.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 HYP = Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch.yaml"
 
@@ -29,11 +29,6 @@ def cfg_file(tmp_path_factory) -> Path:
     f = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     f.write_text(yaml.safe_dump(tiny_cfg()))
     return f
-
-
-def train_args(cfg: Path | str, data: Path, project: Path, *extra: str) -> list[str]:
-    return ["--cfg", str(cfg), "--data", str(data), "--epochs", "1", "--img", "64", "--batch-size", "8",
-            "--workers", "0", "--project", str(project), "--name", "exp", "--no-progress", "--device", "cpu", *extra]
 
 
 def hyp_file(tmp_path: Path, **changes) -> Path:
@@ -54,7 +49,7 @@ def one_error_line(capsys) -> str:
 
 def test_unknown_hyp_key(cfg_file, tiny_data, tmp_path, capsys):
     hyp = hyp_file(tmp_path, lr00=0.1)  # a typo of lr0
-    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, "--hyp", str(hyp))) == 2
+    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--hyp", str(hyp))) == 2
     line = one_error_line(capsys)
     assert "unknown hyperparameter" in line and "lr00" in line and str(hyp) in line
 
@@ -65,13 +60,13 @@ def test_caption_task_without_captions(cfg_file, tiny_data, tmp_path, capsys):
         d[split].pop("captions")
     data = tmp_path / "no_captions.yaml"
     data.write_text(yaml.safe_dump(d))
-    assert train_script.main(train_args(cfg_file, data, tmp_path, "--tasks", "cap")) == 2
+    assert train_script.main(train_args(cfg_file, data, tmp_path, 1, "exp", "--tasks", "cap")) == 2
     line = one_error_line(capsys)
     assert "--tasks cap" in line and "no labels" in line and data.name in line
 
 
 def test_unknown_cfg_path(tiny_data, tmp_path, capsys):
-    assert train_script.main(train_args(tmp_path / "nope.yaml", tiny_data, tmp_path)) == 2
+    assert train_script.main(train_args(tmp_path / "nope.yaml", tiny_data, tmp_path, 1)) == 2
     line = one_error_line(capsys)
     assert "cfg file not found" in line and "nope.yaml" in line
 
@@ -94,7 +89,7 @@ def test_bad_weights(cfg_file, tiny_data, tmp_path, capsys, weights, match):
         _foreign_checkpoint(path)
     elif weights == "corrupt":
         path.write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # looks like torch's zip format, is not
-    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, "--weights", str(path))) == 2
+    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--weights", str(path))) == 2
     line = one_error_line(capsys)
     assert match in line and path.name in line
 
@@ -106,7 +101,7 @@ def test_weights_matching_only_batchnorm_counters_are_rejected(cfg_file, tiny_da
     counters = {k: v for k, v in state.items() if k.endswith("num_batches_tracked")}
     path = tmp_path / "counters.pt"
     save_checkpoint({"model": counters, "cfg": {"note": "a different cfg"}}, path)
-    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, "--weights", str(path))) == 2
+    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--weights", str(path))) == 2
 
 
 # --- non-finite losses ---------------------------------------------------------------------------------
@@ -127,7 +122,7 @@ def _nan_semantic(monkeypatch, times: int | None) -> None:
 
 def test_nonfinite_losses_in_a_row_stop_the_run_naming_the_task(cfg_file, tiny_data, tmp_path, monkeypatch):
     _nan_semantic(monkeypatch, None)
-    opt = train_script.parse_opt(train_args(cfg_file, tiny_data, tmp_path, "--hyp", str(hyp_file(tmp_path, max_nonfinite=2))))
+    opt = train_script.parse_opt(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--hyp", str(hyp_file(tmp_path, max_nonfinite=2))))
     trainer = Trainer(opt)
     with pytest.warns(UserWarning, match=r"non-finite loss at epoch 0 batch \d+ in \[.*'sem_.*step skipped") as rec, \
             pytest.raises(RuntimeError, match=r"2 non-finite losses in a row \(last in \[.*'sem_") as e:
@@ -139,7 +134,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_naming_the_task(cfg_file, tiny_d
 
 def test_nonfinite_stop_is_one_clear_line(cfg_file, tiny_data, tmp_path, monkeypatch, capsys):
     _nan_semantic(monkeypatch, None)
-    args = train_args(cfg_file, tiny_data, tmp_path, "--hyp", str(hyp_file(tmp_path, max_nonfinite=2)))
+    args = train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--hyp", str(hyp_file(tmp_path, max_nonfinite=2)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rc = train_script.main(args)
@@ -152,7 +147,7 @@ def test_one_nonfinite_step_is_skipped_and_the_checkpoint_is_safe(cfg_file, tiny
     _nan_semantic(monkeypatch, 1)
     with pytest.warns(UserWarning, match="non-finite loss .*sem_") as rec:
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # pycocotools on numpy 2, re-emitted
-        assert train_script.main(train_args(cfg_file, tiny_data, tmp_path)) == 0
+        assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1)) == 0
     assert sum("non-finite loss" in str(w.message) for w in rec) == 1
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(tmp_path / "exp/weights" / name, map_location="cpu", weights_only=True)

@@ -13,8 +13,8 @@ import test as test_script
 import train as train_script
 import utils.engine.trainer as trainer_module
 from tests.conftest import train_args
-from utils.engine.checkpoint import TRAINING_KEYS, is_stripped, strip_checkpoint
 from utils.engine.hooks import Hook
+from utils.runtime.checkpoint import TRAINING_KEYS, is_stripped, strip_checkpoint
 
 # test.py metrics of the stripped vs the full checkpoint: FP16 weights move scores by ~1e-3 relative, which may
 # reorder near-tied detections; on 8 tiny val images a reordering moves an AP by at most a few 0.001

@@ -229,7 +229,7 @@ def test_mixed_precision_dtype_per_device(monkeypatch):
     slower than fp32); --no-amp: fp32 everywhere."""
     import torch
 
-    from utils.engine.torch_utils import autocast_dtype
+    from utils.runtime.device import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype(torch.device("cuda:0")) == torch.float16

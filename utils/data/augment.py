@@ -20,12 +20,10 @@ import cv2
 import numpy as np
 
 from utils.data.sample import Sample
-from utils.ops.letterbox import Letterbox
+from utils.ops.letterbox import FILL, RESIZE_NEAREST, Letterbox, letterbox_image
 from utils.tasks import IGNORE_INDEX, TASKS
 
-FILL = 114  # grey used by YOLOv5 for image padding / borders
 # Centre-aligned nearest neighbour for resizes; plain INTER_NEAREST samples with a half-pixel bias.
-_RESIZE_NEAREST = getattr(cv2, "INTER_NEAREST_EXACT", cv2.INTER_NEAREST)
 _MIN_POLY_AREA = 1e-3  # px^2; below this a clipped polygon is a sliver on the border
 
 
@@ -157,47 +155,17 @@ def _scale_translate(sample: Sample, image: np.ndarray, semantic: np.ndarray | N
 def letterbox(sample: Sample, new_shape: int | tuple[int, int], color: tuple[int, int, int] = (FILL, FILL, FILL),
               scaleup: bool = True, auto: bool = False, stride: int = 32,
               long_side: int | None = None) -> tuple[Sample, Letterbox]:
-    """Resizes keeping the aspect ratio, then pads to ``new_shape`` (``int`` or ``(h, w)``).
+    """:func:`~utils.ops.letterbox.letterbox_image` of a whole ``Sample``: its image and semantic map, and its
+    boxes and polygons moved with the pixels.
 
-    The image is resized with ``INTER_LINEAR``, the semantic map with (centre-aligned) nearest
-    neighbour so no new class values appear; image padding is ``color``, map padding ``IGNORE_INDEX``.
-    ``scaleup=False`` only ever shrinks (better val mAP, as in YOLOv5); ``auto=True`` pads only up to
-    the next multiple of ``stride`` (minimum rectangle) instead of to ``new_shape``. ``long_side`` caps the
-    resized image's longer side: a ``--rect`` validation shape is up to a stride larger than the image size
-    (YOLOv5's half-stride pad) and, as in YOLOv5 (which loads at the image size, then pads), only adds padding,
-    so objects keep the scale they have in square validation.
-
-    Returns ``(new_sample, Letterbox(ratio, (pad_w, pad_h), orig_shape, input_shape))``: a point maps as
-    ``x' = x * ratio + pad_w`` (same for y), so predictions map back with ``(x' - pad_w) / ratio`` (the
-    record's ``*_to_original`` methods). ``orig_shape`` is the shape of ``sample.image``.
-    The labels use the exact per-axis scale of the resized pixels, which differs from ``ratio`` only by
-    the rounding of the resized size (< 0.5 px of the resized image). The input is not modified.
+    Returns ``(new_sample, Letterbox)``; ``orig_shape`` is the shape of ``sample.image``. The labels use the exact
+    per-axis scale of the resized pixels (:meth:`Letterbox.scales`), which differs from ``ratio`` only by the
+    rounding of the resized size (< 0.5 px of the resized image). The input is not modified.
     """
-    h, w = sample.image.shape[:2]
-    new_h, new_w = (new_shape, new_shape) if isinstance(new_shape, int) else new_shape
-    r = min(new_h / h, new_w / w)
-    if not scaleup:
-        r = min(r, 1.0)
-    if long_side is not None:
-        r = min(r, long_side / max(h, w))
-    unpad_w, unpad_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
-    dw, dh = new_w - unpad_w, new_h - unpad_h
-    if auto:
-        dw, dh = dw % stride, dh % stride
-    left, top = dw // 2, dh // 2
-    right, bottom = dw - left, dh - top
-
-    image, semantic = sample.image, sample.semantic
-    if (unpad_w, unpad_h) != (w, h):
-        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
-        if semantic is not None:
-            semantic = cv2.resize(semantic, (unpad_w, unpad_h), interpolation=_RESIZE_NEAREST)
-    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=tuple(color))
-    if semantic is not None:
-        semantic = cv2.copyMakeBorder(semantic, top, bottom, left, right, cv2.BORDER_CONSTANT,
-                                      value=IGNORE_INDEX)
-    out = _scale_translate(sample, image, semantic, unpad_w / w, unpad_h / h, left, top)
-    return out, Letterbox(r, (float(left), float(top)), (h, w), tuple(image.shape[:2]))
+    image, semantic, lb = letterbox_image(sample.image, new_shape, color, scaleup, auto, stride, sample.semantic,
+                                       long_side=long_side)
+    sx, sy = lb.scales()
+    return _scale_translate(sample, image, semantic, sx, sy, int(lb.pad[0]), int(lb.pad[1])), lb
 
 
 def load_resized(sample: Sample, img_size: int) -> Sample:
@@ -214,7 +182,7 @@ def load_resized(sample: Sample, img_size: int) -> Sample:
         return _scale_translate(sample, sample.image.copy(), sem, 1.0, 1.0, 0.0, 0.0)
     image = cv2.resize(sample.image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     sem = None if sample.semantic is None else cv2.resize(sample.semantic, (new_w, new_h),
-                                                          interpolation=_RESIZE_NEAREST)
+                                                          interpolation=RESIZE_NEAREST)
     return _scale_translate(sample, image, sem, new_w / w, new_h / h, 0.0, 0.0)
 
 

@@ -56,7 +56,7 @@ class LabelReport:
     def add(self, kind: str, name: str) -> None:
         self.problems.setdefault(kind, []).append(name)
 
-    def merge(self, other: "LabelReport") -> None:
+    def merge(self, other: LabelReport) -> None:
         for k, v in other.problems.items():
             self.problems.setdefault(k, []).extend(v)
 
@@ -118,11 +118,6 @@ class ImageHeader:
     width: int
     height: int
     orientation: int = 1
-
-
-def image_ok(path: Path) -> str | None:
-    """Cheap header check without decoding: ``None`` if plausible, else why not."""
-    return inspect_image(path)[0]
 
 
 def inspect_image(path: Path) -> tuple[str | None, ImageHeader | None]:

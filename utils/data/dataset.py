@@ -429,7 +429,7 @@ def collate(items: list[dict]) -> Batch:
             t = np.concatenate([np.full((len(s), 1), i, np.float32), s.classes[:, None].astype(np.float32),
                                 s.boxes.astype(np.float32)], 1)
             targets.append(torch.from_numpy(t))
-            segments.extend(s.segments if s.segments else [[] for _ in range(len(s))])
+            segments.extend(s.segments or [[] for _ in range(len(s))])
         sems.append(s.semantic)
     images = torch.stack([it["image"] for it in items])
     h, w = images.shape[2:]

@@ -15,8 +15,8 @@ A split with ``instances`` and ``semantic`` but no panoptic files gets its groun
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import cv2
 import numpy as np

@@ -49,7 +49,7 @@ class Sample:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def select(self, keep: np.ndarray) -> "Sample":
+    def select(self, keep: np.ndarray) -> Sample:
         """Keeps only the instances where the boolean/int index ``keep`` selects (in place)."""
         keep = np.asarray(keep)
         idx = np.nonzero(keep)[0] if keep.dtype == bool else keep

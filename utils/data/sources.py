@@ -14,16 +14,16 @@ import glob
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from utils.data.augment import letterbox
 from utils.data.config import load_data_config
-from utils.data.sample import Sample
+from utils.ops.letterbox import letterbox_image
 
 IMG_FORMATS = ("bmp", "jpg", "jpeg", "png", "tif", "tiff", "webp", "dng", "mpo", "pfm")
 VID_FORMATS = ("mp4", "avi", "mov", "mkv", "m4v", "mpeg", "mpg", "wmv", "webm", "asf", "ts", "gif")
@@ -240,7 +240,7 @@ def make_demo_video(path: str | Path, data: str | Path = "data/shapes.yaml", fra
             image = cv2.imread(str(images[i % len(images)]), cv2.IMREAD_COLOR)
             if image is None:
                 raise SourceError(f"cannot read image {images[i % len(images)]}")
-            writer.write(letterbox(Sample(image=image), (h, w))[0].image)
+            writer.write(letterbox_image(image, (h, w))[0])
     finally:
         writer.release()
     return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -90,7 +90,7 @@ class Vocabulary:
         return tokenize(text)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 2, max_unk: float = 1.0) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 2, max_unk: float = 1.0) -> Vocabulary:
         """A vocabulary of every word seen at least ``m`` times; rarer words map to ``<unk>``. ``m`` is the
         largest count ``<= min_count`` at which ``<unk>`` stands for at most ``max_unk`` of the captions' words
         (1 when none does). So COCO's 400k captions keep the usual threshold 5 (about 10k words, a fraction of
@@ -168,7 +168,7 @@ class Vocabulary:
         return list(self.itos)
 
     @classmethod
-    def from_list(cls, words: Sequence[str]) -> "Vocabulary":
+    def from_list(cls, words: Sequence[str]) -> Vocabulary:
         """Inverse of :meth:`to_list`."""
         words = list(words)
         if tuple(words[: len(SPECIALS)]) != SPECIALS:

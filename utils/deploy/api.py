@@ -14,8 +14,8 @@ It runs :class:`~utils.deploy.predictor.Predictor`, so results are detect.py's, 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 

@@ -10,8 +10,9 @@ Captions: :class:`PyTorchBackend` decodes with the head's own ``greedy`` / ``bea
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ from utils.deploy.interface import (
     ModelInfo,
     read_onnx_metadata,
 )
-from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.engine.torch_utils import select_device
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.device import select_device
 
 
 class PyTorchBackend:

@@ -3,7 +3,7 @@ run an exported decoder-step graph (same start token, same ``<pad>``/``<bos>``/`
 same ``max_len``), so a ``.pt`` and its ``.onnx`` caption alike."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -21,10 +21,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
+import tempfile
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +36,11 @@ import yaml
 from torch import nn
 
 from models.heads.caption import CaptionHead
+from models.model import Model
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
+from utils.data.vocab import Vocabulary
+from utils.deploy.backends import GraphBackend, OnnxBackend, OpenVINOBackend
 from utils.deploy.interface import (
     INPUT_NAME,
     INT_OUTPUTS,
@@ -41,6 +48,7 @@ from utils.deploy.interface import (
     OPENVINO_SUFFIX,
     DeployModel,
 )
+from utils.ops.nms import NMSConfig
 
 # Parity tolerances on the normalized difference (see compare_outputs): fusing BN/implicit layers changes
 # only float rounding, so it is held to 1e-4; another runtime (onnxruntime) may reorder sums, so 1e-3.
@@ -332,3 +340,202 @@ def failures(diffs: list[Diff], tol: float) -> list[str]:
     """Outputs whose normalized difference exceeds ``tol`` (integer outputs: any mismatch)."""
     return [f"{d.name} ({d.normalized:.3g} > {0 if d.name in INT_OUTPUTS else tol:g})" for d in diffs
             if (d.normalized > 0 if d.name in INT_OUTPUTS else not d.normalized <= tol)]
+
+
+# --------------------------------------------------------------------------------------------------
+# One function per format: write it, verify it against PyTorch, record the findings in the job
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ExportJob:
+    """What every format of one export shares: the fused model, the PyTorch reference on the verification
+    images, where the files go, and the findings each format adds (parity columns, caption lines, problems)."""
+
+    model: Model  # fused, FP32: the reference
+    deploy: DeployModel  # ``model`` behind the graph interface (with in-graph NMS when asked)
+    x: torch.Tensor  # verification images, float 0..1
+    ref: dict[str, np.ndarray]  # ``deploy``'s outputs on ``x``
+    img_hw: tuple[int, int]
+    metadata: dict[str, Any]
+    out_dir: Path
+    stem: str
+    nms: NMSConfig | None = None
+    opset: int = 17
+    dynamic: bool = False
+    half: bool = False
+    # with ``dynamic``: another batch size and image shape through the same graph (images, reference, (h, w))
+    second: tuple[torch.Tensor, dict[str, np.ndarray], tuple[int, int]] | None = None
+    columns: dict[str, list[Diff]] = field(default_factory=dict)
+    caption_lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def tol(self) -> float:
+        """Parity tolerance of an exported graph: FP16 is held to 1e-2 against the FP32 reference."""
+        return 1e-2 if self.half else RUNTIME_TOL
+
+    @property
+    def written_model(self) -> Model:
+        """The model traced into files: an FP16 copy with ``half``."""
+        return copy.deepcopy(self.model).half() if self.half else self.model
+
+    @property
+    def written(self) -> tuple[DeployModel, torch.Tensor]:
+        """The graph module traced into files and its example input."""
+        if self.half:
+            return DeployModel(self.written_model, self.nms), self.x.half()
+        return self.deploy, self.x
+
+
+def verify_graph(backend: GraphBackend, model: Model, ref: dict[str, np.ndarray], x: torch.Tensor,
+                 img_hw: tuple[int, int], label: str) -> tuple[list[Diff], str, list[str]]:
+    """An exported backend on ``x`` vs the PyTorch outputs ``ref``; captions: its greedy decoding vs
+    ``CaptionHead.greedy`` (``label`` names the runtime in the summary line).
+
+    Returns (per-output diffs incl. the decoder's logits, a caption summary line, caption problems).
+    """
+    out = backend(x.cpu().numpy())
+    diffs = compare_outputs(ref, out, img_hw)
+    if "cap" not in model.tasks:
+        return diffs, "", []
+    head = model.head("cap")
+    mem = torch.from_numpy(ref["cap_memory"]).to(x.device)
+    with torch.inference_mode():
+        torch_tokens = head.greedy(mem).cpu().numpy()
+        logits_t = head.decode_step(mem, torch.from_numpy(torch_tokens).to(x.device)).float().cpu().numpy()
+    logits_o = backend.decode_step(out["cap_memory"], torch_tokens)
+    diffs += compare_outputs({"cap_decoder.logits": logits_t}, {"cap_decoder.logits": logits_o}, img_hw)
+    got_tokens = backend.caption_tokens(out["cap_memory"])
+    vocab = Vocabulary.from_list(model.meta["vocab"]) if model.meta.get("vocab") else None
+    words_t = vocab.decode_batch(torch.from_numpy(torch_tokens)) if vocab else [str(r) for r in torch_tokens.tolist()]
+    words_g = vocab.decode_batch(torch.from_numpy(got_tokens)) if vocab else [str(r) for r in got_tokens.tolist()]
+    same = sum(a == b for a, b in zip(words_t, words_g))
+    identical = torch_tokens.shape == got_tokens.shape and bool(np.array_equal(torch_tokens, got_tokens))
+    msg = (f"captions: torch greedy == {label} greedy for {same}/{len(words_t)} image(s)"
+           f"{' (token ids identical)' if identical else ''}; e.g. '{words_g[0]}'")
+    return diffs, msg, ([] if same == len(words_t) else [f"captions differ: '{words_t[0]}' vs '{words_g[0]}'"])
+
+
+def caption_problems(problems: list[str], half: bool) -> list[str]:
+    """Caption mismatches fail an FP32 export; for FP16 they are a warning (half-precision logits can flip a
+    near-tie argmax against the FP32 reference)."""
+    if half and problems:
+        print(f"warning: FP16 graph: {problems[0]}")
+        return []
+    return problems
+
+
+def verify_backend(job: ExportJob, backend: GraphBackend, label: str, column: str) -> list[str]:
+    """Parity of one exported backend (and, with ``job.second``, at the second shape); adds its table column and
+    caption line to ``job``; returns what failed."""
+    diffs, msg, cap_problem = verify_graph(backend, job.model, job.ref, job.x, job.img_hw, label)
+    job.columns[column] = diffs
+    job.caption_lines.append(msg)
+    bad = failures(diffs, job.tol) + caption_problems(cap_problem, job.half)
+    if job.second is not None:
+        x2, ref2, hw2 = job.second
+        d2, _, cap2 = verify_graph(backend, job.model, ref2, x2, hw2, label)
+        bad += [f"at {tuple(x2.shape)}: {b}" for b in failures(d2, job.tol) + caption_problems(cap2, job.half)]
+        print(f"dynamic: also checked at {tuple(x2.shape)} ({label}): max normalized diff "
+              f"{max(d.normalized for d in d2):.2e}")
+    return bad
+
+
+def simplify_verified(job: ExportJob) -> list[str]:
+    """onnxslim every written ONNX graph into a temporary folder, verify, and move over the originals if parity
+    holds. Returns the problems (empty = the simplified graphs were kept)."""
+    files = job.files
+    with tempfile.TemporaryDirectory(dir=files["onnx"].parent) as tmp:
+        slim = {}
+        try:
+            for k in ("onnx", "cap_decoder"):
+                if k in files:
+                    slim[k] = simplify_onnx(files[k], Path(tmp) / files[k].name)
+            diffs, _, cap_problem = verify_graph(OnnxBackend(slim["onnx"], job.x.device), job.model, job.ref, job.x,
+                                                 job.img_hw, "ORT")
+        except Exception as e:  # onnxslim or onnxruntime failing on the simplified graph: keep the original
+            return [f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"]
+        bad = failures(diffs, job.tol) + caption_problems(cap_problem, job.half)
+        if bad:
+            return bad
+        for k, p in slim.items():
+            shutil.move(str(p), str(files[k]))
+    print(f"simplified with onnxslim: {', '.join(f'{files[k].name} ({files[k].stat().st_size / 1e6:.1f} MB)' for k in slim)}"
+          f", parity max normalized diff {max(d.normalized for d in diffs):.2e}")
+    return []
+
+
+def write_onnx(job: ExportJob, simplify: bool = False) -> bool:
+    """``<stem>.onnx`` (+ ``<stem>_cap_decoder.onnx``), verified with onnxruntime, simplified when asked (kept
+    only if parity holds). Returns whether the graphs passed (OpenVINO converts only verified graphs)."""
+    t0 = time.time()
+    deploy, x = job.written
+    job.files["onnx"] = export_vision(deploy, x, job.out_dir / f"{job.stem}.onnx", job.opset, job.dynamic,
+                                      job.metadata)
+    if "cap" in job.model.tasks:
+        memory = torch.from_numpy(job.ref["cap_memory"]).to(x.device, x.dtype)
+        job.files["cap_decoder"] = export_caption_decoder(deploy.caption_head, memory,
+                                                          job.out_dir / f"{job.stem}_cap_decoder.onnx", job.opset,
+                                                          job.metadata)
+    print(f"ONNX: {', '.join(f'{p.name} ({p.stat().st_size / 1e6:.1f} MB)' for p in job.files.values())} "
+          f"in {time.time() - t0:.1f}s, opset {job.opset}, tasks {','.join(job.model.tasks)}, "
+          f"{graph_nodes(job.files['onnx'])} nodes, outputs {', '.join(job.deploy.output_names)}")
+    bad = verify_backend(job, OnnxBackend(job.files["onnx"], job.x.device), "ORT", "onnxruntime-torch")
+    if simplify:
+        bad_slim = simplify_verified(job) if not bad else ["skipped"]
+        if bad_slim:
+            print(f"warning: --simplify: keeping the unsimplified model ({'; '.join(bad_slim)})")
+    if bad:
+        job.problems.append(f"onnxruntime vs PyTorch: {', '.join(bad)}")
+    return not bad
+
+
+def write_openvino(job: ExportJob) -> None:
+    """``<stem>_openvino_model/`` converted from the verified ONNX graphs, verified on OpenVINO's CPU plugin (f32
+    inference precision, its default)."""
+    t0 = time.time()
+    job.files["openvino"] = export_openvino(job.files["onnx"], job.files.get("cap_decoder"), job.metadata)
+    backend = OpenVINOBackend(job.files["openvino"], job.x.device)
+    size = sum(f.stat().st_size for f in job.files["openvino"].iterdir()) / 1e6
+    print(f"OpenVINO: {job.files['openvino'].name}/ ({size:.1f} MB) in {time.time() - t0:.1f}s, {backend.name}")
+    bad = verify_backend(job, backend, "OpenVINO", "openvino-torch")
+    if bad:
+        job.problems.append(f"OpenVINO vs PyTorch: {', '.join(bad)}")
+
+
+def write_torchscript(job: ExportJob) -> None:
+    """``<stem>.torchscript`` without NMS (a Python autograd op cannot be serialized by TorchScript), verified
+    against PyTorch; its column joins the parity table unless the other graphs carry NMS (other outputs)."""
+    ts_deploy = DeployModel(job.written_model)
+    x = job.x.half() if job.half else job.x
+    nms = job.nms is not None
+    if nms:
+        print("note: the TorchScript file returns det_pred (NMS in the graph is ONNX only)")
+    names = ts_deploy.output_names
+    t0 = time.time()
+    path = export_torchscript(ts_deploy, x, job.out_dir / f"{job.stem}.torchscript", job.metadata | {
+        "nms": False, "outputs": names})
+    job.files["torchscript"] = path
+    loaded, _ = load_torchscript(path, job.x.device)
+    ref = run_deploy(DeployModel(job.model), names, job.x) if nms else job.ref
+    diffs = compare_outputs(ref, run_deploy(loaded, names, x), job.img_hw)
+    print(f"TorchScript: {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
+    if nms:
+        print(format_parity({"torchscript-torch": diffs}, {"torchscript-torch": job.tol}))
+    else:
+        job.columns["torchscript-torch"] = diffs
+    bad = failures(diffs, job.tol)
+    if bad:
+        job.problems.append(f"TorchScript vs PyTorch: {', '.join(bad)}")
+
+
+def report(job: ExportJob) -> None:
+    """Prints the parity table and caption lines; raises ValueError naming every problem (files kept)."""
+    tolerances = {k: FUSE_TOL if k == "fused-unfused" else job.tol for k in job.columns}
+    print(format_parity(job.columns, tolerances))
+    for msg in job.caption_lines:
+        if msg:
+            print(msg)
+    if job.problems:
+        kept = f" (files kept for inspection: {', '.join(p.name for p in job.files.values())})" if job.files else ""
+        raise ValueError("verification failed: " + "; ".join(job.problems) + kept)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,8 @@ class ModelInfo:
     cap_max_len: int = 0
 
     @classmethod
-    def from_model(cls, model) -> "ModelInfo":
-        """From a built ``Model`` carrying ``.meta`` (``utils.engine.checkpoint.build_from_checkpoint``)."""
+    def from_model(cls, model) -> ModelInfo:
+        """From a built ``Model`` carrying ``.meta`` (``utils.runtime.checkpoint.build_from_checkpoint``)."""
         meta = getattr(model, "meta", {}) or {}
         nc = getattr(model, "nc", 0)
         return cls(names=list(meta.get("names") or [str(i) for i in range(nc)]),
@@ -52,7 +53,7 @@ class ModelInfo:
                    cap_max_len=int(model.head("cap").max_len) if "cap" in model.tasks else 0)
 
     @classmethod
-    def from_metadata(cls, md: dict[str, Any]) -> "ModelInfo":
+    def from_metadata(cls, md: dict[str, Any]) -> ModelInfo:
         return cls(**{f.name: md[f.name] for f in fields(cls) if f.name in md})
 
 

@@ -4,21 +4,21 @@
 files made from them."""
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from utils.data.augment import letterbox
-from utils.data.sample import Sample
 from utils.data.vocab import Vocabulary
 from utils.deploy.backends import Backend
 from utils.deploy.interface import ModelInfo
-from utils.ops.letterbox import Letterbox
+from utils.ops.letterbox import Letterbox, letterbox_image
 from utils.ops.panoptic import PanopticSpec, coco_panoptic, id2rgb
 from utils.ops.postprocess import (
     Result,
@@ -32,7 +32,7 @@ from utils.tasks import IGNORE_INDEX, PANOPTIC_NEEDS
 from utils.viz.draw import annotate
 
 __all__ = ["Predictor", "Results", "check_img_size", "preprocess", "semantic_png", "coco_results", "yolo_lines",
-           "summarize", "panoptic_png", "PanopticWriter"]
+           "summarize", "panoptic_png", "PanopticWriter", "VideoSaver", "ResultWriter"]
 
 
 def check_img_size(img: int | tuple[int, int] | list[int], stride: float) -> tuple[int, int]:
@@ -54,8 +54,8 @@ def preprocess(frames: list[np.ndarray], img_hw: tuple[int, int]) -> tuple[np.nd
     """BGR frames -> ``(B, 3, H, W)`` float32 RGB in 0..1, letterboxed exactly as the validation loader does."""
     batch, boxes = [], []
     for f in frames:
-        s, lb = letterbox(Sample(image=f), tuple(img_hw))
-        batch.append(s.image[..., ::-1].transpose(2, 0, 1))
+        image, _, lb = letterbox_image(f, tuple(img_hw))
+        batch.append(image[..., ::-1].transpose(2, 0, 1))
         boxes.append(lb)
     return np.ascontiguousarray(np.stack(batch)).astype(np.float32) / 255.0, boxes
 
@@ -136,7 +136,7 @@ class Predictor:
         return notes
 
     def __call__(self, frames: list[np.ndarray], paths: Sequence[str | None] | None = None,
-                 indices: Sequence[int | None] | None = None) -> tuple[list["Results"], dict[str, float]]:
+                 indices: Sequence[int | None] | None = None) -> tuple[list[Results], dict[str, float]]:
         """:class:`Results` for a batch of BGR frames and the ``pre`` / ``infer`` / ``post`` times in ms (whole
         batch). ``paths`` / ``indices``: per frame, where it came from and its index in its video (``None`` for
         images); they name the frame in :meth:`Results.to_json` and are not otherwise used."""
@@ -246,7 +246,7 @@ class Results(Result):
 
     @classmethod
     def of(cls, result: Result, info: ModelInfo, tasks: Sequence[str], orig_img: np.ndarray | None = None,
-           path: str | None = None, frame: int | None = None, speed: dict[str, float] | None = None) -> "Results":
+           path: str | None = None, frame: int | None = None, speed: dict[str, float] | None = None) -> Results:
         """``result`` enriched; every field of ``result`` is carried over as it is (fields added to ``Result``
         later, such as ``panoptic``, included)."""
         return cls(**{f.name: getattr(result, f.name) for f in fields(result) if f.init and hasattr(result, f.name)},
@@ -309,11 +309,11 @@ class Results(Result):
         return {"image_id": image_id, "path": self.path, "shape": [int(v) for v in self.shape],
                 "detections": coco_results(self, image_id, self.info.category_ids), "caption": self.caption}
 
-    def cpu(self) -> "Results":
+    def cpu(self) -> Results:
         """``self``: the arrays are numpy on the CPU already (kept for torch / Ultralytics habits)."""
         return self
 
-    def numpy(self) -> "Results":
+    def numpy(self) -> Results:
         """``self``: the arrays are numpy already (kept for torch / Ultralytics habits)."""
         return self
 
@@ -354,3 +354,91 @@ class PanopticWriter:
     def json(self) -> dict:
         """The COCO panoptic JSON of everything added."""
         return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
+
+
+class VideoSaver:
+    """One cv2.VideoWriter per source video/stream, opened at its first frame with the source's fps and size."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.writer = None
+        self.path: Path | None = None
+
+    def write(self, key: str, path: Path, frame: np.ndarray, fps: float) -> None:
+        """Appends ``frame`` to the video of ``key`` (a new ``key`` closes the previous video and opens ``path``)."""
+        if key != self.key:
+            self.close()
+            h, w = frame.shape[:2]
+            self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            if not self.writer.isOpened():
+                raise ValueError(f"cannot write video {path} (OpenCV has no mp4v encoder?)")
+            self.key, self.path = key, path
+        self.writer.write(frame)
+
+    def close(self) -> None:
+        """Finishes the open video, if any."""
+        if self.writer is not None:
+            self.writer.release()
+        self.key, self.writer = None, None
+
+
+@dataclass
+class ResultWriter:
+    """detect.py's files made from each frame's :class:`Results`, each kind only when asked: YOLO labels
+    (``labels/*.txt``), COCO results (``predictions.json``) and captions (``captions.json``), semantic maps
+    (``masks/*.png``, category_id - 1), COCO panoptic (``panoptic/*.png`` + ``panoptic.json``) and the annotated
+    images and videos. Frames are named by ``stem`` (the file stem, ``<video>_<frame>`` for video frames); the COCO
+    image id is the stem, as an int when numeric (as COCO's own file names are)."""
+
+    save_dir: Path
+    info: ModelInfo
+    txt: bool = False
+    conf: bool = False
+    coco_json: bool = False
+    masks: bool = False
+    panoptic: PanopticSpec | None = None
+    coco: list[dict] = field(default_factory=list)
+    captions: dict[str, str] = field(default_factory=dict)
+    videos: VideoSaver = field(default_factory=VideoSaver)
+
+    def __post_init__(self):
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        for kind, on in (("labels", self.txt), ("masks", self.masks)):
+            if on:
+                (self.save_dir / kind).mkdir(exist_ok=True)
+        self.panoptic_writer = (PanopticWriter(self.save_dir / "panoptic", self.panoptic, self.info.names,
+                                               self.info.semantic_names) if self.panoptic is not None else None)
+
+    def add(self, result: Result, stem: str, key: str) -> None:
+        """Adds one frame's labels, JSON entries, semantic PNG and panoptic PNG (``key``: its captions.json key)."""
+        image_id = int(stem) if stem.isnumeric() else stem
+        if self.txt:
+            lines = yolo_lines(result, self.conf)
+            (self.save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+        if self.coco_json:
+            self.coco += coco_results(result, image_id, self.info.category_ids)
+            if result.caption is not None:
+                self.captions[key] = result.caption
+        if self.masks:
+            cv2.imwrite(str(self.save_dir / "masks" / f"{stem}.png"), semantic_png(result.semantic,
+                                                                                  self.info.semantic_ids))
+        if self.panoptic_writer is not None:
+            self.panoptic_writer.add(result, image_id, stem)
+
+    def add_media(self, annotated: np.ndarray, name: str, video: str | None = None, fps: float = 30.0) -> None:
+        """Saves an annotated image as ``name``, or appends it to ``name``.mp4 when it is a frame of ``video``."""
+        if video is None:
+            cv2.imwrite(str(self.save_dir / name), annotated)
+        else:
+            self.videos.write(video, self.save_dir / f"{name}.mp4", annotated, fps)
+
+    def close(self) -> None:
+        """Finishes the open video and writes the JSON files collected."""
+        self.videos.close()
+        if self.coco_json:
+            (self.save_dir / "predictions.json").write_text(json.dumps(self.coco))
+            if self.captions:
+                (self.save_dir / "captions.json").write_text(json.dumps(self.captions, indent=1))
+        if self.panoptic_writer is not None:
+            (self.save_dir / "panoptic.json").write_text(json.dumps(self.panoptic_writer.json()))
+

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from utils.engine.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
-from utils.engine.distributed import gather_objects
 from utils.engine.loggers import N_TRAIN_BATCHES
-from utils.engine.torch_utils import rng_state
+from utils.runtime.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
+from utils.runtime.device import rng_state
+from utils.runtime.distributed import gather_objects
 
 if TYPE_CHECKING:  # the trainer imports this module: its type is only named here, for the annotations
     from utils.engine.trainer import Trainer
@@ -175,7 +175,7 @@ class StepCallbacks(Hook):
 
 class Checkpoints(Hook):
     """weights/last.pt after every epoch and best.pt when it is the best; when training ends, both are
-    stripped to their EMA weights in FP16 (:func:`~utils.engine.checkpoint.strip_checkpoint`, Ultralytics'
+    stripped to their EMA weights in FP16 (:func:`~utils.runtime.checkpoint.strip_checkpoint`, Ultralytics'
     strip_optimizer)."""
 
     main_only = True

@@ -12,9 +12,10 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -146,7 +147,7 @@ class RunLogger:
         Args:
             model: the final EMA model (eval mode).
             val_loader: the validation loader (its first batches are drawn).
-            eval_result: the last validation's :class:`utils.eval.evaluate.EvalResult` (``None``: no curves).
+            eval_result: the last validation's :class:`utils.eval.evaluators.EvalResult` (``None``: no curves).
         """
         if not self.enabled:
             return

@@ -32,8 +32,17 @@ from utils.data.dataset import (
     stall_guard,
 )
 from utils.data.vocab import Vocabulary
-from utils.engine.checkpoint import is_stripped, load_checkpoint
-from utils.engine.distributed import (
+from utils.engine.ema import ModelEMA, unwrap
+from utils.engine.hooks import EVENTS, Hook, default_hooks
+from utils.engine.hyp import load_hyp
+from utils.engine.loggers import RunLogger
+from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows
+from utils.eval.evaluate import evaluate
+from utils.loss.multitask import MultiTaskLoss
+from utils.ops.letterbox import to_float
+from utils.runtime.checkpoint import is_stripped, load_checkpoint
+from utils.runtime.device import autocast_dtype, rng_state, select_device, set_rng_state, set_seed
+from utils.runtime.distributed import (
     DistInfo,
     barrier,
     broadcast_object,
@@ -42,23 +51,7 @@ from utils.engine.distributed import (
     init_distributed,
     sum_across_ranks,
 )
-from utils.engine.ema import ModelEMA, unwrap
-from utils.engine.hooks import EVENTS, Hook, default_hooks
-from utils.engine.hyp import load_hyp
-from utils.engine.loggers import RunLogger
-from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows
-from utils.engine.torch_utils import (
-    autocast_dtype,
-    increment_path,
-    latest_run,
-    rng_state,
-    select_device,
-    set_rng_state,
-    set_seed,
-)
-from utils.eval.evaluate import evaluate
-from utils.loss.multitask import MultiTaskLoss
-from utils.ops.letterbox import to_float
+from utils.runtime.runs import increment_path, latest_run
 from utils.tasks import fitness, parse_tasks
 
 # gradients are accumulated up to this batch, and weight decay scaled to it, unless the hyp's ``nbs`` says
@@ -618,7 +611,7 @@ class Trainer:
         self.skipped_steps.append((self.epoch, i))
         bad = [k for k, v in parts.items() if not math.isfinite(v)]
         where = (bad or "total") if not torch.isfinite(loss) else "another rank's batch"
-        warnings.warn(f"non-finite loss at epoch {self.epoch} batch {i} in {where}; step skipped")
+        warnings.warn(f"non-finite loss at epoch {self.epoch} batch {i} in {where}; step skipped", stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
         max_nonfinite = int(self.hyp.get("max_nonfinite", 10))
         if self.nonfinite_run >= max_nonfinite:

@@ -58,14 +58,6 @@ def interpolated_precision(recall: np.ndarray, precision: np.ndarray,
     return out
 
 
-def ap_from_matches(tp: np.ndarray, conf: np.ndarray, n_gt: int) -> float:
-    """Average precision (COCO 101-point) of one class from ranked matches; 0 when it has no ground truth."""
-    if n_gt <= 0:
-        return 0.0
-    _, r, p = pr_from_matches(tp, conf, n_gt)
-    return float(interpolated_precision(r, p).mean())
-
-
 def pr_vs_conf(tp: np.ndarray, conf: np.ndarray, n_gt: int,
                grid: np.ndarray = CONF_GRID) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall of the detections with confidence >= each threshold of ``grid``.
@@ -129,7 +121,7 @@ def coco_curves(gt, results: list[dict], image_ids: list[int], category_ids: lis
 
     Args:
         gt: a ``pycocotools.coco.COCO`` with the ground truth (``utils.eval.metrics.detection.load_ground_truth``).
-        results: COCO result dicts (``bbox`` or ``segmentation``) as :class:`utils.eval.evaluate.EvalResult` holds.
+        results: COCO result dicts (``bbox`` or ``segmentation``) as :class:`utils.eval.evaluators.EvalResult` holds.
         image_ids: the evaluated images (images without detections still count their ground truth).
         category_ids, names: classes in contiguous order.
     Returns: the curves, or ``None`` when there is nothing to evaluate.

@@ -3,7 +3,6 @@ postprocess` (the Results detect.py also produces) -> one evaluator per task (:m
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -15,6 +14,7 @@ from utils.data.vocab import Vocabulary
 from utils.eval.evaluators import (
     BoxEvaluator,
     CaptionEvaluator,
+    EvalResult,
     Evaluator,
     InstanceTruth,
     MaskEvaluator,
@@ -25,26 +25,6 @@ from utils.ops.letterbox import to_float
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.postprocess import head_outputs, postprocess
 from utils.tasks import PANOPTIC_NEEDS
-
-
-@dataclass
-class EvalResult:
-    """Flat metrics (the keys of ``metrics.json``), COCO-format predictions and timing."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    per_class: dict[str, dict[int, float]] = field(default_factory=dict)
-    # COCO results on the images whose split has instance labels (all of them when no split has any,
-    # e.g. an unlabelled test split written out with --save-json)
-    detections: list[dict] = field(default_factory=list)
-    masks: list[dict] = field(default_factory=list)
-    captions: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (image id, predicted, references)
-    semantic_confusion: object = None
-    speed_ms: dict[str, float] = field(default_factory=dict)
-    images: int = 0
-    image_ids: list[int] = field(default_factory=list)  # every evaluated image, with or without detections
-    scored_images: dict[str, int] = field(default_factory=dict)  # "box" / "sem" / "cap" / "pan" -> images scored
-    ground_truth: object = None  # the pycocotools COCO of the boxes/masks scored (reused by the PR curves)
-
 
 SEMANTIC_AT = ("original", "input")
 

@@ -8,8 +8,9 @@ task (panoptic next) is one new evaluator composed by :func:`utils.eval.evaluate
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import torch
@@ -30,24 +31,34 @@ from utils.eval.metrics.panoptic import PQStat
 from utils.eval.metrics.semantic import SemanticMeter
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.postprocess import Result, coco_boxes, coco_masks
-from utils.tasks import FITNESS_TERMS
 
-if TYPE_CHECKING:  # annotation only: evaluate.py imports this module
-    from utils.eval.evaluate import EvalResult
+__all__ = ["EvalResult", "Evaluator", "InstanceTruth", "BoxEvaluator", "MaskEvaluator", "SemanticEvaluator",
+           "CaptionEvaluator", "PanopticEvaluator"]
 
-__all__ = ["Evaluator", "InstanceTruth", "BoxEvaluator", "MaskEvaluator", "SemanticEvaluator", "CaptionEvaluator",
-           "PanopticEvaluator"]
+
+@dataclass
+class EvalResult:
+    """Flat metrics (the keys of ``metrics.json``), COCO-format predictions and timing."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, dict[int, float]] = field(default_factory=dict)
+    # COCO results on the images whose split has instance labels (all of them when no split has any,
+    # e.g. an unlabelled test split written out with --save-json)
+    detections: list[dict] = field(default_factory=list)
+    masks: list[dict] = field(default_factory=list)
+    captions: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (image id, predicted, references)
+    semantic_confusion: object = None
+    speed_ms: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    image_ids: list[int] = field(default_factory=list)  # every evaluated image, with or without detections
+    scored_images: dict[str, int] = field(default_factory=dict)  # "box" / "sem" / "cap" / "pan" -> images scored
+    ground_truth: object = None  # the pycocotools COCO of the boxes/masks scored (reused by the PR curves)
 
 
 class Evaluator:
     """Base of the per-task evaluators; ``task`` names the fitness share (``FITNESS_TERMS[task]``) it reports."""
 
     task: str = ""
-
-    @property
-    def fitness_terms(self) -> dict[str, float]:
-        """The metrics of this task that make up its share of the fitness, and their weights."""
-        return FITNESS_TERMS[self.task]
 
     def reset(self) -> None:
         """Forgets everything processed."""
@@ -61,7 +72,7 @@ class Evaluator:
         """Metrics over everything processed (flat ``metrics.json`` keys); empty when nothing was scored."""
         raise NotImplementedError
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         """Adds this task's predictions, per-class scores and scored-image count to ``result`` (after evaluate)."""
 
 
@@ -132,7 +143,7 @@ class _CocoEvaluator(Evaluator):
         self.stats = coco_map(self.truth.gt, self.predictions, self.scored_ids, self.category_ids, self.iou_type)
         return {v: self.stats[k] for k, v in self.keys.items()}
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         if self.stats is not None:
             result.per_class[self.per_class_key] = self.stats["per_class"]
 
@@ -146,7 +157,7 @@ class BoxEvaluator(_CocoEvaluator):
     def convert(self, r: Result, image_id: int) -> list[dict]:
         return coco_boxes(r, int(image_id), self.category_ids)
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         super().export(result)
         result.detections = self.predictions
         if self.stats is not None:
@@ -163,7 +174,7 @@ class MaskEvaluator(_CocoEvaluator):
     def convert(self, r: Result, image_id: int) -> list[dict]:
         return coco_masks(r, int(image_id), self.category_ids)
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         super().export(result)
         result.masks = self.predictions
 
@@ -217,7 +228,7 @@ class SemanticEvaluator(Evaluator):
         self.stats = self.meter.compute()
         return {"sem_miou": self.stats["miou"], "sem_pixacc": self.stats["pixel_acc"]}
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         if self.stats is not None:
             result.scored_images["sem"] = self.images
             result.per_class["sem_iou"] = dict(enumerate(self.stats["per_class_iou"]))
@@ -250,7 +261,7 @@ class CaptionEvaluator(Evaluator):
         scores = caption_scores({k: v for k, v in self.predicted.items() if k in self.references}, self.references)
         return {f"cap_{k}": v for k, v in scores.items()}
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         if self.references:
             result.scored_images["cap"] = len(self.references)
         result.captions = [(k, self.predicted[k], self.references.get(k, [])) for k in list(self.predicted)[:8]]
@@ -325,7 +336,7 @@ class PanopticEvaluator(Evaluator):
         metrics, self.per_class = self.stat.summary(self.categories)
         return metrics
 
-    def export(self, result: "EvalResult") -> None:
+    def export(self, result: EvalResult) -> None:
         if self.images:
             result.scored_images["pan"] = self.images
             result.per_class["pq"] = self.per_class

@@ -60,7 +60,8 @@ exactly ``g_t`` under ``mtcp``); if no task has a ratio, all weights are ``g_t``
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

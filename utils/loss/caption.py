@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.data.vocab import Vocabulary
-from utils.engine.distributed import LOCAL, DistInfo
 from utils.eval.metrics.caption import CorpusCiderD
+from utils.runtime.distributed import LOCAL, DistInfo
 from utils.tasks import EOS, PAD
 
 

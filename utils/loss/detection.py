@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, complete_box_iou, complete_box_iou_loss
 
-from utils.engine.distributed import LOCAL, DistInfo
 from utils.ops.boxes import bbox2dist, dist2bbox, make_anchors
+from utils.runtime.distributed import LOCAL, DistInfo
 
 
 class TaskAlignedAssigner(nn.Module):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, complete_box_iou_loss
 
 from models.heads.detect_anchor import DetectAnchor, decode_boxes
-from utils.engine.distributed import LOCAL, DistInfo
 from utils.loss.detection import Assignment, image_slots
+from utils.runtime.distributed import LOCAL, DistInfo
 
 # Gains and matching threshold of this loss, YOLOv5's values (hyp.scratch-low). Not ``box``/``cls``: those
 # are the anchor-free loss's gains for a differently normalised loss (7.5 vs 0.05 for the same CIoU term).

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from models.heads.instance import InstOutput
-from utils.engine.distributed import LOCAL, DistInfo
 from utils.ops.masks import box_mask, rasterize_polygons
+from utils.runtime.distributed import LOCAL, DistInfo
 
 
 class InstanceLoss:

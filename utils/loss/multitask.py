@@ -8,13 +8,13 @@ from models.heads.detect_anchor import DetectAnchor
 from models.model import Model, Outputs
 from utils.data.dataset import Batch
 from utils.data.vocab import Vocabulary
-from utils.engine.distributed import LOCAL, DistInfo
 from utils.loss.balance import DEFAULT_BALANCE, build_balancer
 from utils.loss.caption import CaptionLoss, SelfCriticalLoss
 from utils.loss.detection import DetectionLoss
 from utils.loss.detection_anchor import AnchorDetectionLoss
 from utils.loss.instance import InstanceLoss, gt_masks_from_batch
 from utils.loss.semantic import SemanticLoss
+from utils.runtime.distributed import LOCAL, DistInfo
 from utils.tasks import IGNORE_INDEX
 
 DET_LOSSES = {Detect: DetectionLoss, DetectAnchor: AnchorDetectionLoss}  # detection head type -> its loss

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils.engine.distributed import LOCAL, DistInfo
+from utils.runtime.distributed import LOCAL, DistInfo
 from utils.tasks import IGNORE_INDEX
 
 

@@ -1,6 +1,7 @@
-"""The network-input transform of one image and its inverse: :class:`Letterbox` records how an original image
-became the network input (``utils.data.augment.letterbox`` makes it, the loader and inference preprocessing
-carry it) and maps boxes, masks and logits back; :func:`to_float` is the device-side half of the input.
+"""The network-input transform of one image, both ways: :func:`letterbox_image` resizes and pads an image (and
+its semantic map) into the network input and returns the :class:`Letterbox` record of it, which the loader and
+inference preprocessing carry and which maps boxes, masks and logits back; :func:`to_float` is the device-side
+half of the input. ``utils.data.augment.letterbox`` moves a training ``Sample``'s labels along with the pixels.
 
 The crop of the letterbox padding is written once here (:meth:`Letterbox.inner`): letterbox pads by whole
 pixels around a ``round(size * ratio)`` image, and every map that goes back to original pixels crops exactly
@@ -10,14 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from utils.ops.boxes import scale_boxes
 from utils.ops.masks import resize_masks_windowed
+from utils.tasks import IGNORE_INDEX
 
-__all__ = ["Letterbox", "to_float"]
+__all__ = ["FILL", "RESIZE_NEAREST", "Letterbox", "letterbox_image", "to_float"]
+
+FILL = 114  # grey used by YOLOv5 for image padding / borders
+# centre-aligned nearest neighbour where OpenCV has it: a resized label map gets no new class values and no shift
+RESIZE_NEAREST = getattr(cv2, "INTER_NEAREST_EXACT", cv2.INTER_NEAREST)
 
 
 def to_float(images: torch.Tensor, device: torch.device, half: bool = False) -> torch.Tensor:
@@ -29,7 +36,7 @@ def to_float(images: torch.Tensor, device: torch.device, half: bool = False) -> 
 @dataclass(frozen=True)
 class Letterbox:
     """How an original image of ``orig_shape`` ``(h, w)`` became a network input of ``input_shape``: a point
-    maps as ``x' = x * ratio + pad_w``, ``y' = y * ratio + pad_h`` (see ``utils.data.augment.letterbox``)."""
+    maps as ``x' = x * ratio + pad_w``, ``y' = y * ratio + pad_h`` (see :func:`letterbox_image`)."""
 
     ratio: float
     pad: tuple[float, float]
@@ -37,7 +44,7 @@ class Letterbox:
     input_shape: tuple[int, int]
 
     @classmethod
-    def identity(cls, shape: tuple[int, int]) -> "Letterbox":
+    def identity(cls, shape: tuple[int, int]) -> Letterbox:
         """An input that is its own original (an augmented training image: there is nothing to map back to)."""
         shape = (int(shape[0]), int(shape[1]))
         return cls(1.0, (0.0, 0.0), shape, shape)
@@ -52,6 +59,12 @@ class Letterbox:
         uw = min(max(1, int(round(w0 * self.ratio))), W - left)
         uh = min(max(1, int(round(h0 * self.ratio))), H - top)
         return slice(top, top + uh), slice(left, left + uw)
+
+    def scales(self) -> tuple[float, float]:
+        """``(sx, sy)``: the exact per-axis scale of the resized pixels (the resized size over the original),
+        which differs from ``ratio`` only by the rounding of the resized size; labels move by it."""
+        rows, cols = self.inner()
+        return (cols.stop - cols.start) / int(self.orig_shape[1]), (rows.stop - rows.start) / int(self.orig_shape[0])
 
     def boxes_to_original(self, boxes: torch.Tensor) -> torch.Tensor:
         """``(n, 4)`` ``x1 y1 x2 y2`` in input pixels -> float32 boxes in original pixels, clipped (a copy)."""
@@ -97,6 +110,49 @@ class Letterbox:
         rows, cols = self.inner(label_map.shape)
         out[rows, cols] = label_map[rows, cols]
         return out
+
+
+def letterbox_image(image: np.ndarray, new_shape: int | tuple[int, int],
+                    color: tuple[int, int, int] = (FILL, FILL, FILL), scaleup: bool = True, auto: bool = False,
+                    stride: int = 32, semantic: np.ndarray | None = None, long_side: int | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray | None, Letterbox]:
+    """Resizes ``image`` keeping the aspect ratio, then pads it to ``new_shape`` (``int`` or ``(h, w)``).
+
+    The image is resized with ``INTER_LINEAR``, the optional ``semantic`` map with (centre-aligned) nearest
+    neighbour so no new class values appear; image padding is ``color``, map padding ``IGNORE_INDEX``.
+    ``scaleup=False`` only ever shrinks (better val mAP, as in YOLOv5); ``auto=True`` pads only up to
+    the next multiple of ``stride`` (minimum rectangle) instead of to ``new_shape``. ``long_side`` caps the
+    resized image's longer side: a ``--rect`` validation shape is up to a stride larger than the image size
+    (YOLOv5's half-stride pad) and, as in YOLOv5 (which loads at the image size, then pads), only adds padding,
+    so objects keep the scale they have in square validation.
+
+    Returns ``(image, semantic, Letterbox(ratio, (pad_w, pad_h), orig_shape, input_shape))``: a point maps as
+    ``x' = x * ratio + pad_w`` (same for y), so predictions map back with ``(x' - pad_w) / ratio`` (the
+    record's ``*_to_original`` methods). The inputs are not modified.
+    """
+    h, w = image.shape[:2]
+    new_h, new_w = (new_shape, new_shape) if isinstance(new_shape, int) else new_shape
+    r = min(new_h / h, new_w / w)
+    if not scaleup:
+        r = min(r, 1.0)
+    if long_side is not None:
+        r = min(r, long_side / max(h, w))
+    unpad_w, unpad_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
+    dw, dh = new_w - unpad_w, new_h - unpad_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    left, top = dw // 2, dh // 2
+    right, bottom = dw - left, dh - top
+
+    if (unpad_w, unpad_h) != (w, h):
+        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+        if semantic is not None:
+            semantic = cv2.resize(semantic, (unpad_w, unpad_h), interpolation=RESIZE_NEAREST)
+    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=tuple(color))
+    if semantic is not None:
+        semantic = cv2.copyMakeBorder(semantic, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                      value=IGNORE_INDEX)
+    return image, semantic, Letterbox(r, (float(left), float(top)), (h, w), tuple(image.shape[:2]))
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

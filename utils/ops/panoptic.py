@@ -16,8 +16,8 @@ Segment ids are ``1..n`` in that order; 0 is void. The COCO panoptic PNG stores 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class PanopticSpec:
     stuff_area: int = 4096
 
     @classmethod
-    def from_meta(cls, category_ids: Sequence[int], semantic_ids: Sequence[int], **kw) -> "PanopticSpec":
+    def from_meta(cls, category_ids: Sequence[int], semantic_ids: Sequence[int], **kw) -> PanopticSpec:
         """From a model's metadata lists (``ModelInfo`` / ``model.meta``); ``kw`` sets the thresholds."""
         return cls(tuple(int(i) for i in category_ids), tuple(int(i) for i in semantic_ids), **kw)
 

@@ -8,8 +8,9 @@ so eager models and exported graphs, with or without NMS inside, share every ste
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ def _semantic_indices(label: torch.Tensor, num_classes: int) -> np.ndarray:
 def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbox], conf_thres: float = 0.25,
                 iou_thres: float = 0.45, max_det: int = 300, classes: Sequence[int] | None = None,
                 agnostic: bool = False, multi_label: bool = False, tasks: Sequence[str] | None = None,
-                vocab: "Vocabulary | None" = None, at: str = "original", semantic_at: str | None = None,
+                vocab: Vocabulary | None = None, at: str = "original", semantic_at: str | None = None,
                 semantic_for: Sequence[bool] | None = None, panoptic: PanopticSpec | None = None) -> list[Result]:
     """Named head outputs of a batch (tensors, any device) + per-image letterboxes -> one :class:`Result` each.
 

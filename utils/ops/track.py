@@ -184,11 +184,6 @@ class ByteTracker:
         self.frame = 0
         self.next_id = 1
 
-    @property
-    def active(self) -> list[_Track]:
-        """Confirmed tracks matched in the current frame."""
-        return [t for t in self.tracks if t.id and t.state == TRACKED and t.last == self.frame]
-
     def _cost(self, tracks: list[_Track], boxes: np.ndarray, scores: np.ndarray | None,
               classes: np.ndarray) -> np.ndarray:
         """``1 - IoU`` (times the detection score when given) of predicted track boxes vs detections; pairs of

@@ -9,7 +9,8 @@ comparable.
 from __future__ import annotations
 
 import colorsys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -132,7 +133,7 @@ def draw_semantic(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.4, i
     return image
 
 
-def panoptic_colors(panoptic: "Panoptic") -> np.ndarray:
+def panoptic_colors(panoptic: Panoptic) -> np.ndarray:
     """``(max id + 1, 3)`` BGR per segment id: stuff in its semantic class colour (as :func:`draw_semantic`),
     each thing in its class's box colour shifted in brightness by its rank among that class's instances, so
     two touching instances of one class stay apart; void (0) black."""
@@ -149,7 +150,7 @@ def panoptic_colors(panoptic: "Panoptic") -> np.ndarray:
     return colors
 
 
-def draw_panoptic(image: np.ndarray, panoptic: "Panoptic", alpha: float = 0.5) -> np.ndarray:
+def draw_panoptic(image: np.ndarray, panoptic: Panoptic, alpha: float = 0.5) -> np.ndarray:
     """Fills every panoptic segment translucently in its colour (:func:`panoptic_colors`) and outlines the
     segments (in place); void pixels stay as they are."""
     if alpha <= 0 or not panoptic.segments:
@@ -237,7 +238,7 @@ def draw_caption(image: np.ndarray, caption: str) -> np.ndarray:
     return image
 
 
-def annotate(image: np.ndarray, result: "Result", names: Sequence[str], semantic_alpha: float = 0.4,
+def annotate(image: np.ndarray, result: Result, names: Sequence[str], semantic_alpha: float = 0.4,
              mask_alpha: float = 0.45, boxes: bool = True, panoptic: bool = False) -> np.ndarray:
     """A copy of ``image`` with a :class:`utils.ops.postprocess.Result` drawn on it, back to front: semantic
     overlay, instance masks, boxes with scores (``boxes=False`` to leave them out), caption banner.

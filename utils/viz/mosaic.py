@@ -8,9 +8,9 @@ draws frames with, so a class has one look everywhere. What a batch holds is tur
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np

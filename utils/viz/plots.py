@@ -14,9 +14,10 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # imported for annotations only: keeps `import utils.viz.plot
     from utils.data.dataset import Batch, CocoDataset
 
 
-def _figure(w: float, h: float, rows: int = 1, cols: int = 1) -> tuple["Figure", np.ndarray]:
+def _figure(w: float, h: float, rows: int = 1, cols: int = 1) -> tuple[Figure, np.ndarray]:
     """A ``w`` x ``h`` inch figure and its ``(rows, cols)`` axes.
 
     matplotlib is imported here, on the first chart, not with the module: the trainer imports this module
@@ -118,7 +119,7 @@ def plot_results(results_csv: Path, balance: str | None = None) -> Path:
     layout = results_layout(rows, balance)
     cols = max([len(p) for _, p in layout] + [1])
     fig, axes = _figure(2.7 * cols, 2.3 * max(len(layout), 1), max(len(layout), 1), cols)
-    for r, (task, plist) in enumerate(layout):
+    for r, (_task, plist) in enumerate(layout):
         for c, (title, ks) in enumerate(plist):
             ax = axes[r, c]
             for k in ks:
@@ -143,7 +144,7 @@ def plot_results(results_csv: Path, balance: str | None = None) -> Path:
 # --------------------------------------------------------------------------------------------------
 # labels.jpg
 # --------------------------------------------------------------------------------------------------
-def _semantic_pixel_counts(dataset: "CocoDataset", n_classes: int, max_images: int) -> tuple[np.ndarray, int]:
+def _semantic_pixel_counts(dataset: CocoDataset, n_classes: int, max_images: int) -> tuple[np.ndarray, int]:
     """Labelled pixels per semantic class over up to ``max_images`` evenly spaced maps of ``dataset``, read
     as training reads them (:meth:`CocoDataset.semantic_target`: the loader's path rule and id LUT); and how
     many maps were read. Only items of splits with semantic maps are sampled."""
@@ -163,7 +164,7 @@ def _semantic_pixel_counts(dataset: "CocoDataset", n_classes: int, max_images: i
     return counts, n_maps
 
 
-def plot_labels(dataset: "CocoDataset", names: list[str], semantic_names: list[str], vocab: "Vocabulary | None",
+def plot_labels(dataset: CocoDataset, names: list[str], semantic_names: list[str], vocab: Vocabulary | None,
                 path: Path, max_semantic_images: int = 200, max_caption_words: int | None = None) -> Path:
     """labels.jpg: what the training labels look like before any training.
 
@@ -282,7 +283,7 @@ def _save_unit_axes(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -
     return Path(path)
 
 
-def plot_pr_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
+def plot_pr_curve(curves: Curves, path: Path, kind: str = "box") -> Path:
     """Precision-recall at IoU 0.5 per class (COCOeval's interpolated curve) and their mean (bold)."""
     fig, axes = _figure(9, 6)
     ax = axes[0, 0]
@@ -298,7 +299,7 @@ def plot_pr_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
     return _save_unit_axes(fig, ax, "Recall", "Precision", f"{kind} precision-recall (IoU 0.5)", path)
 
 
-def plot_f1_curve(curves: "Curves", path: Path, kind: str = "box") -> Path:
+def plot_f1_curve(curves: Curves, path: Path, kind: str = "box") -> Path:
     """F1 against confidence threshold per class and their mean (bold), with the best threshold marked."""
     fig, axes = _figure(9, 6)
     ax = axes[0, 0]
@@ -360,7 +361,7 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], path: Path, titl
 # --------------------------------------------------------------------------------------------------
 # batch mosaics (train_batch*.jpg, val_batch*_labels.jpg, val_batch*_pred.jpg)
 # --------------------------------------------------------------------------------------------------
-def _targets_of(batch: "Batch", b: int) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
+def _targets_of(batch: Batch, b: int) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
     """Boxes, classes and polygons of image ``b`` of a batch (``segments`` is aligned with ``targets``)."""
     t = batch.targets.cpu().numpy() if isinstance(batch.targets, torch.Tensor) else np.asarray(batch.targets)
     sel = np.nonzero(t[:, 0].astype(int) == b)[0] if len(t) else np.zeros(0, int)
@@ -368,11 +369,11 @@ def _targets_of(batch: "Batch", b: int) -> tuple[np.ndarray, np.ndarray, list[li
     return t[sel, 2:6], t[sel, 1].astype(np.int64), polys
 
 
-def _mask_of(batch: "Batch", task: str) -> list[bool]:
+def _mask_of(batch: Batch, task: str) -> list[bool]:
     return [bool(v) for v in batch.task_present(task).tolist()]
 
 
-def plot_train_batch(batch: "Batch", path: Path, names: list[str], semantic_names: Sequence[str] = (),
+def plot_train_batch(batch: Batch, path: Path, names: list[str], semantic_names: Sequence[str] = (),
                      captions: Sequence[str | None] | None = None, title: str = "") -> Path:
     """train_batch*.jpg: the augmented batch as the network sees it, with every task's labels drawn.
 
@@ -406,7 +407,7 @@ class BatchPredictions:
 
 
 @torch.no_grad()
-def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf: float = 0.25,
+def predict_batch(model, batch: Batch, vocab: Vocabulary | None = None, conf: float = 0.25,
                   iou: float = 0.45, max_det: int = 100) -> BatchPredictions:
     """Runs ``model`` (eval mode) on a batch through the same :func:`~utils.ops.postprocess.postprocess` as
     evaluation and detect.py, kept in input pixels to draw on the letterboxed tiles: boxes above ``conf`` after
@@ -423,7 +424,7 @@ def predict_batch(model, batch: "Batch", vocab: "Vocabulary | None" = None, conf
     return BatchPredictions(results=results, max_conf=max_conf, conf=conf)
 
 
-def plot_val_batch(batch: "Batch", preds: BatchPredictions, labels_path: Path, pred_path: Path, names: list[str],
+def plot_val_batch(batch: Batch, preds: BatchPredictions, labels_path: Path, pred_path: Path, names: list[str],
                    semantic_names: Sequence[str] = (), captions: bool = False, conf: float = 0.25
                    ) -> tuple[Path, Path]:
     """val_batch*_labels.jpg (ground truth: boxes, polygons, map, first reference caption) and

@@ -12,8 +12,8 @@ import argparse
 import html
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 

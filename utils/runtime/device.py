@@ -1,10 +1,9 @@
-"""Device selection, seeding, RNG state and run-folder naming."""
+"""Device selection, seeding and RNG state."""
 from __future__ import annotations
 
 import os
 import random
-import re
-from pathlib import Path
+import sys
 
 import numpy as np
 import torch
@@ -23,6 +22,24 @@ def select_device(device: str = "") -> torch.device:
     if idx >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(f"cuda:{idx}")
+
+
+def use_half(half: bool, device: torch.device, exported: bool = False) -> bool:
+    """The scripts' one ``--half`` policy, Ultralytics': FP16 where it runs, i.e. a PyTorch model on a CUDA device;
+    elsewhere a warning on stderr and FP32 (an exported graph keeps the precision it was exported with).
+
+    Ultralytics warns and falls back in its predictor, validator and exporter alike, where YOLOv5 drops the flag
+    silently in detect/val and fails in export: a precision hint that cannot apply is worth a line, not a failed
+    run, and one rule for the three scripts is one less thing to remember.
+    """
+    if not half:
+        return False
+    why = "an exported model keeps its precision" if exported else (
+        "" if device.type == "cuda" else "FP16 needs a CUDA device")
+    if why:
+        print(f"warning: --half ignored ({why}); running in FP32", file=sys.stderr)
+        return False
+    return True
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
@@ -69,19 +86,3 @@ def set_rng_state(state: dict, cuda: bool = False) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     if cuda and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
-    """runs/train/exp -> runs/train/exp2, exp3, ... (the first free one), unless ``exist_ok``."""
-    path = Path(path)
-    if exist_ok or not path.exists():
-        return path
-    stem = re.sub(r"\d+$", "", path.name)
-    used = [int(m.group(1)) for p in path.parent.glob(f"{stem}*") if (m := re.fullmatch(rf"{re.escape(stem)}(\d+)", p.name))]
-    return path.with_name(f"{stem}{max(used + [1]) + 1}")
-
-
-def latest_run(pattern: str = "runs/train/exp*/weights/last.pt") -> Path | None:
-    """The most recently written file matching ``pattern`` (for ``--resume`` with no path)."""
-    files = list(Path().glob(pattern))
-    return max(files, key=os.path.getmtime) if files else None

@@ -7,13 +7,13 @@ as Ultralytics' ``strip_optimizer``: about a quarter of the size, the same metri
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from models.model import Model
-
 
 # what a finished run's checkpoints drop: the training state, and the FP32 model beside its EMA
 TRAINING_KEYS = ("model", "ema", "ema_updates", "optimizer", "scheduler", "scaler", "balancer", "rng", "rank_rng",

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
