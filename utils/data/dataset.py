@@ -376,7 +376,8 @@ class CocoDataset(Dataset):
         hyp, size, shape = self.hyp, self.img_size, self.input_shape(index)
         index, sample = self.load_valid(index)
         if not self.augment:
-            return A.letterbox(sample, shape, long_side=size)
+            # --rect: padding only, the image at its square-validation scale (see letterbox_image's long_side)
+            return A.letterbox(sample, shape, long_side=None if self.batch_shapes is None else size)
         rng = self.rng(index)
         if sample.present.get("cap") and rng.random() < self.caption_view:
             sample, _ = A.letterbox(A.load_resized(sample, size), shape)
