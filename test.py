@@ -16,7 +16,7 @@ from utils.data.vocab import Vocabulary
 from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.cli import run_cli
 from utils.engine.torch_utils import increment_path, latest_run, select_device
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import COCO_BEAM, evaluate
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +32,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="cuda device or cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
-    p.add_argument("--beam", type=int, default=1, help="caption beam width (1 = greedy)")
+    p.add_argument("--beam", type=int, default=COCO_BEAM,
+                   help=f"caption beam width (default {COCO_BEAM}, as GRIT and GeneralistYOLO score COCO; 1 = greedy)")
     p.add_argument("--sem-input-res", action="store_true",
                    help="faster mIoU at network input resolution on the letterboxed map (default: predictions "
                         "resized to each original image and compared with its original PNG, as COCO-Stuff reports)")

@@ -31,7 +31,7 @@ from utils.data.dataset import (
     rescale_batch,
     stall_guard,
 )
-from utils.data.vocab import Vocabulary
+from utils.data.vocab import Vocabulary, resolve_max_len
 from utils.engine.checkpoint import is_stripped, load_checkpoint
 from utils.engine.distributed import (
     DistInfo,
@@ -223,9 +223,11 @@ class Trainer:
             if resume_ckpt is not None:
                 self.vocab = Vocabulary.from_list(resume_ckpt["meta"]["vocab"])
             else:
-                captions = (c for _, rec in self.train_set.items for c in rec.captions)
+                captions = [c for _, rec in self.train_set.items for c in rec.captions]
                 self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)),
                                               max_unk=float(self.hyp.get("cap_max_unk", 1.0)))
+                # resolved once and kept in the run's hyp, so the head, the losses, hyp.yaml and a resume agree
+                self.hyp["cap_max_len"] = resolve_max_len(self.hyp.get("cap_max_len"), captions)
 
     def _cache_images(self) -> None:
         """``--cache ram|disk``: the training images, and the validation ones unless ``--noval`` (then validated
@@ -351,7 +353,8 @@ class Trainer:
                  f"{str(self.amp_dtype).removeprefix('torch.') if self.amp_dtype else 'fp32'}")
         if getattr(self.vocab, "min_count", None):  # built by this run, not resumed
             self.log(f"captions: {len(self.vocab)} tokens (words seen >= {self.vocab.min_count} times; <unk> "
-                     f"{100 * self.vocab.unk_share:.1f}% of the training words)")
+                     f"{100 * self.vocab.unk_share:.1f}% of the training words), at most "
+                     f"{self.hyp['cap_max_len'] - 2} words a caption")
 
     # --- hooks ---------------------------------------------------------------------------------
     def register(self, *hooks: Hook) -> None:
