@@ -102,6 +102,106 @@ def train_pair(opt: argparse.Namespace) -> dict[str, Path]:
             project / name / "weights" / "last.pt" for name in runs}
 
 
+@torch.no_grad()
+def memories(model, data: str, split: str, img: int, batch_size: int = 16) -> tuple[torch.Tensor, list[int], list]:
+    """The caption head's memory ``(N, S, d)`` (fp32) of every image of ``split`` (``train`` / ``val``, unaugmented:
+    the weak view without its colour jitter), their ids and their references."""
+    cfg = load_data_config(data)
+    dataset = CocoDataset(cfg, getattr(cfg, split), img, augment=False)
+    mem, ids, refs = [], [], []
+    for batch in create_dataloader(dataset, batch_size, False, 0):
+        mem.append(model(to_float(batch.images, torch.device("cpu"), False)).cap.memory.float())
+        ids += [int(i) for i in batch.image_ids]
+        refs += [list(r) for r in batch.captions]
+    return torch.cat(mem), ids, refs
+
+
+def finetune_scst(weights: str | Path, hyp: dict, train: tuple, epochs: int, total_epochs: int,
+                  batch: int = 8, accumulate: int = 4, seed: int = 0) -> tuple[torch.nn.Module, float]:
+    """Self-critical epochs on the caption head alone, over fixed training memories ``train`` (from
+    :func:`memories`): a proxy of a run's last ``epochs`` SCST epochs (of ``total_epochs``) that costs a minute
+    (hyp ``scst_xe`` adds the teacher-forced cross-entropy of ``cap_refs`` references, as the trainer does).
+    Batches of ``batch`` captioned images (about the captioned half of a batch of 16), ``accumulate`` of them a
+    step (nominal batch 64), AdamW at the linear schedule's learning rate of those epochs. Returns the head and
+    the last epoch's mean reward."""
+    from models.heads.caption import DecoderCache
+    from utils.loss.caption import CaptionLoss, SelfCriticalLoss
+
+    ckpt = load_checkpoint(weights)
+    model = build_from_checkpoint(ckpt)
+    head = model.head("cap").train()
+    vocab = Vocabulary.from_list(model.meta["vocab"])
+    mem, ids, refs = train
+    loss_fn, ce_fn, xe = SelfCriticalLoss(vocab, refs, hyp), CaptionLoss(vocab, hyp), float(hyp.get("scst_xe", 0.0))
+    lr0, lrf = float(hyp.get("lr0_adamw", 0.002)), float(hyp.get("lrf", 0.01))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr0, betas=(0.9, 0.999), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    reward = 0.0
+    for e in range(total_epochs - epochs, total_epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr0 * ((1 - e / total_epochs) * (1 - lrf) + lrf)
+        order, rewards = torch.randperm(len(ids), generator=gen).tolist(), []
+        for step, start in enumerate(range(0, len(order), batch)):
+            rows = order[start:start + batch]
+            caps, present = [refs[i] for i in rows], torch.ones(len(rows), dtype=torch.bool)
+            loss, parts = loss_fn(head, mem[rows], caps, present, [ids[i] for i in rows])
+            if xe > 0:  # the mixed objective, teacher-forced over the same memories as the trainer does
+                tokens = ce_fn.targets(caps, step, keys=[ids[i] for i in rows])
+                x = head._embed(tokens.reshape(-1, tokens.shape[-1])[:, :-1])
+                logits = head.out(DecoderCache.decode_shared(head.decoder, mem[rows], x))
+                loss = loss + xe * ce_fn(logits.view(*tokens.shape[:2], -1, logits.shape[-1]), tokens, present)[0]
+            (loss / accumulate).backward()
+            rewards.append(parts.get("reward", 0.0))
+            if (step + 1) % accumulate == 0 or start + batch >= len(order):  # an epoch's tail steps too
+                opt.step()
+                opt.zero_grad()
+        reward = sum(rewards) / max(len(rewards), 1)
+        print(f"    epoch {e + 1}/{total_epochs}: mean sample CIDEr-D {reward:.3f}", flush=True)
+    return head.eval(), reward
+
+
+@torch.no_grad()
+def head_captions(head, vocab: Vocabulary, val: tuple, beams: list[int]) -> dict[int, dict[int, str]]:
+    """The head's captions of the val memories per beam width (1: greedy)."""
+    mem, ids, _ = val
+    out: dict[int, dict[int, str]] = {}
+    for b in beams:
+        caps = []
+        for start in range(0, len(ids), 32):
+            m = mem[start:start + 32]
+            caps += vocab.decode_batch(head.greedy(m) if b <= 1 else head.beam_search(m, beam=b))
+        out[b] = dict(zip(ids, caps))
+    return out
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``name:key=value,key=value`` -> ``(name, {key: value})`` (values read as YAML scalars)."""
+    name, _, keys = text.partition(":")
+    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in keys.split(",") if kv)}
+
+
+def finetune_rows(opt: argparse.Namespace, beams: list[int], truths, reader: ContentReader) -> dict[str, dict]:
+    """``--finetune``: each variant's SCST epochs on the caption head of the first ``--weights`` (a run without
+    SCST, or its last cross-entropy epoch), scored on val."""
+    weights = opt.weights[0]
+    ckpt = load_checkpoint(weights)
+    model = build_from_checkpoint(ckpt).eval()
+    vocab = Vocabulary.from_list(model.meta["vocab"])
+    train, val = memories(model, opt.data, "train", opt.img), memories(model, opt.data, "val", opt.img)
+    refs = {i: r for i, r in zip(val[1], val[2]) if r}
+    base = load_hyp(opt.hyp) | {"cap_max_len": int(model.head("cap").max_len)}
+    rows = {}
+    for text in opt.finetune:
+        name, over = parse_variant(text)
+        print(f"  fine-tune {name}: {over}", flush=True)
+        head, reward = finetune_scst(weights, base | over, train, opt.ft_epochs, opt.ft_total, seed=opt.seed)
+        for b, caps in head_captions(head, vocab, val, beams).items():
+            label = f"{name}, {'greedy' if b <= 1 else f'beam {b}'}"
+            rows[label] = content_row({i: c for i, c in caps.items() if i in refs}, refs, truths, reader)
+            print(f"    {label}: {list(caps.values())[:3]}", flush=True)
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, epochs=10, img=192, project="runs/benchmarks/caption_content")
@@ -109,6 +209,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="train with and without self-critical epochs first")
     p.add_argument("--beam", default="1,5", help="comma list of beam widths (1: greedy)")
     p.add_argument("--examples", type=int, default=3, help="captions printed per model and decoding")
+    p.add_argument("--finetune", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="SCST variants (hyp overrides) to fine-tune the caption head of the first --weights with, "
+                        "over fixed body features (a proxy of the SCST epochs; see finetune_scst)")
+    p.add_argument("--ft-epochs", type=int, default=3, help="--finetune: SCST epochs (a run's last ones)")
+    p.add_argument("--ft-total", type=int, default=10, help="--finetune: the run's epochs (sets their learning rate)")
     return p
 
 
@@ -131,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             rows[label] = content_row(caps, refs, truths, reader)
             for iid in list(caps)[:opt.examples]:
                 print(f"  {label}: image {iid}: {caps[iid]!r}  objects {truths.get(iid)}")
+    if opt.finetune:
+        rows |= finetune_rows(opt, beams, truths, reader)
     constant = train_caps.most_common(1)[0][0]
     rows["constant caption (the floor)"] = content_row({i: constant for i in refs}, refs, truths, reader)
     floor = rows["constant caption (the floor)"]["cider"]
