@@ -1,7 +1,7 @@
 """Do the captions describe the picture? CIDEr-D beside what the captions say, on a shapes dataset's val split.
 
     python -m benchmarks.caption_content --weights runs/train/exp/weights/last.pt          # score checkpoints
-    python -m benchmarks.caption_content --train --epochs 10 --img 192                        # train with / without SCST
+    python -m benchmarks.caption_content --train --epochs 10 --img 192                # train with / without SCST
 
 CIDEr-D can be earned by a template every image's references share; this prints, beside CIDEr-D and BLEU-4,
 what the val captions say about each image's objects (:mod:`utils.eval.metrics.caption_content`): the share that

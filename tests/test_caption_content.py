@@ -102,7 +102,7 @@ def test_truths_of_generated_data_agree_with_its_inventory_captions(tiny_data) -
 
 
 def test_fitted_max_len_keeps_99_percent_whole() -> None:
-    from utils.data.vocab import fitted_max_len, resolve_max_len
+    from utils.data.vocab import fitted_max_len, hyp_max_len, resolve_max_len
 
     short, long = ["a red circle on grass"] * 99, ["one two three four five six seven eight nine ten"]
     assert fitted_max_len(short + long) == 5 + 2  # the one long caption is the 1 % cut
@@ -112,6 +112,9 @@ def test_fitted_max_len_keeps_99_percent_whole() -> None:
     assert resolve_max_len(24, long) == 24
     with pytest.raises(ValueError):
         resolve_max_len("long", long)
+    with pytest.raises(ValueError, match="not resolved"):
+        hyp_max_len({"cap_max_len": "auto"})
+    assert hyp_max_len({}) == 24 and hyp_max_len({"cap_max_len": 31}) == 31
 
 
 def test_contrastive_reward_prefers_the_caption_that_tells_images_apart() -> None:

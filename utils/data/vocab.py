@@ -90,6 +90,16 @@ def resolve_max_len(value: int | str | None, captions: Iterable[str]) -> int:
     return int(value)
 
 
+def hyp_max_len(hyp: dict, default: int = 24) -> int:
+    """hyp ``cap_max_len`` once resolved (an int; ``default`` when absent). ``auto`` needs the training captions:
+    resolve it with :func:`resolve_max_len` first (the trainer does, before building the head and the losses)."""
+    value = hyp.get("cap_max_len", default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"cap_max_len {value!r} is not resolved: set hyp['cap_max_len'] = "
+                         "resolve_max_len(hyp.get('cap_max_len'), training_captions) first")
+    return value
+
+
 class Vocabulary:
     """Word <-> id table with ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3.
 

@@ -31,7 +31,7 @@ from utils.data.dataset import (
     rescale_batch,
     stall_guard,
 )
-from utils.data.vocab import Vocabulary, resolve_max_len
+from utils.data.vocab import Vocabulary, hyp_max_len, resolve_max_len
 from utils.engine.checkpoint import is_stripped, load_checkpoint
 from utils.engine.distributed import (
     DistInfo,
@@ -403,7 +403,7 @@ class Trainer:
         if "sem" in tasks:
             kw["sem"] = {"num_classes": len(self.data.semantic_ids)}
         if "cap" in tasks:
-            kw["cap"] = {"vocab_size": len(self.vocab), "max_len": int(self.hyp.get("cap_max_len", 24))}
+            kw["cap"] = {"vocab_size": len(self.vocab), "max_len": hyp_max_len(self.hyp)}
         return kw
 
     def _load_pretrained(self, weights: str) -> None:

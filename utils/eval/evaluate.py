@@ -109,8 +109,8 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
     ``semantic_at`` ``"original"`` (the default, the COCO-Stuff / ADE20K / Cityscapes protocol) the logits
     are mapped back through the letterbox, resized bilinearly to the original image and compared with the
     original PNG; ``"input"`` is a faster approximation at network input resolution on the letterboxed map
-    (padding ignored). Captions: BLEU / ROUGE-L / CIDEr-D of beam-search (``beam``, default :data:`COCO_BEAM`) or greedy (1) captions
-    against all references of the images that have references.
+    (padding ignored). Captions: BLEU / ROUGE-L / CIDEr-D of beam-search (``beam``, default :data:`COCO_BEAM`) or
+    greedy (1) captions against all references of the images that have references.
     Panoptic (a det + inst + sem model with ``semantic_ids``, default ``model.meta``'s, and ``semantic_at``
     ``"original"``): the Results' :func:`~utils.ops.panoptic.merge_panoptic` (default thresholds, stuff regions
     under ``panoptic_stuff_area`` pixels dropped) scored as PQ / SQ / RQ over the images of splits with

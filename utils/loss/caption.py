@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.data.vocab import Vocabulary
+from utils.data.vocab import Vocabulary, hyp_max_len
 from utils.engine.distributed import LOCAL, DistInfo
 from utils.eval.metrics.caption import CorpusCiderD
 from utils.tasks import EOS, PAD
@@ -31,7 +31,7 @@ class CaptionLoss:
     def __init__(self, vocab: Vocabulary, hyp: dict):
         self.vocab = vocab
         self.label_smoothing = float(hyp.get("label_smoothing", 0.1))
-        self.max_len = int(hyp.get("cap_max_len", 24))
+        self.max_len = hyp_max_len(hyp)
         self.refs = int(hyp.get("cap_refs", 1))
         if self.refs < 1:
             raise ValueError(f"cap_refs must be >= 1, got {self.refs}")
@@ -126,7 +126,7 @@ class SelfCriticalLoss:
         if self.k < 2:
             raise ValueError(f"scst_samples must be >= 2 (the baseline is the other samples' mean), got {self.k}")
         self.contrast = float(hyp.get("scst_contrast", 0.0))
-        self.max_len = int(hyp.get("cap_max_len", 24))
+        self.max_len = hyp_max_len(hyp)
         self.corpus = corpus
         self._cider: CorpusCiderD | None = None
 
