@@ -222,6 +222,8 @@ class Trainer:
         if "cap" in tasks:
             if resume_ckpt is not None:
                 self.vocab = Vocabulary.from_list(resume_ckpt["meta"]["vocab"])
+                # the length the run was built with (its hyp file may say auto)
+                self.hyp["cap_max_len"] = int(resume_ckpt["head_kwargs"]["cap"]["max_len"])
             else:
                 captions = [c for _, rec in self.train_set.items for c in rec.captions]
                 self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)),
