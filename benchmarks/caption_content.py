@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from benchmarks.common import add_training_args, run_trainings, train_args
+from models.heads.caption import DecoderCache
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.synthetic import OTHER_COLOURS, PALETTE, scene_truths
@@ -33,6 +34,7 @@ from utils.engine.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption import caption_scores
 from utils.eval.metrics.caption_content import ContentReader
+from utils.loss.caption import CaptionLoss, SelfCriticalLoss
 from utils.ops.letterbox import to_float
 
 
@@ -124,9 +126,6 @@ def finetune_scst(weights: str | Path, hyp: dict, train: tuple, epochs: int, tot
     Batches of ``batch`` captioned images (about the captioned half of a batch of 16), ``accumulate`` of them a
     step (nominal batch 64), AdamW at the linear schedule's learning rate of those epochs. Returns the head and
     the last epoch's mean reward."""
-    from models.heads.caption import DecoderCache
-    from utils.loss.caption import CaptionLoss, SelfCriticalLoss
-
     ckpt = load_checkpoint(weights)
     model = build_from_checkpoint(ckpt)
     head = model.head("cap").train()

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from utils.data.synthetic import OTHER_COLOURS, PALETTE, nearest_colour, scene_truths
+from utils.data.vocab import Vocabulary, fitted_max_len, hyp_max_len, resolve_max_len
 from utils.eval.metrics.caption_content import ContentReader
+from utils.loss.caption import SelfCriticalLoss
 
 NAMES = ["circle", "square", "triangle", "star", "ellipse", "box"]
 READER = ContentReader(NAMES, list(PALETTE) + list(OTHER_COLOURS))
@@ -102,8 +104,6 @@ def test_truths_of_generated_data_agree_with_its_inventory_captions(tiny_data) -
 
 
 def test_fitted_max_len_keeps_99_percent_whole() -> None:
-    from utils.data.vocab import fitted_max_len, hyp_max_len, resolve_max_len
-
     short, long = ["a red circle on grass"] * 99, ["one two three four five six seven eight nine ten"]
     assert fitted_max_len(short + long) == 5 + 2  # the one long caption is the 1 % cut
     assert fitted_max_len(short[:98] + long * 2) == 10 + 2  # two of 100: the 99th caption is long
@@ -120,9 +120,6 @@ def test_fitted_max_len_keeps_99_percent_whole() -> None:
 def test_contrastive_reward_prefers_the_caption_that_tells_images_apart() -> None:
     """Under plain CIDEr-D a sentence every image's references share ("three shapes on grass") earns about what
     the image's own inventory does; with ``scst_contrast`` the inventory, which fits no other image, wins."""
-    from utils.data.vocab import Vocabulary
-    from utils.loss.caption import SelfCriticalLoss
-
     refs = [["a red circle, a blue star and a white square on grass", "three shapes on grass",
              "a red circle above a blue star"],
             ["a green triangle, a black ellipse and a yellow star on grass", "three shapes on grass",
