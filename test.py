@@ -13,7 +13,7 @@ from pathlib import Path
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import COCO_BEAM, evaluate
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.runtime.cli import run_cli
 from utils.runtime.device import select_device, use_half
@@ -33,7 +33,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="cuda device or cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
-    p.add_argument("--beam", type=int, default=1, help="caption beam width (1 = greedy)")
+    p.add_argument("--beam", type=int, default=COCO_BEAM,
+                   help=f"caption beam width (default {COCO_BEAM}, as GRIT and GeneralistYOLO score COCO; 1 = greedy)")
     p.add_argument("--sem-input-res", action="store_true",
                    help="faster mIoU at network input resolution on the letterboxed map (default: predictions "
                         "resized to each original image and compared with its original PNG, as COCO-Stuff reports)")

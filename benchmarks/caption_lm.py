@@ -26,7 +26,7 @@ from models.heads.caption import CaptionHead
 from models.parser import load_cfg
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset
-from utils.data.vocab import Vocabulary
+from utils.data.vocab import Vocabulary, resolve_max_len
 from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption import caption_scores
 from utils.loss.caption import CaptionLoss
@@ -61,7 +61,7 @@ def train_decoder(opt: argparse.Namespace, captions: list[list[str]], vocab: Voc
     torch.manual_seed(opt.seed)
     d_model, layers, heads = opt.d_model, opt.layers, opt.heads
     head = CaptionHead(0, [c for c, _ in LEVELS], [16, 32], d_model, layers, heads, opt.tie, vocab_size=len(vocab),
-                       max_len=int(hyp.get("cap_max_len", 24)))
+                       max_len=int(hyp["cap_max_len"]))
     inputs = LearnedInputs(len(captions), per_image)
     loss_fn = CaptionLoss(vocab, hyp)
     plain = CaptionLoss(vocab, hyp | {"label_smoothing": 0.0})
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     captions = [list(rec.captions) for _, rec in CocoDataset(cfg, cfg.train, augment=False).items if rec.captions]
     vocab = Vocabulary.build((c for refs in captions for c in refs), int(hyp.get("cap_min_count", 2)),
                              float(hyp.get("cap_max_unk", 1.0)))
+    hyp["cap_max_len"] = resolve_max_len(hyp.get("cap_max_len"), (c for refs in captions for c in refs))
     print(f"{len(captions)} captioned images, {len(vocab)} tokens (min count {vocab.min_count}, <unk> "
           f"{100 * vocab.unk_share:.1f}% of words); decoder d_model {opt.d_model}, {opt.layers} layers, {opt.heads} "
           f"heads; label smoothing {hyp.get('label_smoothing', 0.1)}; {opt.epochs} epochs of batch {opt.batch_size}")

@@ -398,6 +398,62 @@ def _panoptic(sem: np.ndarray, instance_map: np.ndarray, shapes: list[_Shape]) -
     return rgb, info
 
 
+# ----------------------------------------------------------------------------------------------- ground truth
+# Colour words beyond PALETTE that a caption of another shapes dataset may use (BGR), so its objects can be
+# named from their pixels too; each is far from every PALETTE colour, so ours are never read as one of them.
+OTHER_COLOURS: dict[str, tuple[int, int, int]] = {
+    "orange": (0, 140, 255), "purple": (128, 0, 128), "pink": (180, 105, 255), "brown": (40, 60, 130),
+    "gray": (128, 128, 128), "cyan": (255, 255, 0),
+}
+
+
+def nearest_colour(bgr: Sequence[float], palette: dict[str, tuple[int, int, int]] | None = None) -> str:
+    """The name of the ``palette`` colour (default: PALETTE and OTHER_COLOURS) nearest ``bgr`` in BGR space."""
+    palette = palette or (PALETTE | OTHER_COLOURS)
+    x = np.asarray(bgr, np.float64)
+    return min(palette, key=lambda name: float(np.sum((np.asarray(palette[name], np.float64) - x) ** 2)))
+
+
+def _instance_colour(img: np.ndarray, ann: dict[str, Any]) -> str:
+    """An instance's colour word: the annotation's own ``colour`` / ``color`` when it has one, else the palette
+    colour nearest the median of its pixels (one pixel in from its edge, where JPEG blends it with the
+    background; all of them when the shape is too thin for that)."""
+    named = ann.get("colour") or ann.get("color")
+    if isinstance(named, str):
+        return named
+    h, w = img.shape[:2]
+    seg = ann["segmentation"]
+    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else (
+        mask_utils.frPyObjects(seg, h, w) if isinstance(seg.get("counts"), list) else seg)
+    mask = mask_utils.decode(rle).astype(np.uint8)
+    inner = cv2.erode(mask, np.ones((3, 3), np.uint8))
+    pixels = img[(inner if inner.any() else mask).astype(bool)]
+    return nearest_colour(np.median(pixels, 0)) if len(pixels) else "unknown"
+
+
+def scene_truths(images: str | Path, instances: str | Path) -> dict[int, tuple[tuple[str, str], ...]]:
+    """Every image's objects as ``(colour, category name)`` pairs, read from a split's instances JSON and images.
+
+    The ground truth of the caption-content measure (:mod:`utils.eval.metrics.caption_content`): the names come
+    from the annotations' categories, the colours from an annotation's ``colour`` field when it has one, else
+    from the instance's pixels (:func:`nearest_colour`), so it needs neither the generator's random state nor the
+    captions. Crowd annotations are skipped; an image without annotations has no objects.
+    """
+    data = json.loads(Path(instances).read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in data["annotations"]:
+        if not a.get("iscrowd", 0):
+            anns.setdefault(a["image_id"], []).append(a)
+    out = {}
+    for im in data["images"]:
+        img = cv2.imread(str(Path(images) / im["file_name"]), cv2.IMREAD_COLOR)
+        if img is None:
+            raise FileNotFoundError(Path(images) / im["file_name"])
+        out[int(im["id"])] = tuple((_instance_colour(img, a), names[a["category_id"]]) for a in anns.get(im["id"], []))
+    return out
+
+
 def generate(
     root: str | Path,
     splits: dict[str, int] = {"train2017": 800, "val2017": 200},  # noqa: B006 - read only

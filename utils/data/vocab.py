@@ -8,6 +8,7 @@ checkpoints must load with ``torch.load(weights_only=True)``, which refuses arbi
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -63,6 +64,40 @@ def tokenize(text: str) -> list[str]:
     """The words of ``text`` as the COCO caption evaluation sees them: PTB tokens, lower-cased, with
     pycocoevalcap's ``PUNCTUATIONS`` removed (a Java-free reproduction of its PTBTokenizer step)."""
     return [t for t in _ptb_tokens(text) if t not in PUNCTUATIONS]
+
+
+MAX_LEN_QUANTILE = 0.99  # the share of training captions a fitted maximum length keeps whole
+
+
+def fitted_max_len(captions: Iterable[str], quantile: float = MAX_LEN_QUANTILE) -> int:
+    """The longest id sequence (``<bos>`` and ``<eos>`` included) that keeps ``quantile`` of ``captions`` whole:
+    their ``quantile`` length in words (:func:`tokenize`, nearest-rank: the smallest length at least that share is
+    within) plus 2. 2 when there are none."""
+    lengths = sorted(len(tokenize(c)) for c in captions)
+    if not lengths:
+        return 2
+    rank = max(math.ceil(quantile * len(lengths)), 1)
+    return lengths[rank - 1] + 2
+
+
+def resolve_max_len(value: int | str | None, captions: Iterable[str]) -> int:
+    """hyp ``cap_max_len``: an int as it is; ``auto`` (or absent / 0) fitted to the training ``captions`` by
+    :func:`fitted_max_len` (read only in that case)."""
+    if value in (None, "auto", 0):
+        return fitted_max_len(captions)
+    if isinstance(value, str) and not value.isdigit():
+        raise ValueError(f"cap_max_len must be an int or 'auto', got {value!r}")
+    return int(value)
+
+
+def hyp_max_len(hyp: dict, default: int = 24) -> int:
+    """hyp ``cap_max_len`` once resolved (an int; ``default`` when absent). ``auto`` needs the training captions:
+    resolve it with :func:`resolve_max_len` first (the trainer does, before building the head and the losses)."""
+    value = hyp.get("cap_max_len", default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"cap_max_len {value!r} is not resolved: set hyp['cap_max_len'] = "
+                         "resolve_max_len(hyp.get('cap_max_len'), training_captions) first")
+    return value
 
 
 class Vocabulary:

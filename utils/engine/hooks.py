@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from utils.data.vocab import hyp_max_len
 from utils.engine.loggers import N_TRAIN_BATCHES
 from utils.runtime.checkpoint import load_checkpoint, save_checkpoint, strip_checkpoint
 from utils.runtime.device import rng_state
@@ -295,7 +296,7 @@ class Pictures(Hook):
 
     def before_train(self, trainer: Trainer) -> None:
         if not (trainer.save_dir / "labels.jpg").is_file():  # a resumed run has it
-            cap_words = int(trainer.hyp.get("cap_max_len", 24)) - 2 if trainer.vocab is not None else None  # <bos>, <eos>
+            cap_words = hyp_max_len(trainer.hyp) - 2 if trainer.vocab is not None else None  # <bos>, <eos>
             trainer.logger.labels(trainer.train_set, trainer.vocab, cap_words)
 
     def before_batch(self, trainer: Trainer) -> None:

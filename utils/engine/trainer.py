@@ -31,7 +31,7 @@ from utils.data.dataset import (
     rescale_batch,
     stall_guard,
 )
-from utils.data.vocab import Vocabulary
+from utils.data.vocab import Vocabulary, hyp_max_len, resolve_max_len
 from utils.engine.ema import ModelEMA, unwrap
 from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
@@ -215,10 +215,14 @@ class Trainer:
         if "cap" in tasks:
             if resume_ckpt is not None:
                 self.vocab = Vocabulary.from_list(resume_ckpt["meta"]["vocab"])
+                # the length the run was built with (its hyp file may say auto)
+                self.hyp["cap_max_len"] = int(resume_ckpt["head_kwargs"]["cap"]["max_len"])
             else:
-                captions = (c for _, rec in self.train_set.items for c in rec.captions)
+                captions = [c for _, rec in self.train_set.items for c in rec.captions]
                 self.vocab = Vocabulary.build(captions, min_count=int(self.hyp.get("cap_min_count", 2)),
                                               max_unk=float(self.hyp.get("cap_max_unk", 1.0)))
+                # resolved once and kept in the run's hyp, so the head, the losses, hyp.yaml and a resume agree
+                self.hyp["cap_max_len"] = resolve_max_len(self.hyp.get("cap_max_len"), captions)
 
     def _cache_images(self) -> None:
         """``--cache ram|disk``: the training images, and the validation ones unless ``--noval`` (then validated
@@ -344,7 +348,8 @@ class Trainer:
                  f"{str(self.amp_dtype).removeprefix('torch.') if self.amp_dtype else 'fp32'}")
         if getattr(self.vocab, "min_count", None):  # built by this run, not resumed
             self.log(f"captions: {len(self.vocab)} tokens (words seen >= {self.vocab.min_count} times; <unk> "
-                     f"{100 * self.vocab.unk_share:.1f}% of the training words)")
+                     f"{100 * self.vocab.unk_share:.1f}% of the training words), at most "
+                     f"{self.hyp['cap_max_len'] - 2} words a caption")
 
     # --- hooks ---------------------------------------------------------------------------------
     def register(self, *hooks: Hook) -> None:
@@ -393,7 +398,7 @@ class Trainer:
         if "sem" in tasks:
             kw["sem"] = {"num_classes": len(self.data.semantic_ids)}
         if "cap" in tasks:
-            kw["cap"] = {"vocab_size": len(self.vocab), "max_len": int(self.hyp.get("cap_max_len", 24))}
+            kw["cap"] = {"vocab_size": len(self.vocab), "max_len": hyp_max_len(self.hyp)}
         return kw
 
     def _load_pretrained(self, weights: str) -> None:

@@ -27,6 +27,10 @@ from utils.ops.postprocess import head_outputs, postprocess
 from utils.tasks import PANOPTIC_NEEDS
 
 SEMANTIC_AT = ("original", "input")
+# Caption beam width of the COCO evaluation: both anchors score COCO captions by beam search of 5 (GRIT's
+# configs/caption/coco_config.yaml beam_size 5, at evaluation and for its self-critical samples; GeneralistYOLO's
+# caption/val.py use_beam_search=True, beam_size=5), so test.py and training's validation do too (--beam 1: greedy).
+COCO_BEAM = 5
 
 
 def image_splits(dataset: CocoDataset) -> dict[int, SplitSpec]:
@@ -72,7 +76,7 @@ def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitS
 @torch.no_grad()
 def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int], device: torch.device,
              conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, half: bool = False,
-             loss_fn=None, progress: bool = True, vocab: Vocabulary | None = None, beam: int = 1,
+             loss_fn=None, progress: bool = True, vocab: Vocabulary | None = None, beam: int = COCO_BEAM,
              num_semantic: int = 0, semantic_at: str = "original", semantic_ids: list[int] | None = None,
              panoptic_stuff_area: int = 4096) -> EvalResult:
     """Runs ``model`` over ``loader`` and scores every task it has (and the data labels).
@@ -85,8 +89,8 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
     ``semantic_at`` ``"original"`` (the default, the COCO-Stuff / ADE20K / Cityscapes protocol) the logits
     are mapped back through the letterbox, resized bilinearly to the original image and compared with the
     original PNG; ``"input"`` is a faster approximation at network input resolution on the letterboxed map
-    (padding ignored). Captions: BLEU / ROUGE-L / CIDEr-D of greedy (``beam`` 1) or beam-search captions
-    against all references of the images that have references.
+    (padding ignored). Captions: BLEU / ROUGE-L / CIDEr-D of beam-search (``beam``, default :data:`COCO_BEAM`) or
+    greedy (1) captions against all references of the images that have references.
     Panoptic (a det + inst + sem model with ``semantic_ids``, default ``model.meta``'s, and ``semantic_at``
     ``"original"``): the Results' :func:`~utils.ops.panoptic.merge_panoptic` (default thresholds, stuff regions
     under ``panoptic_stuff_area`` pixels dropped) scored as PQ / SQ / RQ over the images of splits with
