@@ -16,5 +16,7 @@ def test_speed_table_and_ort_profile_by_cfg_row(tiny_cfg_file, capsys):
     # every head is a row of its own, and no row takes more than the whole
     assert {"layers.26", "layers.27", "layers.28"} <= set(rows), rows
     assert all(0 <= float(v) <= total for v in rows.values())
-    assert len(re.findall(r"^\s+[\d.]+ ms  /model/layers\.\d+/", out, re.MULTILINE)) == 10  # the 10 slowest nodes
+    # the 10 slowest nodes, whichever they are (a layout reorder outside the cfg rows may be among them)
+    nodes = re.findall(r"^\s+[\d.]+ ms  (\S+)", out.split("slowest nodes:")[1], re.MULTILINE)
+    assert len(nodes) == 10 and any(n.startswith("/model/layers.") for n in nodes), nodes
     assert re.search(r"^\s+64\s+1 \|", out, re.MULTILINE)  # the latency table still follows
