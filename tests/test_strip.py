@@ -81,3 +81,20 @@ def test_resume_of_a_finished_run_is_a_clear_error(finished, capsys):
     assert train_script.main(["--resume", str(finished / "last.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has finished" in err[0] and "--weights" in err[0]
+
+
+def test_tied_weights_stay_one_fp16_tensor():
+    """The caption head's tied embedding / output projection (one FP32 tensor under two names) is one FP16 tensor
+    in the stripped checkpoint, saved once; an untied pair stays two."""
+    from models.heads.caption import CaptionHead
+
+    sizes = {}
+    for tie in (True, False):
+        torch.manual_seed(0)
+        head = CaptionHead(0, [16, 32], [16, 32], 64, 1, 4, tie, vocab_size=500, max_len=10)
+        state = head.state_dict()
+        model = strip_checkpoint({"model": state, "cfg": {}})["model"]
+        assert (model["out.weight"].data_ptr() == model["embed.weight"].data_ptr()) is tie
+        assert all(torch.equal(model[k], v.half() if v.is_floating_point() else v) for k, v in state.items())
+        sizes[tie] = _size(model)
+    assert sizes[False] - sizes[True] >= 500 * 64 * 2  # the second FP16 copy of the (500, 64) matrix

@@ -25,10 +25,20 @@ def strip_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     the cfg, metadata, opt and hyp; no optimizer, scheduler, RNG or FP32 copies (``--resume`` refuses it).
 
     Integer tensors (BatchNorm's step counters) are kept as they are; loading into the FP32 network casts back.
+    A tensor shared by two names (the caption head's tied embedding and output projection) stays one FP16 tensor.
     """
     weights = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt["model"]
     out = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
-    out["model"] = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    halves: dict[tuple, torch.Tensor] = {}  # the same memory viewed the same way: one tensor, converted once
+    model = {}
+    for k, v in weights.items():
+        if v.is_floating_point():
+            key = (v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else (id(v),)
+            if key not in halves:
+                halves[key] = v.half()
+            v = halves[key]
+        model[k] = v
+    out["model"] = model
     out["stripped"] = True
     return out
 
