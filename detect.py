@@ -20,6 +20,7 @@ from pathlib import Path
 from utils.data.sources import Frame, LoadSource, is_video
 from utils.deploy.backends import load_backend
 from utils.deploy.predictor import Predictor, ResultWriter, summarize
+from utils.ops.options import PredictOptions
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.track import ByteTracker
 from utils.runtime.cli import run_cli
@@ -102,11 +103,11 @@ def _predictor(opt: argparse.Namespace, weights: Path, tracker: ByteTracker | No
     show_panoptic = tasks is not None and "pan" in tasks
     if opt.save_panoptic and tasks is not None and "pan" not in tasks:
         tasks.append("pan")  # the PNGs need the merge; the overlay still shows only what --tasks names
-    conf_thres = opt.conf_thres if opt.conf_thres is not None else (0.1 if opt.track else 0.25)
-    predictor = Predictor(backend, opt.img, conf_thres, opt.iou_thres, opt.max_det, opt.classes,
-                          opt.agnostic_nms, tasks, opt.beam,
-                          PanopticSpec.from_meta(backend.info.category_ids, backend.info.semantic_ids,
-                                                 stuff_area=opt.pan_stuff_area), tracker)
+    options = PredictOptions.from_flags(
+        opt, conf_thres=opt.conf_thres if opt.conf_thres is not None else (0.1 if opt.track else 0.25),
+        panoptic=PanopticSpec.from_meta(backend.info.category_ids, backend.info.semantic_ids,
+                                        stuff_area=opt.pan_stuff_area))
+    predictor = Predictor(backend, opt.img, options, tasks, opt.beam, tracker)
     for note in predictor.notes:
         print(f"note: {note}")
     return predictor, show_panoptic

@@ -39,7 +39,7 @@ from utils.deploy.export import (
 )
 from utils.deploy.interface import DeployModel, export_metadata
 from utils.deploy.predictor import check_img_size
-from utils.ops.nms import NMSConfig
+from utils.ops.options import PredictOptions
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.runtime.cli import run_cli
 from utils.runtime.device import select_device, use_half
@@ -127,7 +127,7 @@ def _prepare(opt: argparse.Namespace, weights: Path, device: torch.device, tasks
     nms = None
     if opt.nms:
         if "det" in model.tasks:
-            nms = NMSConfig(opt.conf_thres, opt.iou_thres, opt.max_det, opt.agnostic_nms)
+            nms = PredictOptions.from_flags(opt)
         else:
             print("note: --nms ignored, the model has no detection head")
     data_yaml = opt.data or (ckpt.get("opt") or {}).get("data")

@@ -13,7 +13,9 @@ from pathlib import Path
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
-from utils.eval.evaluate import COCO_BEAM, evaluate
+from utils.eval.evaluate import COCO_BEAM, EvalSettings, LabelSpace, evaluate
+from utils.ops.options import PredictOptions
+from utils.ops.panoptic import PanopticSpec
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.runtime.cli import run_cli
 from utils.runtime.device import select_device, use_half
@@ -74,9 +76,12 @@ def run(opt: argparse.Namespace) -> dict:
     loader = create_dataloader(dataset, opt.batch_size, False, opt.workers)
     print(f"{weights}: {model.info()}\n{opt.task}: {len(dataset)} images ({dataset.labels_summary()})")
     vocab = Vocabulary.from_list(meta["vocab"]) if meta.get("vocab") else None
-    res = evaluate(model, loader, dataset, data.category_ids, device, opt.conf_thres, opt.iou_thres, opt.max_det,
-                   opt.half, vocab=vocab, beam=opt.beam, num_semantic=len(meta.get("semantic_ids", [])),
-                   semantic_at="input" if opt.sem_input_res else "original", panoptic_stuff_area=opt.pan_stuff_area)
+    semantic_ids = meta.get("semantic_ids") or []
+    panoptic = (PanopticSpec.from_meta(data.category_ids, semantic_ids, stuff_area=opt.pan_stuff_area)
+                if semantic_ids else None)
+    res = evaluate(model, loader, dataset, LabelSpace(data.category_ids, len(semantic_ids), vocab=vocab), device,
+                   PredictOptions.from_flags(opt, multi_label=True, panoptic=panoptic),
+                   EvalSettings(opt.half, beam=opt.beam, semantic_at="input" if opt.sem_input_res else "original"))
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     save_dir.mkdir(parents=True, exist_ok=True)
     print_report(res, data)

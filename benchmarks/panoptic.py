@@ -17,7 +17,7 @@ from benchmarks.common import add_training_args, run_training, train_args
 from models.model import Model
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import EvalSettings, LabelSpace, evaluate
 from utils.runtime.device import select_device, set_seed
 from utils.viz.plots import read_results
 
@@ -33,8 +33,9 @@ def untrained(opt: argparse.Namespace) -> dict[str, float]:
     model = Model(opt.cfg, nc=data.nc, tasks=TASKS.split(","),
                   head_kwargs={"sem": {"num_classes": len(data.semantic_ids)}}).to(device)
     val = CocoDataset(data, data.val, opt.img, augment=False)
-    res = evaluate(model, create_dataloader(val, opt.batch_size, False, opt.workers), val, data.category_ids, device,
-                   progress=False, num_semantic=len(data.semantic_ids), semantic_ids=data.semantic_ids)
+    labels = LabelSpace(data.category_ids, len(data.semantic_ids), data.semantic_ids)
+    res = evaluate(model, create_dataloader(val, opt.batch_size, False, opt.workers), val, labels, device,
+                   settings=EvalSettings(progress=False))
     return {k: res.metrics.get(k, float("nan")) for k in KEYS}
 
 

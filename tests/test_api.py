@@ -18,6 +18,7 @@ from tests.test_export import IMG
 from utils.data.sources import SourceError
 from utils.deploy.api import YOLOR
 from utils.deploy.predictor import Results, coco_results
+from utils.ops.options import PredictOptions
 from utils.ops.postprocess import Result
 from utils.ops.track import ByteTracker, track_result
 
@@ -114,6 +115,14 @@ def test_call_time_options(models, assets):
     assert 0 < len(strict) < len(base) and (strict.scores > np.median(base.scores)).all()
     big = model(image, conf=OPTS["conf"], imgsz=96)[0]  # another input size: other numbers, same frame pixels
     assert big.shape == base.shape and big.letterbox.input_shape != base.letterbox.input_shape
+    # one PredictOptions object gives the keywords' results; keywords change single fields of it
+    opts = PredictOptions(conf_thres=OPTS["conf"], max_det=2)
+    same = model(image, options=opts, imgsz=IMG)[0]
+    assert np.array_equal(same.scores, top.scores) and np.array_equal(same.boxes, top.boxes)
+    wider = model(image, options=opts, max_det=300, imgsz=IMG)[0]
+    assert np.array_equal(wider.scores, base.scores)
+    with pytest.raises(TypeError, match="conf_thres"):
+        model(image, conf_thres=0.5)  # the options' own names go through options=, not as keywords
 
 
 def test_results_plot_save_json_and_fields(models, assets, tmp_path):

@@ -25,6 +25,7 @@ from utils.data.dataset import dataset_wh
 from utils.loss.detection_anchor import AnchorDetectionLoss
 from utils.ops.anchors import anchors_per_level, best_possible_recall, kmeans_anchors
 from utils.ops.nms import non_max_suppression
+from utils.ops.options import PredictOptions
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
 ANCHORS = [[8, 8, 16, 16, 24, 24], [20, 40, 40, 20, 40, 40], [40, 60, 60, 40, 70, 70]]  # pixels at 64
@@ -99,7 +100,8 @@ def test_loss_is_finite_and_decreases_when_overfitting():
     assert all(np.isfinite(losses)) and set(parts) == {"box", "obj", "cls"}
     assert losses[-1] < 0.5 * losses[0]
     with torch.no_grad():  # decode train-mode maps: 60 steps are too few for BatchNorm running stats
-        det = non_max_suppression(model.head("det").decode(model(x).det.feats), conf_thres=0.05, iou_thres=0.5)
+        det = non_max_suppression(model.head("det").decode(model(x).det.feats),
+                                  PredictOptions(conf_thres=0.05, iou_thres=0.5))
     top = det[1][:2]  # image 1: class 2 at (20,10,60,60) and class 0 at (2,40,20,62)
     assert len(top) == 2 and sorted(top[:, 5].long().tolist()) == [0, 2]
     assert box_iou(top[:, :4], torch.tensor([[20.0, 10, 60, 60], [2, 40, 20, 62]])).max(1).values.min() > 0.5

@@ -1,6 +1,9 @@
 """Detection: loss behaviour, assignment, NMS options, and COCOeval on hand-checked cases."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import replace
+
 import pytest
 import torch
 from pycocotools.coco import COCO
@@ -10,6 +13,7 @@ from tests.conftest import tiny_cfg
 from utils.eval.metrics.detection import coco_map
 from utils.loss.detection import DetectionLoss, TaskAlignedAssigner, pad_targets
 from utils.ops.nms import non_max_suppression
+from utils.ops.options import PredictOptions
 
 
 def test_pad_targets_groups_by_image():
@@ -94,7 +98,8 @@ def test_detection_loss_is_finite_and_decreases_when_overfitting():
     assert set(parts) == {"box", "cls", "dfl"}
     assert losses[-1] < 0.5 * losses[0]
     with torch.no_grad():  # decode train-mode maps: 60 steps are too few for BatchNorm running stats
-        det = non_max_suppression(model.head("det").decode(model(x).det.feats), conf_thres=0.05, iou_thres=0.5)
+        det = non_max_suppression(model.head("det").decode(model(x).det.feats),
+                                  PredictOptions(conf_thres=0.05, iou_thres=0.5))
     from torchvision.ops import box_iou
 
     top = det[1][:2]  # image 1 has two objects: class 2 at (20,10,60,60) and class 0 at (2,40,20,62)
@@ -125,14 +130,19 @@ def test_nms_options():
     pred = torch.zeros(1, 4, 4 + 2)
     pred[0, :, :4] = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float32)
     pred[0, :, 4:] = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.3, 0.0]])
-    out = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5)[0]
+    opts = PredictOptions(conf_thres=0.25, iou_thres=0.5)
+    out = non_max_suppression(pred, opts)[0]
     assert out.shape == (3, 6) and out[:, 5].tolist() == [0, 1, 0]  # class-aware: box 2 kept (other class)
-    agn = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5, agnostic=True)[0]
+    agn = non_max_suppression(pred, replace(opts, agnostic=True))[0]
     assert agn.shape[0] == 2
-    assert non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5, max_det=1)[0].shape[0] == 1
-    assert non_max_suppression(pred, conf_thres=0.5, iou_thres=0.5, classes=[1])[0][:, 5].tolist() == [1]
+    assert non_max_suppression(pred, replace(opts, max_det=1))[0].shape[0] == 1
+    only = replace(opts, conf_thres=0.5, classes=[1])
+    assert only.classes == (1,)  # any sequence is stored as a tuple
+    assert non_max_suppression(pred, only)[0][:, 5].tolist() == [1]
     with pytest.raises(ValueError):
-        non_max_suppression(pred, conf_thres=1.5)
+        non_max_suppression(pred, PredictOptions(conf_thres=1.5))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.conf_thres = 0.5  # frozen: shared defaults cannot be changed under another caller
 
 
 def _gt() -> COCO:

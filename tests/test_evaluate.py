@@ -14,7 +14,7 @@ from tests.conftest import tiny_cfg
 from utils.data.config import DataError, load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import EvalSettings, LabelSpace, evaluate
 
 IMG = 64
 ID_SHIFT = 100_000
@@ -47,8 +47,8 @@ def run_eval(yaml_file: Path, model: Model, vocab: Vocabulary):
     data = load_data_config(yaml_file)
     ds = CocoDataset(data, data.val, IMG)
     loader = create_dataloader(ds, 8, False, 0)
-    return evaluate(model, loader, ds, data.category_ids, torch.device("cpu"), progress=False, vocab=vocab,
-                    num_semantic=len(data.semantic_ids))
+    return evaluate(model, loader, ds, LabelSpace(data.category_ids, len(data.semantic_ids), vocab=vocab),
+                    torch.device("cpu"), settings=EvalSettings(progress=False))
 
 
 @pytest.fixture(scope="module")

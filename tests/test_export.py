@@ -32,7 +32,8 @@ from utils.deploy.export import (
     verification_images,
 )
 from utils.deploy.interface import NMS_OUTPUTS, DeployModel
-from utils.ops.nms import BatchedNMS, NMSConfig, non_max_suppression
+from utils.ops.nms import BatchedNMS, non_max_suppression
+from utils.ops.options import PredictOptions
 from utils.runtime.checkpoint import (
     build_from_checkpoint,
     load_checkpoint,
@@ -222,7 +223,7 @@ def test_fp16_graph_exports_and_matches_fp32(fused, tmp_path):
 
 @pytest.mark.parametrize("agnostic", [False, True])
 def test_nms_in_graph_matches_torchvision_nms(tmp_path, agnostic):
-    cfg = NMSConfig(conf_thres=0.3, iou_thres=0.5, max_det=40, agnostic=agnostic)
+    cfg = PredictOptions(conf_thres=0.3, iou_thres=0.5, max_det=40, agnostic=agnostic)
     path = export_onnx(BatchedNMS(cfg), (_clustered_predictions(2, 300, 3, 0),), tmp_path / "nms.onnx", ["det_pred"],
                        list(NMS_OUTPUTS), {"det_pred": {0: "batch", 1: "anchors"}}, 17, {})
     import onnxruntime as ort
@@ -231,8 +232,7 @@ def test_nms_in_graph_matches_torchvision_nms(tmp_path, agnostic):
     for b, a, seed in ((2, 300, 1), (3, 500, 2), (1, 7, 3)):  # other batch sizes and anchor counts, and few boxes
         pred = _clustered_predictions(b, a, 3, seed)
         boxes, scores, classes, anchors, count = sess.run(None, {"det_pred": pred.numpy()})
-        dets, idx = non_max_suppression(pred, cfg.conf_thres, cfg.iou_thres, max_det=cfg.max_det, agnostic=agnostic,
-                                        return_indices=True)
+        dets, idx = non_max_suppression(pred, cfg, return_indices=True)
         for i in range(b):
             n = len(dets[i])
             assert count[i] == n
@@ -250,13 +250,16 @@ def test_nms_export_end_to_end(weights, fused, tmp_path):
     assert rc == 0, out
     assert "det_boxes" in out and "det_anchor_index" in out
     backend = OnnxBackend(w.with_suffix(".onnx"))
-    assert backend.output_names[:5] == list(NMS_OUTPUTS) and backend.metadata["nms"]["conf_thres"] == 0.3
+    assert backend.output_names[:5] == list(NMS_OUTPUTS)
+    # the stored keys of exported models (NMSConfig's fields before PredictOptions): old exports keep loading
+    assert backend.metadata["nms"] == {"conf_thres": 0.3, "iou_thres": 0.45, "max_det": 50, "agnostic": False}
     assert backend.fixed_batch == 2 and backend.fixed_hw == (IMG, IMG)
     model, data = fused
     x = verification_images(data, (IMG, IMG), 2).float() / 255.0
     ort_out = backend(x.numpy())
     ref = run_deploy(DeployModel(model), ALL_OUTPUTS, x)
-    dets, idx = non_max_suppression(torch.from_numpy(ref["det_pred"]), 0.3, 0.45, max_det=50, return_indices=True)
+    dets, idx = non_max_suppression(torch.from_numpy(ref["det_pred"]), PredictOptions(0.3, 0.45, max_det=50),
+                                    return_indices=True)
     assert sum(len(d) for d in dets) > 0
     for i in range(2):
         n = len(dets[i])

@@ -1,6 +1,7 @@
 """The house rules of the code layout, checked on the source: no import cycle among the project's modules
 (function-local imports included), and project modules imported at module level only (a function-local
-import of our own code hides a cycle or a slow import; optional third-party packages may be lazy)."""
+import of our own code hides a cycle or a slow import; optional third-party packages may be lazy), and no public
+function of the pipeline with more than 8 parameters (thresholds and limits travel as one ``PredictOptions``)."""
 from __future__ import annotations
 
 import ast
@@ -111,3 +112,39 @@ def test_deploy_letterboxes_through_ops_not_the_training_augment():
     through the training augmentation."""
     assert _imports_under("utils.deploy")
     assert not _climbs("utils.deploy", ("utils.data.augment",))
+
+
+MAX_PARAMS = 8  # issue 30: thresholds and limits travel as one options object, not as a row of keywords
+PIPELINE = ("utils",)
+PIPELINE_SCRIPTS = ("train.py", "test.py", "detect.py", "export.py")
+
+
+def _public_functions(path: Path):
+    """(qualified name, line, parameter count without self/cls) of every public function and method of
+    ``path``: module-level functions and methods of module-level classes whose names do not start with ``_``
+    (``__init__`` and ``__call__`` count as public); nested functions are private by construction."""
+    tree = ast.parse(path.read_text())
+    funcs = [(None, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")):
+        funcs += [(cls, n) for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for cls, fn in funcs:
+        if fn.name.startswith("_") and fn.name not in ("__init__", "__call__"):
+            continue
+        a = fn.args
+        params = [*a.posonlyargs, *a.args, *a.kwonlyargs] + [p for p in (a.vararg, a.kwarg) if p is not None]
+        static = any(ast.unparse(d) == "staticmethod" for d in fn.decorator_list)
+        if cls is not None and not static and params and params[0].arg in ("self", "cls"):
+            params = params[1:]
+        yield (f"{cls.name}.{fn.name}" if cls else fn.name), fn.lineno, len(params)
+
+
+def test_public_functions_take_at_most_8_parameters():
+    files = [p for pkg in PIPELINE for p in sorted((ROOT / pkg).rglob("*.py"))] + [ROOT / s for s in PIPELINE_SCRIPTS]
+    seen, wide = 0, []
+    for path in files:
+        for name, line, n in _public_functions(path):
+            seen += 1
+            if n > MAX_PARAMS:
+                wide.append(f"{path.relative_to(ROOT)}:{line} {name} takes {n} parameters")
+    assert seen > 200  # the walk saw the pipeline
+    assert not wide, f"more than {MAX_PARAMS} parameters (group them in an options object):\n" + "\n".join(wide)

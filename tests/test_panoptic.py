@@ -3,6 +3,7 @@ derivation, detect.py --save-panoptic round trip, and the metrics evaluate() rep
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,7 @@ from tests.test_export import IMG, train_tiny_model
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.panoptic import derive_panoptic, load_panoptic_json, read_panoptic_png
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import EVAL_OPTIONS, EvalSettings, LabelSpace, evaluate
 from utils.eval.metrics.panoptic import PQStat
 from utils.ops.panoptic import PanopticSpec, id2rgb, merge_panoptic, rgb2id
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
@@ -240,8 +241,10 @@ def test_evaluate_reports_panoptic_metrics_and_fitness_share(weights: Path, tiny
     model = build_from_checkpoint(load_checkpoint(weights))
     data = load_data_config(tiny_data)
     dataset = CocoDataset(data, data.val, IMG, augment=False)
-    res = evaluate(model, create_dataloader(dataset, 8, False, 0), dataset, data.category_ids, torch.device("cpu"),
-                   progress=False, num_semantic=len(data.semantic_ids), panoptic_stuff_area=64)
+    spec = PanopticSpec.from_meta(data.category_ids, model.meta["semantic_ids"], stuff_area=64)
+    res = evaluate(model, create_dataloader(dataset, 8, False, 0), dataset,
+                   LabelSpace(data.category_ids, len(data.semantic_ids)), torch.device("cpu"),
+                   replace(EVAL_OPTIONS, panoptic=spec), EvalSettings(progress=False))
     assert {"pq", "pq_th", "pq_st", "sq", "rq"} <= set(res.metrics)
     assert all(0.0 <= res.metrics[k] <= 1.0 for k in ("pq", "sq", "rq"))
     assert res.scored_images["pan"] == len(dataset)

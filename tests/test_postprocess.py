@@ -17,7 +17,9 @@ from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
 from utils.deploy.interface import DeployModel, ModelInfo
 from utils.deploy.predictor import Predictor
+from utils.eval.evaluate import EvalSettings, LabelSpace
 from utils.ops.letterbox import Letterbox
+from utils.ops.options import PredictOptions
 from utils.ops.postprocess import postprocess
 from utils.tasks import IGNORE_INDEX
 
@@ -70,10 +72,11 @@ def test_evaluation_predictor_and_plots_share_postprocess(setup, monkeypatch):
     batch = next(iter(loader))
     ev_calls, pr_calls, pl_calls = (spy(monkeypatch, m) for m in (evaluate_mod, predictor_mod, plots_mod))
 
-    evaluate_mod.evaluate(model, loader, ds, data.category_ids, torch.device("cpu"), progress=False,
-                          num_semantic=len(data.semantic_ids))
-    preds = plots_mod.predict_batch(model, batch, conf=CONF, max_det=100)
-    predictor = Predictor(EagerBackend(model), IMG, conf_thres=CONF, max_det=100)
+    evaluate_mod.evaluate(model, loader, ds, LabelSpace(data.category_ids, len(data.semantic_ids)),
+                          torch.device("cpu"), settings=EvalSettings(progress=False))
+    options = PredictOptions(conf_thres=CONF, max_det=100)
+    preds = plots_mod.predict_batch(model, batch, options=options)
+    predictor = Predictor(EagerBackend(model), IMG, options)
     frames = [cv2.imread(p) for p in batch.paths]
     detected, _ = predictor(frames)
     assert ev_calls and len(pr_calls) == 1 and len(pl_calls) == 1
@@ -115,8 +118,8 @@ def test_evaluators_report_their_fitness_terms(setup):
                                   "original")
     assert [e.task for e in evaluators] == ["det", "inst", "sem"]
     loader = create_dataloader(ds, 8, False, 0)
-    out = evaluate_mod.evaluate(model, loader, ds, data.category_ids, torch.device("cpu"), progress=False,
-                                num_semantic=len(data.semantic_ids))
+    out = evaluate_mod.evaluate(model, loader, ds, LabelSpace(data.category_ids, len(data.semantic_ids)),
+                                torch.device("cpu"), settings=EvalSettings(progress=False))
     for e in evaluators:
         assert set(FITNESS_TERMS[e.task]) <= set(out.metrics), e.task
 

@@ -15,6 +15,7 @@ It runs :class:`~utils.deploy.predictor.Predictor`, so results are detect.py's, 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,18 @@ from utils.data.sources import LoadSource
 from utils.deploy.backends import load_backend
 from utils.deploy.interface import ModelInfo
 from utils.deploy.predictor import Predictor, Results
+from utils.ops.options import PredictOptions
 from utils.ops.track import ByteTracker
 
-__all__ = ["YOLOR", "Source"]
+__all__ = ["YOLOR", "Source", "PredictOptions"]  # PredictOptions: for options= of a call
 
 Source = str | Path | int | np.ndarray | Sequence[str | Path | np.ndarray]
 # (path or None, BGR image, index in its video or None); what Predictor needs to name each result
 _Item = tuple[str | None, np.ndarray, int | None]
+# the keywords of calling a model: Ultralytics' names of PredictOptions fields, and the rest of a run
+_OPTION_KEYWORDS = {"conf": "conf_thres", "iou": "iou_thres", "max_det": "max_det", "classes": "classes",
+                    "agnostic": "agnostic"}
+_RUN_KEYWORDS = ("imgsz", "tasks", "beam", "vid_stride", "tracker")
 
 
 class YOLOR:
@@ -70,18 +76,14 @@ class YOLOR:
     def __repr__(self) -> str:
         return f"YOLOR({self.weights}, {self.backend.name}, tasks={','.join(self.tasks)}, {len(self.names)} classes)"
 
-    def predictor(self, imgsz: int | Sequence[int] = 640, conf: float = 0.25, iou: float = 0.45,
-                  max_det: int = 300, classes: Sequence[int] | None = None, agnostic: bool = False,
+    def predictor(self, imgsz: int | Sequence[int] = 640, options: PredictOptions = PredictOptions(),
                   tasks: Sequence[str] | None = None, beam: int = 1, tracker: ByteTracker | None = None) -> Predictor:
         """The :class:`~utils.deploy.predictor.Predictor` for these options (cheap: the backend is shared)."""
-        return Predictor(self.backend, imgsz if isinstance(imgsz, int) else list(imgsz), conf, iou, max_det,
-                         list(classes) if classes is not None else None, agnostic,
-                         list(tasks) if tasks is not None else None, beam, tracker=tracker)
+        return Predictor(self.backend, imgsz if isinstance(imgsz, int) else list(imgsz), options,
+                         list(tasks) if tasks is not None else None, beam, tracker)
 
-    def __call__(self, source: Source, stream: bool = False, conf: float = 0.25, iou: float = 0.45,
-                 max_det: int = 300, classes: Sequence[int] | None = None, agnostic: bool = False,
-                 imgsz: int | Sequence[int] = 640, tasks: Sequence[str] | None = None, beam: int = 1,
-                 vid_stride: int = 1, tracker: ByteTracker | None = None) -> list[Results] | Iterator[Results]:
+    def __call__(self, source: Source, stream: bool = False, options: PredictOptions | None = None,
+                 **kwargs) -> list[Results] | Iterator[Results]:
         """One :class:`~utils.deploy.predictor.Results` per image or video frame of ``source``.
 
         Args:
@@ -89,20 +91,34 @@ class YOLOR:
                 ``np.ndarray`` frame, or a list of any of these but indices and URLs.
             stream: return a generator (frames are read and predicted as it is iterated: videos and streams
                 of any length in constant memory) instead of a list.
-            conf, iou, max_det, classes, agnostic: NMS options (``classes``: contiguous indices to keep).
-            imgsz: inference size, one value or ``(h, w)`` (rounded up to the stride; a fixed-size export
-                uses its own).
+            options: the thresholds and limits as one :class:`~utils.ops.options.PredictOptions` (default: its
+                defaults); the keywords below change single fields of it.
+        Keyword Args:
+            conf, iou, max_det, classes, agnostic: Ultralytics' names of the options' ``conf_thres``,
+                ``iou_thres``, ``max_det``, ``classes`` (contiguous indices to keep) and ``agnostic``; they win
+                over ``options``.
+            imgsz: inference size, one value or ``(h, w)`` (default 640, rounded up to the stride; a fixed-size
+                export uses its own).
             tasks: the heads to run post-processing for, e.g. ``("det", "inst")`` (default: all); the others'
                 fields stay ``None`` in the results.
-            beam: caption beam width (1 = greedy).
-            vid_stride: use every ``vid_stride``-th frame of videos and streams.
+            beam: caption beam width (default 1 = greedy).
+            vid_stride: use every ``vid_stride``-th frame of videos and streams (default 1).
             tracker: track ids across video frames with this tracker (what :meth:`track` passes).
         Raises:
+            TypeError: a keyword not listed above.
             utils.data.sources.SourceError: an input that cannot be read (checked before any frame runs).
             ValueError: a task the model has no head for.
         """
-        predictor = self.predictor(imgsz, conf, iou, max_det, classes, agnostic, tasks, beam, tracker)
-        items = self._items(source, vid_stride)  # sources are opened now, so bad input fails at the call
+        unknown = sorted(set(kwargs) - set(_OPTION_KEYWORDS) - set(_RUN_KEYWORDS))
+        if unknown:
+            raise TypeError(f"YOLOR() got unexpected keyword argument(s) {', '.join(unknown)} (it takes "
+                            f"{', '.join((*_OPTION_KEYWORDS, *_RUN_KEYWORDS))} and options=)")
+        changes = {_OPTION_KEYWORDS[k]: v for k, v in kwargs.items() if k in _OPTION_KEYWORDS}
+        options = replace(options if options is not None else PredictOptions(), **changes)
+        run = {k: v for k, v in kwargs.items() if k in _RUN_KEYWORDS}
+        predictor = self.predictor(run.get("imgsz", 640), options, run.get("tasks"), run.get("beam", 1),
+                                   run.get("tracker"))
+        items = self._items(source, run.get("vid_stride", 1))  # sources are opened now, so bad input fails at the call
         results = self._predict(predictor, items)
         return results if stream else list(results)
 

@@ -48,7 +48,7 @@ from utils.deploy.interface import (
     OPENVINO_SUFFIX,
     DeployModel,
 )
-from utils.ops.nms import NMSConfig
+from utils.ops.options import PredictOptions
 
 # Parity tolerances on the normalized difference (see compare_outputs): fusing BN/implicit layers changes
 # only float rounding, so it is held to 1e-4; another runtime (onnxruntime) may reorder sums, so 1e-3.
@@ -358,7 +358,7 @@ class ExportJob:
     metadata: dict[str, Any]
     out_dir: Path
     stem: str
-    nms: NMSConfig | None = None
+    nms: PredictOptions | None = None
     opset: int = 17
     dynamic: bool = False
     half: bool = False

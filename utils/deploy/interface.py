@@ -15,7 +15,8 @@ from torch import nn
 
 from models.heads.caption import CaptionHead, CaptionOutput
 from models.model import Model
-from utils.ops.nms import BatchedNMS, NMSConfig
+from utils.ops.nms import BatchedNMS
+from utils.ops.options import PredictOptions
 from utils.ops.postprocess import head_outputs
 
 EXPORT_VERSION = 1  # bump when the graph interface (names, layouts, metadata keys) changes
@@ -105,7 +106,7 @@ class DeployModel(nn.Module):
     replaced by :class:`CaptionEncoder`. Put the model in eval mode (and fuse it) before wrapping.
     """
 
-    def __init__(self, model: Model, nms: NMSConfig | None = None):
+    def __init__(self, model: Model, nms: PredictOptions | None = None):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         self.tasks = list(model.tasks)
@@ -130,7 +131,7 @@ class DeployModel(nn.Module):
         return tuple(named[n] for n in self.output_names)
 
 
-def export_metadata(model: Model, img_hw: tuple[int, int], batch: int, nms: NMSConfig | None, dynamic: bool,
+def export_metadata(model: Model, img_hw: tuple[int, int], batch: int, nms: PredictOptions | None, dynamic: bool,
                     half: bool, stem: str) -> dict[str, Any]:
     """Everything detect.py needs to run a graph without the checkpoint (stored as JSON strings)."""
     info = ModelInfo.from_model(model)
@@ -139,7 +140,7 @@ def export_metadata(model: Model, img_hw: tuple[int, int], batch: int, nms: NMSC
         "batch": int(batch),
         "train_img_size": int(getattr(model, "meta", {}).get("img_size", img_hw[0])),
         "version": EXPORT_VERSION,
-        "nms": asdict(nms) if nms is not None and "det" in model.tasks else False,
+        "nms": nms.graph_metadata() if nms is not None and "det" in model.tasks else False,
         "outputs": output_names(model.tasks, nms is not None),
         "dynamic": bool(dynamic),
         "half": bool(half),

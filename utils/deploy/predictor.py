@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from utils.data.vocab import Vocabulary
 from utils.deploy.backends import Backend
 from utils.deploy.interface import ModelInfo
 from utils.ops.letterbox import Letterbox, letterbox_image
+from utils.ops.options import PredictOptions
 from utils.ops.panoptic import PanopticSpec, coco_panoptic, id2rgb
 from utils.ops.postprocess import (
     Result,
@@ -76,36 +77,33 @@ class Predictor:
     ``tasks``: which heads' results to produce (default: every head of the model); instance masks need the
     detections, so they are computed whenever ``inst`` is asked for. ``pan`` asks for the panoptic merge
     (its det, inst and sem results are then computed too).
-    ``panoptic``: ``True`` merges with the default rule whenever det, inst and sem are all produced (or
-    ``pan`` is asked for) on a model that has them, a :class:`~utils.ops.panoptic.PanopticSpec` merges with
-    that rule, ``False`` never merges.
+    ``options``: the thresholds and limits (:class:`~utils.ops.options.PredictOptions`, ``multi_label`` off as
+    detect.py's); ``options.panoptic`` is the merge rule, ``None`` the default rule of the model's metadata. The
+    merge runs whenever det, inst and sem are all produced (or ``pan`` is asked for) on a model that has them.
     ``tracker``: a :class:`~utils.ops.track.ByteTracker` gives the frames of videos and streams (those called
     with an index) track ids (:func:`~utils.ops.track.track_result`; reset at each video's frame 0); still
     images stay untracked.
     """
 
-    def __init__(self, backend: Backend, img_size: int | tuple[int, int] | list[int] = 640, conf_thres: float = 0.25,
-                 iou_thres: float = 0.45, max_det: int = 300, classes: list[int] | None = None,
-                 agnostic: bool = False, tasks: list[str] | None = None, beam: int = 1,
-                 panoptic: bool | PanopticSpec = True, tracker: ByteTracker | None = None):
+    def __init__(self, backend: Backend, img_size: int | tuple[int, int] | list[int] = 640,
+                 options: PredictOptions = PredictOptions(), tasks: Sequence[str] | None = None, beam: int = 1,
+                 tracker: ByteTracker | None = None):
         self.backend, self.info = backend, backend.info
         self.tracker = tracker
-        self.conf_thres, self.iou_thres, self.max_det = conf_thres, iou_thres, max_det
-        self.classes, self.agnostic, self.beam = classes, agnostic, beam
+        self.beam = beam
         self.tasks = list(tasks) if tasks else list(self.info.tasks)
         can_merge = all(t in self.info.tasks for t in PANOPTIC_NEEDS)
         missing = [t for t in self.tasks if t not in self.info.tasks and not (t == "pan" and can_merge)]
         if missing:
             raise ValueError(f"--tasks {','.join(missing)}: the model has no such head (it has "
                              f"{','.join(self.info.tasks)}; pan needs {','.join(PANOPTIC_NEEDS)})")
-        if "pan" in self.tasks and panoptic is False:
-            raise ValueError("--tasks pan asks for the panoptic merge that panoptic=False switches off")
         # what postprocess computes: the asked tasks, and what the merge needs when it is asked for
         self.post_tasks = list(dict.fromkeys(self.tasks + (list(PANOPTIC_NEEDS) if "pan" in self.tasks else [])))
-        self.panoptic: PanopticSpec | None = None
-        if panoptic is not False and can_merge and all(t in self.post_tasks for t in PANOPTIC_NEEDS):
-            self.panoptic = panoptic if isinstance(panoptic, PanopticSpec) else PanopticSpec.from_meta(
-                self.info.category_ids, self.info.semantic_ids)
+        self.panoptic: PanopticSpec | None = None  # the merge rule in use (None: no merge)
+        if can_merge and all(t in self.post_tasks for t in PANOPTIC_NEEDS):
+            self.panoptic = (options.panoptic if options.panoptic is not None
+                             else PanopticSpec.from_meta(self.info.category_ids, self.info.semantic_ids))
+        self.options = replace(options, panoptic=self.panoptic)
         self.vocab = Vocabulary.from_list(self.info.vocab) if "cap" in self.tasks and self.info.vocab else None
         if "cap" in self.tasks and self.vocab is None:
             raise ValueError("the model has a caption head but no vocabulary in its metadata")
@@ -125,13 +123,14 @@ class Predictor:
         if not nms:
             return []
         notes = []
-        if self.conf_thres < nms["conf_thres"]:
-            notes.append(f"--conf-thres {self.conf_thres} is below the exported {nms['conf_thres']}, which applies")
-        if abs(self.iou_thres - nms["iou_thres"]) > 1e-9:
+        o = self.options
+        if o.conf_thres < nms["conf_thres"]:
+            notes.append(f"--conf-thres {o.conf_thres} is below the exported {nms['conf_thres']}, which applies")
+        if abs(o.iou_thres - nms["iou_thres"]) > 1e-9:
             notes.append(f"--iou-thres is fixed to the exported {nms['iou_thres']}")
-        if self.agnostic != nms["agnostic"]:
+        if o.agnostic != nms["agnostic"]:
             notes.append(f"--agnostic-nms is fixed to the exported {nms['agnostic']}")
-        if self.max_det > nms["max_det"]:
+        if o.max_det > nms["max_det"]:
             notes.append(f"--max-det is capped by the exported {nms['max_det']}")
         return notes
 
@@ -147,9 +146,8 @@ class Predictor:
         if "cap" in self.tasks:
             outputs["cap_tokens"] = self.backend.caption_tokens(outputs["cap_memory"], self.beam)
         t2 = time.perf_counter()
-        results = postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, boxes, self.conf_thres,
-                              self.iou_thres, self.max_det, self.classes, self.agnostic, tasks=self.post_tasks,
-                              vocab=self.vocab, panoptic=self.panoptic)
+        results = postprocess({k: torch.from_numpy(v) for k, v in outputs.items()}, boxes, self.options,
+                              tasks=self.post_tasks, vocab=self.vocab)
         paths = list(paths) if paths is not None else [None] * len(frames)
         indices = list(indices) if indices is not None else [None] * len(frames)
         if self.tracker is not None:

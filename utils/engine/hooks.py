@@ -307,7 +307,7 @@ class Pictures(Hook):
     def after_train(self, trainer: Trainer) -> None:
         opt = trainer.opt
         trainer.logger.finish(model=trainer.ema.ema, val_loader=trainer.val_loader, eval_result=trainer.last_eval,
-                              tasks=trainer.model.tasks, vocab=trainer.vocab, category_ids=trainer.data.category_ids,
+                              vocab=trainer.vocab, category_ids=trainer.data.category_ids,
                               results_csv=trainer.results_csv, balance=opt.balance, epoch=opt.epochs - 1)
 
 

@@ -14,6 +14,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +141,12 @@ class RunLogger:
         self.tb.flush()
 
     # --- after training --------------------------------------------------------------------------
-    def finish(self, *, model, val_loader, eval_result, tasks: Sequence[str], vocab, category_ids: list[int],
-               results_csv: Path, balance: str | None = None, epoch: int = 0) -> None:
+    def finish(self, *, model, val_loader, eval_result, vocab, category_ids: list[int], results_csv: Path,
+               balance: str | None = None, epoch: int = 0) -> None:
         """Every picture that needs the trained model or the whole run, then report.html; closes TensorBoard.
 
         Args:
-            model: the final EMA model (eval mode).
+            model: the final EMA model (eval mode); its ``tasks`` say which pictures apply.
             val_loader: the validation loader (its first batches are drawn).
             eval_result: the last validation's :class:`utils.eval.evaluators.EvalResult` (``None``: no curves).
         """
@@ -154,6 +155,7 @@ class RunLogger:
         t0 = time.perf_counter()
         self.join()
         if self.plots:
+            tasks = model.tasks
             if Path(results_csv).is_file():
                 self._safe("results", plots.plot_results, Path(results_csv), balance)
             self._safe("val_batches", self.val_batches, model, val_loader, vocab, "cap" in tasks)
@@ -175,7 +177,7 @@ class RunLogger:
         for i, batch in enumerate(val_loader):
             if i >= N_VAL_BATCHES:
                 break
-            preds = plots.predict_batch(model, batch, vocab, conf=DISPLAY_CONF)
+            preds = plots.predict_batch(model, batch, vocab, replace(plots.PREVIEW_OPTIONS, conf_thres=DISPLAY_CONF))
             plots.plot_val_batch(batch, preds, self.save_dir / f"val_batch{i}_labels.jpg",
                                  self.save_dir / f"val_batch{i}_pred.jpg", self.names, self.semantic_names,
                                  captions=captions, conf=DISPLAY_CONF)

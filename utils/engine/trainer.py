@@ -37,7 +37,7 @@ from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
 from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import EvalSettings, LabelSpace, evaluate
 from utils.loss.multitask import MultiTaskLoss
 from utils.ops.letterbox import to_float
 from utils.runtime.checkpoint import is_stripped, load_checkpoint
@@ -656,9 +656,9 @@ class Trainer:
         """Validates the EMA model into ``row`` and ``last_eval`` (rank 0)."""
         opt = self.opt
         self.logger.join()  # the val loader forks its workers: no picture mid-draw (see run())
-        res = evaluate(self.ema.ema, self.val_loader, self.val_set, self.data.category_ids, self.device,
-                       loss_fn=self.loss, progress=opt.progress, vocab=self.vocab,
-                       num_semantic=len(self.data.semantic_ids), semantic_ids=self.data.semantic_ids)
+        labels = LabelSpace(self.data.category_ids, len(self.data.semantic_ids), self.data.semantic_ids, self.vocab)
+        res = evaluate(self.ema.ema, self.val_loader, self.val_set, labels, self.device,
+                       settings=EvalSettings(progress=opt.progress), loss_fn=self.loss)
         row |= res.metrics
         self.last_eval = res
 

@@ -3,6 +3,8 @@ postprocess` (the Results detect.py also produces) -> one evaluator per task (:m
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -22,6 +24,7 @@ from utils.eval.evaluators import (
     SemanticEvaluator,
 )
 from utils.ops.letterbox import to_float
+from utils.ops.options import PredictOptions
 from utils.ops.panoptic import PanopticSpec
 from utils.ops.postprocess import head_outputs, postprocess
 from utils.tasks import PANOPTIC_NEEDS
@@ -73,46 +76,92 @@ def build_evaluators(model: Model, dataset: CocoDataset, owner: dict[int, SplitS
     return evaluators
 
 
+# Evaluation's thresholds: multi-label NMS at a low confidence, for the whole precision-recall curve (YOLOv5's val.py)
+EVAL_OPTIONS = PredictOptions(conf_thres=0.001, iou_thres=0.7, max_det=300, multi_label=True)
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """What the evaluated labels mean, beside the dataset's images.
+
+    Attributes:
+        category_ids: contiguous class index -> original category id (the data's ``category_ids``).
+        num_semantic: semantic classes scored (0: no semantic evaluation).
+        semantic_ids: semantic index -> original id, for the panoptic merge (``None``: ``model.meta``'s).
+        vocab: the caption vocabulary (``None``: captions are not scored).
+    """
+
+    category_ids: Sequence[int]
+    num_semantic: int = 0
+    semantic_ids: Sequence[int] | None = None
+    vocab: Vocabulary | None = None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How an evaluation runs (not what it scores).
+
+    Attributes:
+        half: FP16 input (a half model).
+        progress: a tqdm bar over the batches.
+        beam: caption beam width (default :data:`COCO_BEAM`; 1 = greedy).
+        semantic_at: ``"original"`` or ``"input"`` (see :func:`evaluate`).
+    """
+
+    half: bool = False
+    progress: bool = True
+    beam: int = COCO_BEAM
+    semantic_at: str = "original"
+
+
 @torch.no_grad()
-def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int], device: torch.device,
-             conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, half: bool = False,
-             loss_fn=None, progress: bool = True, vocab: Vocabulary | None = None, beam: int = COCO_BEAM,
-             num_semantic: int = 0, semantic_at: str = "original", semantic_ids: list[int] | None = None,
-             panoptic_stuff_area: int = 4096) -> EvalResult:
+def evaluate(model: Model, loader, dataset: CocoDataset, labels: LabelSpace, device: torch.device,
+             options: PredictOptions = EVAL_OPTIONS, settings: EvalSettings = EvalSettings(),
+             loss_fn=None) -> EvalResult:
     """Runs ``model`` over ``loader`` and scores every task it has (and the data labels).
 
     Each task is scored on the images that carry its labels, so ``dataset`` may join splits with
     different tasks (a ``val:`` list); image ids must be unique across them (:func:`image_splits`).
-    Predictions are :func:`~utils.ops.postprocess.postprocess` Results (multi-label NMS at ``conf_thres``,
-    ``iou_thres``, ``max_det``). Boxes and masks: COCOeval on original coordinates and ids, over the images
+    ``labels`` (:class:`LabelSpace`) says what the labels mean. Predictions are :func:`~utils.ops.postprocess.
+    postprocess` Results with ``options`` (default :data:`EVAL_OPTIONS`: multi-label NMS at ``conf_thres`` 0.001,
+    ``iou_thres`` 0.7, ``max_det`` 300). Boxes and masks: COCOeval on original coordinates and ids, over the images
     of splits with ``instances``. Semantic: mIoU / pixel accuracy over images with a semantic map; with
     ``semantic_at`` ``"original"`` (the default, the COCO-Stuff / ADE20K / Cityscapes protocol) the logits
     are mapped back through the letterbox, resized bilinearly to the original image and compared with the
     original PNG; ``"input"`` is a faster approximation at network input resolution on the letterboxed map
-    (padding ignored). Captions: BLEU / ROUGE-L / CIDEr-D of beam-search (``beam``, default :data:`COCO_BEAM`) or
-    greedy (1) captions against all references of the images that have references.
-    Panoptic (a det + inst + sem model with ``semantic_ids``, default ``model.meta``'s, and ``semantic_at``
-    ``"original"``): the Results' :func:`~utils.ops.panoptic.merge_panoptic` (default thresholds, stuff regions
-    under ``panoptic_stuff_area`` pixels dropped) scored as PQ / SQ / RQ over the images of splits with
-    panoptic ground truth (:class:`~utils.eval.evaluators.PanopticEvaluator`).
+    (padding ignored); both are ``settings.semantic_at``. Captions (with ``labels.vocab``): BLEU / ROUGE-L /
+    CIDEr-D of beam-search (``settings.beam``, default :data:`COCO_BEAM`) or greedy (1) captions against all
+    references of the images that have references.
+    Panoptic (a det + inst + sem model with ``labels.semantic_ids``, default ``model.meta``'s, and ``semantic_at``
+    ``"original"``): the Results' :func:`~utils.ops.panoptic.merge_panoptic` with ``options.panoptic`` (``None``:
+    the default rule of those ids, stuff regions under 4096 pixels dropped) scored as PQ / SQ / RQ over the
+    images of splits with panoptic ground truth (:class:`~utils.eval.evaluators.PanopticEvaluator`).
     ``loss_fn(outputs, batch) -> (loss, parts)`` adds validation losses as ``val/<part>`` keys when given.
     """
+    semantic_at, beam, vocab = settings.semantic_at, settings.beam, labels.vocab
     if semantic_at not in SEMANTIC_AT:
         raise ValueError(f"semantic_at must be one of {SEMANTIC_AT}, got {semantic_at!r}")
     owner = image_splits(dataset)
-    semantic_ids = semantic_ids if semantic_ids is not None else (getattr(model, "meta", None) or {}).get("semantic_ids")
-    spec = PanopticSpec.from_meta(category_ids, semantic_ids, stuff_area=panoptic_stuff_area) if semantic_ids else None
-    evaluators = build_evaluators(model, dataset, owner, category_ids, vocab, num_semantic, semantic_at, spec)
+    semantic_ids = labels.semantic_ids
+    if semantic_ids is None:
+        semantic_ids = (getattr(model, "meta", None) or {}).get("semantic_ids")
+    spec = options.panoptic
+    if spec is None and semantic_ids:
+        spec = PanopticSpec.from_meta(labels.category_ids, semantic_ids)
+    evaluators = build_evaluators(model, dataset, owner, list(labels.category_ids), vocab, labels.num_semantic,
+                                  semantic_at, spec)
     sem_eval = next((e for e in evaluators if isinstance(e, SemanticEvaluator)), None)
     pan_eval = next((e for e in evaluators if isinstance(e, PanopticEvaluator)), None)
+    batch_options = replace(options, panoptic=spec if pan_eval is not None else None)
     model.eval()
     result = EvalResult()
     seen: list[int] = []
     t_pre = t_inf = t_post = 0.0
     loss_sums: dict[str, float] = {}
-    for batch in tqdm(stall_guard(loader), total=len(loader), desc="val", disable=not progress, leave=False):
+    for batch in tqdm(stall_guard(loader), total=len(loader), desc="val", disable=not settings.progress,
+                      leave=False):
         t0 = time.perf_counter()
-        x = to_float(batch.images, device, half)
+        x = to_float(batch.images, device, settings.half)
         t1 = time.perf_counter()
         out = model(x)
         if device.type == "cuda":
@@ -129,9 +178,8 @@ def evaluate(model: Model, loader, dataset: CocoDataset, category_ids: list[int]
         for e in (sem_eval, pan_eval):
             if e is not None:
                 wanted = [a or b for a, b in zip(wanted, e.wanted(batch))]
-        results = postprocess(outputs, batch.letterboxes, conf_thres, iou_thres, max_det, multi_label=True,
-                              vocab=vocab, semantic_at=semantic_at, semantic_for=wanted,
-                              panoptic=spec if pan_eval is not None else None)
+        results = postprocess(outputs, batch.letterboxes, batch_options, vocab=vocab, semantic_at=semantic_at,
+                              semantic_for=wanted)
         for e in evaluators:
             e.process(batch, results)
         t3 = time.perf_counter()

@@ -2,33 +2,34 @@
 (:func:`non_max_suppression`) and inside an exported graph (:class:`BatchedNMS`, ONNX ``NonMaxSuppression``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from utils.ops.options import PredictOptions
 
-def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
-                        classes: list[int] | None = None, agnostic: bool = False, max_det: int = 300,
-                        multi_label: bool = False, max_nms: int = 30000, return_indices: bool = False
-                        ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+
+def non_max_suppression(pred: torch.Tensor, options: PredictOptions = PredictOptions(), max_nms: int = 30000,
+                        return_indices: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Filters ``(B, A, 4 + nc)`` predictions (``x1 y1 x2 y2`` then class probabilities).
 
     Args:
-        conf_thres: minimum class probability kept. iou_thres: NMS IoU threshold.
-        classes: keep only these class indices. agnostic: suppress across classes.
-        multi_label: one box may be kept for several classes (better mAP at low ``conf_thres``).
+        options: ``conf_thres`` (minimum class probability kept), ``iou_thres`` (NMS IoU threshold), ``classes``
+            (keep only these class indices), ``agnostic`` (suppress across classes), ``max_det`` and
+            ``multi_label`` (one box may be kept for several classes: better mAP at low ``conf_thres``);
+            ``options.panoptic`` is not used here.
+        max_nms: at most this many candidates (the best) enter NMS per image.
         return_indices: also return, per image, the anchor index of each kept box (to look up the
             instance head's mask coefficients of the same anchor).
     Returns: per image a ``(n, 6)`` tensor ``x1 y1 x2 y2 score class``, best first, ``n <= max_det``.
     """
+    conf_thres, iou_thres, classes = options.conf_thres, options.iou_thres, options.classes
     if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
         raise ValueError(f"conf_thres {conf_thres} and iou_thres {iou_thres} must be within [0, 1]")
     out, indices = [], []
     for p in pred:
         boxes, scores = p[:, :4], p[:, 4:]
-        if multi_label:
+        if options.multi_label:
             i, j = (scores > conf_thres).nonzero(as_tuple=True)
             det = torch.cat((boxes[i], scores[i, j, None], j[:, None].to(p.dtype)), 1)
         else:
@@ -41,23 +42,11 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
         if det.shape[0] > max_nms:
             k = det[:, 4].argsort(descending=True)[:max_nms]
             det, i = det[k], i[k]
-        group = torch.zeros_like(det[:, 5]) if agnostic else det[:, 5]
-        keep = batched_nms(det[:, :4].float(), det[:, 4].float(), group, iou_thres)[:max_det]
+        group = torch.zeros_like(det[:, 5]) if options.agnostic else det[:, 5]
+        keep = batched_nms(det[:, :4].float(), det[:, 4].float(), group, iou_thres)[:options.max_det]
         out.append(det[keep])
         indices.append(i[keep])
     return (out, indices) if return_indices else out
-
-
-@dataclass
-class NMSConfig:
-    """Thresholds baked into a graph with NMS (stored in its metadata as ``nms``)."""
-
-    conf_thres: float = 0.25
-    iou_thres: float = 0.45
-    max_det: int = 300
-    agnostic: bool = False
-
-
 
 
 class _NonMaxSuppression(torch.autograd.Function):
@@ -97,13 +86,15 @@ class BatchedNMS(nn.Module):
     """``det_pred (B, A, 4 + nc)`` -> fixed-size, score-sorted detections per image (traceable, dynamic batch).
 
     Same selection as :func:`utils.ops.nms.non_max_suppression` with ``multi_label=False``: each anchor competes
-    with its best class only (``agnostic``: across classes). Returns ``det_boxes (B, max_det, 4)`` in input
+    with its best class only (``agnostic``: across classes); ``cfg``'s ``conf_thres``, ``iou_thres``, ``max_det`` and
+    ``agnostic`` are baked in (``classes`` and ``multi_label`` are not: :func:`~utils.ops.postprocess.postprocess`
+    filters classes after it). Returns ``det_boxes (B, max_det, 4)`` in input
     pixels, ``det_scores (B, max_det)``, ``det_classes`` and ``det_anchor_index (B, max_det)`` int64 (the
     anchor row of each detection, to gather instance coefficients) and ``det_count (B,)``; rows past
     ``det_count`` are padding (boxes/scores 0, classes/indices -1).
     """
 
-    def __init__(self, cfg: NMSConfig):
+    def __init__(self, cfg: PredictOptions):
         super().__init__()
         self.cfg = cfg
 

@@ -19,7 +19,8 @@ from utils.ops.boxes import xyxy2xywh
 from utils.ops.letterbox import Letterbox, upsample_logits
 from utils.ops.masks import encode_rle, process_masks
 from utils.ops.nms import non_max_suppression
-from utils.ops.panoptic import Panoptic, PanopticSpec, merge_panoptic
+from utils.ops.options import PredictOptions
+from utils.ops.panoptic import Panoptic, merge_panoptic
 from utils.tasks import TASKS
 
 if TYPE_CHECKING:  # annotations only: ops does not depend on data at run time
@@ -109,20 +110,21 @@ def _semantic_indices(label: torch.Tensor, num_classes: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbox], conf_thres: float = 0.25,
-                iou_thres: float = 0.45, max_det: int = 300, classes: Sequence[int] | None = None,
-                agnostic: bool = False, multi_label: bool = False, tasks: Sequence[str] | None = None,
+def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbox],
+                options: PredictOptions = PredictOptions(), *, tasks: Sequence[str] | None = None,
                 vocab: Vocabulary | None = None, at: str = "original", semantic_at: str | None = None,
-                semantic_for: Sequence[bool] | None = None, panoptic: PanopticSpec | None = None) -> list[Result]:
+                semantic_for: Sequence[bool] | None = None) -> list[Result]:
     """Named head outputs of a batch (tensors, any device) + per-image letterboxes -> one :class:`Result` each.
 
     Args:
         outputs: graph output names -> tensors (:func:`head_outputs`, or a backend's arrays as tensors):
-            raw ``det_pred`` goes through :func:`~utils.ops.nms.non_max_suppression` with ``conf_thres``,
-            ``iou_thres``, ``classes``, ``agnostic``, ``max_det`` and ``multi_label``; in-graph NMS outputs
-            (``det_count`` ...) are filtered further by ``conf_thres``, ``classes`` and ``max_det``.
-            ``cap_tokens`` ``(B, L)``, when present, become ``Result.tokens`` (and words with ``vocab``).
+            raw ``det_pred`` goes through :func:`~utils.ops.nms.non_max_suppression` with ``options``;
+            in-graph NMS outputs (``det_count`` ...) are filtered further by its ``conf_thres``, ``classes`` and
+            ``max_det``. ``cap_tokens`` ``(B, L)``, when present, become ``Result.tokens`` (and words with ``vocab``).
         letterboxes: per image, how it became the input (all of one batch share ``input_shape``).
+        options: thresholds and limits (:class:`~utils.ops.options.PredictOptions`); with ``options.panoptic``
+            the masks and the semantic map are merged into ``Result.panoptic`` where they share a space
+            (``None``: no merge).
         tasks: which results to produce (default: every output present); masks need ``det`` boxes and
             are produced when ``inst`` is asked for.
         at: ``"original"`` maps everything back to the original image; ``"input"`` leaves it in letterboxed
@@ -145,10 +147,9 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
     idx: list[torch.Tensor] = []
     if "det" in tasks or "inst" in tasks:  # masks need the boxes
         if "det_pred" in outputs:
-            dets, idx = non_max_suppression(outputs["det_pred"].float(), conf_thres, iou_thres, classes, agnostic,
-                                            max_det, multi_label=multi_label, return_indices=True)
+            dets, idx = non_max_suppression(outputs["det_pred"].float(), options, return_indices=True)
         elif "det_count" in outputs:
-            dets, idx = _graph_detections(outputs, conf_thres, max_det, classes)
+            dets, idx = _graph_detections(outputs, options.conf_thres, options.max_det, options.classes)
     want_masks = "inst" in tasks and "inst_coeffs" in outputs and bool(dets)
     sem_logits = None
     sem_for = [True] * n_img if semantic_for is None else [bool(v) for v in semantic_for]
@@ -174,8 +175,8 @@ def postprocess(outputs: dict[str, torch.Tensor], letterboxes: Sequence[Letterbo
             logits = sem_logits[i]
             label = lb.labels_to_original(logits) if semantic_at == "original" else logits.argmax(0)
             r.semantic = _semantic_indices(label, logits.shape[0])
-        if panoptic is not None and r.masks is not None and r.semantic is not None and semantic_at == at:
-            r.panoptic = merge_panoptic(r.masks, r.scores, r.classes, r.semantic, panoptic)
+        if options.panoptic is not None and r.masks is not None and r.semantic is not None and semantic_at == at:
+            r.panoptic = merge_panoptic(r.masks, r.scores, r.classes, r.semantic, options.panoptic)
         if token_rows is not None:
             r.tokens = np.asarray(token_rows[i], np.int64)
             r.caption = vocab.decode(token_rows[i]) if vocab is not None else None

@@ -115,28 +115,44 @@ def _legend_rows(entries: list[tuple[int, str]], width: int) -> list[list[tuple[
     return rows
 
 
+@dataclass(frozen=True)
+class MosaicLayout:
+    """The size limits of a :func:`draw_mosaic` grid.
+
+    Attributes:
+        max_images: tiles drawn at most.
+        max_width: the grid's width cap in pixels (tiles shrink to fit).
+        min_tile: small inputs (tests use 64 px) are enlarged to this so labels and text stay readable.
+        max_lines: lines per text item (a runaway predicted caption must not push the reference out).
+    """
+
+    max_images: int = 16
+    max_width: int = 1920
+    min_tile: int = 192
+    max_lines: int = 4
+
+
 def draw_mosaic(images: np.ndarray | torch.Tensor, tiles: list[TileLabels], names: Sequence[str],
-                semantic_names: Sequence[str] = (), max_images: int = 16, max_width: int = 1920,
-                min_tile: int = 192, title: str = "", max_lines: int = 4) -> np.ndarray:
-    """A grid of up to ``max_images`` labelled tiles with their text lines under each, and a legend of the
+                semantic_names: Sequence[str] = (), title: str = "",
+                layout: MosaicLayout = MosaicLayout()) -> np.ndarray:
+    """A grid of up to ``layout.max_images`` labelled tiles with their text lines under each, and a legend of the
     semantic classes shown. Returns a BGR image.
 
     Args:
         images: ``(B, 3, H, W)`` uint8 RGB (a ``Batch``'s images).
         tiles: what to draw on each image (same order).
-        min_tile: small inputs (tests use 64 px) are enlarged to this so labels and text stay readable.
-        max_lines: lines per text item (a runaway predicted caption must not push the reference out).
+        layout: the grid's size limits (:class:`MosaicLayout`).
     """
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
-    n = min(len(images), len(tiles), max_images)
+    n = min(len(images), len(tiles), layout.max_images)
     H, W = images.shape[2:]
     cols = math.ceil(math.sqrt(n)) if n else 1
     rows = math.ceil(n / cols) if n else 1
-    f = min(max(min_tile / max(H, W), 1.0), max_width / (cols * W))  # enlarge small inputs, cap the width
+    f = min(max(layout.min_tile / max(H, W), 1.0), layout.max_width / (cols * W))  # enlarge small inputs, cap the width
     tw, th = max(1, int(round(W * f))), max(1, int(round(H * f)))
     text_lines = [[(ln, col) for t, col in tl.text
-                   for ln in clip_lines(wrap_text(t, tw - 8, TEXT_SCALE), max_lines, tw - 8, TEXT_SCALE)]
+                   for ln in clip_lines(wrap_text(t, tw - 8, TEXT_SCALE), layout.max_lines, tw - 8, TEXT_SCALE)]
                   for tl in tiles[:n]]
     text_h = (max([len(t) for t in text_lines] + [0]) * LINE_H + 6) if any(text_lines) else 0
     cell_h = th + text_h

@@ -25,6 +25,7 @@ import torch
 from utils.data.vocab import Vocabulary, tokenize
 from utils.eval.curves import Curves, normalize_rows
 from utils.ops.letterbox import to_float
+from utils.ops.options import PredictOptions
 from utils.ops.postprocess import Result, head_outputs, postprocess
 from utils.tasks import ALL_TASKS, IGNORE_INDEX, is_metric_key, task_of_key
 from utils.viz.draw import GREY, SEMANTIC_PALETTE, WHITE, YELLOW, box_color
@@ -396,6 +397,10 @@ def plot_train_batch(batch: Batch, path: Path, names: list[str], semantic_names:
     return Path(path)
 
 
+# the pictures' predictions: detect.py's thresholds, at most 100 boxes a tile
+PREVIEW_OPTIONS = PredictOptions(conf_thres=0.25, iou_thres=0.45, max_det=100)
+
+
 @dataclass
 class BatchPredictions:
     """Display predictions of one batch: per image a :class:`~utils.ops.postprocess.Result` in input pixels (the
@@ -407,21 +412,21 @@ class BatchPredictions:
 
 
 @torch.no_grad()
-def predict_batch(model, batch: Batch, vocab: Vocabulary | None = None, conf: float = 0.25,
-                  iou: float = 0.45, max_det: int = 100) -> BatchPredictions:
+def predict_batch(model, batch: Batch, vocab: Vocabulary | None = None,
+                  options: PredictOptions = PREVIEW_OPTIONS) -> BatchPredictions:
     """Runs ``model`` (eval mode) on a batch through the same :func:`~utils.ops.postprocess.postprocess` as
-    evaluation and detect.py, kept in input pixels to draw on the letterboxed tiles: boxes above ``conf`` after
-    NMS (one class per box, as detect.py), their masks, the semantic map (padding set to 255 so it is not
-    coloured) and the greedy caption."""
+    evaluation and detect.py, kept in input pixels to draw on the letterboxed tiles: boxes above
+    ``options.conf_thres`` after NMS (one class per box, as detect.py; default :data:`PREVIEW_OPTIONS`), their
+    masks, the semantic map (padding set to 255 so it is not coloured) and the greedy caption."""
     model.eval()
     device = next(model.parameters()).device
     out = model(to_float(batch.images, device))
-    results = postprocess(head_outputs(out), batch.letterboxes, conf, iou, max_det, vocab=vocab, at="input")
+    results = postprocess(head_outputs(out), batch.letterboxes, options, vocab=vocab, at="input")
     for r in results:
         if r.semantic is not None:
             r.semantic = r.letterbox.fill_padding(r.semantic, IGNORE_INDEX)
     max_conf = out.det.pred[..., 4:].float().amax((1, 2)).tolist() if out.det is not None else [0.0] * len(batch)
-    return BatchPredictions(results=results, max_conf=max_conf, conf=conf)
+    return BatchPredictions(results=results, max_conf=max_conf, conf=options.conf_thres)
 
 
 def plot_val_batch(batch: Batch, preds: BatchPredictions, labels_path: Path, pred_path: Path, names: list[str],
