@@ -60,7 +60,9 @@ class Model(nn.Module):
 
     def forward(self, x: torch.Tensor, **head_inputs: Any) -> Outputs:
         """Runs the body once and every head on it. ``head_inputs`` go to heads that take extra inputs
-        (e.g. ``captions=`` token ids for teacher forcing), keyed by task in ``head.extra_inputs``."""
+        (e.g. ``captions=`` token ids for teacher forcing), keyed by task in ``head.extra_inputs``; a head whose
+        ``extra_inputs`` has ``det_classes`` also gets the detection head's class maps (``class_maps``) when the
+        detection head is built and comes before it in the cfg."""
         cache: list[torch.Tensor | None] = []
         out = Outputs()
         for i, (layer, src) in enumerate(zip(self.layers, self.sources)):
@@ -70,7 +72,10 @@ class Model(nn.Module):
             inp = [x if j == -1 else cache[j] for j in src]
             task = next((t for t, k in self.head_index.items() if k == i), None)
             if task is not None:
-                extra = {k: v for k, v in head_inputs.items() if k in getattr(layer, "extra_inputs", ())}
+                wants = getattr(layer, "extra_inputs", ())
+                extra = {k: v for k, v in head_inputs.items() if k in wants}
+                if "det_classes" in wants and out.det is not None:  # a head reading the detector's classes
+                    extra["det_classes"] = self.head("det").class_maps(out.det)
                 setattr(out, task, layer(inp, **extra))
                 cache.append(None)
                 continue

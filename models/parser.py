@@ -160,7 +160,7 @@ def registry() -> dict[str, ModuleSpec]:
         "ImplicitC": ModuleSpec(1, 2, _implicit_concat),
     }
     for name, cls in HEADS.items():
-        reg[name] = ModuleSpec(0, 4, lambda ctx, *a, _cls=cls: _head(ctx, _cls, *a))
+        reg[name] = ModuleSpec(0, 5, lambda ctx, *a, _cls=cls: _head(ctx, _cls, *a))
     return reg
 
 

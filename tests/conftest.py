@@ -33,9 +33,9 @@ def tiny_cfg(base: str = "yolor-mt.yaml", **overrides) -> dict:
     d = yaml.safe_load((CFG_DIR / base).read_text())
     d.pop("scales"), d.pop("scale")
     d.update(TINY_SCALE)
-    for row in d["heads"]:  # a small caption decoder: d_model 32, one layer, 4 attention heads
+    for row in d["heads"]:  # a small caption decoder: d_model 32, one layer, 4 attention heads; the row's flags kept
         if row[2] == "CaptionHead":
-            row[3] = [32, 1, 4]
+            row[3] = [32, 1, 4] + list(row[3][3:])
     d.update(overrides)
     return d
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.heads.caption import CaptionHead, CaptionOutput
+from models.heads.caption import CaptionHead, CaptionOutput, sine_position_2d
 from models.implicit import Implicit
 from utils.data.vocab import BOS, EOS, PAD, UNK, UNK_WORD, Vocabulary, tokenize
 from utils.deploy.caption_decode import greedy_decode
@@ -569,3 +569,38 @@ def test_multitask_head_inputs_name_the_captioned_images(vocab):
     assert loss.head_inputs(batch([True, True]), 0)["caption_index"].tolist() == []
     loss.scst_xe = 0.5
     assert loss.head_inputs(batch([True, True]), 0)["caption_index"].tolist() == [0, 1]
+
+
+def test_object_tokens_are_the_detectors_class_map_peaks():
+    """``objects``: the memory ends with that many tokens, one per peak of the detector's class maps of at least
+    OBJECT_MIN_SCORE (its best class probability the maximum of its 3x3 neighbourhood), in the order of their cells:
+    the finest level's token at the peak's centre plus its class and score embeddings; the places no peak fills
+    carry the object embedding alone. Without class maps the memory is the grid."""
+    from models.heads.caption import OBJECT_MIN_SCORE
+
+    torch.manual_seed(0)
+    head = CaptionHead(3, CH, STRIDES, 32, 1, 4, False, 4, vocab_size=20, max_len=MAX_LEN).eval()
+    xs = feats()
+    fine, coarse = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)
+    fine[0, 1, 2, 3] = 0.9    # a peak, class 1
+    fine[0, 0, 2, 4] = 0.5    # its neighbour: no peak
+    fine[0, 2, 6, 6] = OBJECT_MIN_SCORE / 2  # a peak, but background
+    coarse[0, 2, 1, 1] = 0.95  # a peak at stride 16, the stronger: its centre is the fine cell (3, 3)
+    fine[1, 0, 0, 0] = 0.3    # image 1: one peak
+    with torch.no_grad():
+        grid = head.encode(xs)
+        memory = head.encode(xs, [fine, coarse])
+        assert grid.shape == (2, 64 + 16, 32) and memory.shape == (2, 64 + 16 + 4, 32)
+        tokens = head.proj[0](head.task_in[0](xs[0])).flatten(2).transpose(1, 2)
+        tokens = tokens + sine_position_2d(8, 8, 32) + head.level_embed[0]
+
+        def obj(image, cell, prob):
+            p = torch.tensor(prob)
+            return tokens[image, cell] + head.class_embed(p) + p.max() * head.score_embed + head.object_embed
+
+        expected = torch.stack([
+            torch.stack([obj(0, 2 * 8 + 3, [0, 0.9, 0]), obj(0, 3 * 8 + 3, [0, 0, 0.95]), head.object_embed,
+                         head.object_embed]),
+            torch.stack([obj(1, 0, [0.3, 0, 0])] + [head.object_embed] * 3)])
+        torch.testing.assert_close(memory[:, 80:], head.memory_norm(expected), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(memory[:, :80], grid)

@@ -172,3 +172,38 @@ def test_implicit_parameters_have_no_weight_decay():
             assert g["weight_decay"] == 0.0
     n_opt = sum(len(g["params"]) for g in opt.param_groups)
     assert n_opt == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("det_head", ["Detect", "DetectAnchor"])
+def test_caption_memory_reads_the_detector_without_training_it(det_head):
+    """The default cfg's caption head reads the detection head's class maps (its object tokens): the caption loss
+    trains their embedding, and no gradient of it reaches the detector's class branch (the maps are detached),
+    while the shared body still gets one. The maps are the detector's own decoded class probabilities."""
+    torch.manual_seed(0)
+    d = tiny_cfg()
+    tasks = None
+    if det_head == "DetectAnchor":
+        d["heads"][0][2], tasks = det_head, ["det", "sem", "cap"]
+    model = Model(d, nc=5, tasks=tasks, head_kwargs=HEAD_KW)
+    cap, det = model.head("cap"), model.head("det")
+    assert cap.objects > 0
+    cls_branch = det.cls_out if det_head == "Detect" else det.out
+    with torch.no_grad():  # confident classes, so the maps have peaks over OBJECT_MIN_SCORE
+        for conv in cls_branch:
+            conv.conv.bias.fill_(2.0)
+    out = model(torch.rand(2, 3, 64, 64), captions=torch.randint(4, 40, (2, 7)))
+    out.cap.logits.float().pow(2).mean().backward()
+    assert cap.class_embed.weight.grad is not None and cap.class_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in cls_branch.parameters())
+    assert model.layers[4].cv1.conv.weight.grad.abs().sum() > 0  # backbone P3, which the memory reads
+    model.eval()
+    with torch.no_grad():
+        pred = model(torch.rand(1, 3, 64, 64)).det
+        maps = det.class_maps(pred)
+    per_anchor = 1 if det_head == "Detect" else det.na
+    start = 0
+    for m in maps:
+        h, w = m.shape[2:]
+        level = pred.pred[0, start:start + per_anchor * h * w, 4:].view(per_anchor, h * w, -1).amax(0)
+        torch.testing.assert_close(m[0].flatten(1).T, level)
+        start += per_anchor * h * w

@@ -19,9 +19,10 @@ ORDER = ("n", "s", "m", "l", "x")
 COCO_HEADS = {"sem": {"num_classes": 171}, "cap": {"vocab_size": 10000, "max_len": 24}}
 # Scale n's head args and parameter count (COCO's counts) before heads followed the scale: the nano results and
 # the peer table were measured with exactly these.
-N_ARGS = {"InstanceHead": [32, 32], "SemanticHead": [64, 8], "CaptionHead": [128, 2, 4]}
-# The caption memory then gained the backbone's P3 level: its 64 -> 128 projection, implicit gate and level embedding.
-N_PARAMS = 6_217_126 + 8_320 + 64 + 128
+N_ARGS = {"InstanceHead": [32, 32], "SemanticHead": [64, 8], "CaptionHead": [128, 2, 4, False, 20]}
+# The caption memory then gained the backbone's P3 level: its 64 -> 128 projection, implicit gate and level embedding;
+# then 20 object tokens: the embeddings of their 80 class probabilities (80 x 128, no bias), score and kind.
+N_PARAMS = 6_217_126 + 8_320 + 64 + 128 + 80 * 128 + 128 + 128
 
 
 def head_args(scale: str) -> dict[str, list]:
@@ -65,7 +66,7 @@ def test_rows_keep_their_args_without_a_scale_name():
     d.pop("scales"), d.pop("scale")
     d.update(depth_multiple=0.33, width_multiple=0.125)
     rows = {r[2]: list(r[3]) for r in load_cfg(d)["heads"]}
-    assert rows["InstanceHead"] == [32, 32] and rows["CaptionHead"] == [128, 2, 4]
+    assert rows["InstanceHead"] == [32, 32] and rows["CaptionHead"] == [128, 2, 4, False, 20]
 
 
 @pytest.mark.parametrize("change, match", [
@@ -118,7 +119,7 @@ def test_scales_benchmark_prints_a_row_per_scale(capsys):
     assert len(rows) == 2
     totals = [float(r.split("|")[7].split("/")[0]) for r in rows]  # the total column's params (M)
     assert totals[1] > totals[0]
-    assert "s: inst[32, 64] sem[128, 8] cap[256, 2, 8, True]" in out
+    assert "s: inst[32, 64] sem[128, 8] cap[256, 2, 8, True, 20]" in out
     assert "| 3.4 / 12.6 | 2.7 / 9.1 |" in rows[0]  # the published peers of the same letter
 
 

@@ -3,8 +3,9 @@
 Every input level is gated by this head's own implicit representation (``TaskInput``), projected by a
 1x1 conv to ``d_model`` and flattened into one memory sequence. Each memory token gets a 2-D sinusoidal
 encoding of its position in *normalized* image coordinates, so a place in the image has the same code on
-every level, plus a learned level embedding that tells the levels apart. A pre-norm decoder then reads
-word embeddings + learned positions under a causal mask.
+every level, plus a learned level embedding that tells the levels apart. With ``objects`` the memory also ends
+with that many object tokens, read off the detection head's class maps (GRIT's object features, from our own
+detector). A pre-norm decoder then reads word embeddings + learned positions under a causal mask.
 
 Token layout (shared with ``utils/data/vocab.py`` and ``utils/loss/caption.py``): ``<pad>`` = 0, ``<bos>`` = 1,
 ``<eos>`` = 2. Training ids are ``[<bos>, w1, ..., wn, <eos>, <pad>...]``; the decoder is fed ``ids[:, :-1]``
@@ -29,6 +30,8 @@ from torch import nn
 
 from models.heads.base import TaskInput
 from utils.tasks import BOS, EOS, NEVER_GENERATED, PAD
+
+OBJECT_MIN_SCORE = 0.1  # a class-map peak under this is background, not an object token (see CaptionHead.objects)
 
 
 @dataclass
@@ -174,6 +177,13 @@ class CaptionHead(nn.Module):
             ``d_model % heads == 0``).
         tie: the output projection's weight is the word embedding (Press & Wolf 2017, as the Transformer): half the
             ``2 * vocab_size * d_model`` parameters the two cost untied, most of a small decoder at COCO's 10k words.
+        objects: how many object tokens the memory gets besides the grid (0: none), GRIT's object features made
+            from this network's own detector: the ``objects`` strongest peaks of the detection head's class maps
+            (``det_classes``; a cell whose best class probability is the maximum of its 3x3 neighbourhood), each the
+            finest level's token at the peak's place plus embeddings of its class probabilities and its score. The
+            decoder then finds an object's kind, colour and the objects' number in a few tokens instead of
+            attending its way to them over the whole grid. No gradient reaches the detector through them. A model
+            built without a detection head (captions alone) has the grid only.
         vocab_size: output classes; must equal ``len(vocab)`` of the ``Vocabulary`` used for training.
         max_len: longest id sequence, ``<bos>`` and ``<eos>`` included (as in ``Vocabulary.encode``).
         dropout: decoder dropout.
@@ -181,11 +191,11 @@ class CaptionHead(nn.Module):
     """
 
     task = "cap"
-    extra_inputs = ("captions", "caption_index")
+    extra_inputs = ("captions", "caption_index", "det_classes")
 
     def __init__(self, nc: int, ch: list[int], strides: list[float], d_model: int = 128, layers: int = 2,
-                 heads: int = 4, tie: bool = False, vocab_size: int = 1000, max_len: int = 24,
-                 dropout: float = 0.1, form: str = "vector"):
+                 heads: int = 4, tie: bool = False, objects: int = 0, vocab_size: int = 1000,
+                 max_len: int = 24, dropout: float = 0.1, form: str = "vector"):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
@@ -199,6 +209,11 @@ class CaptionHead(nn.Module):
         # The decoder's pre-norm only normalizes its own stream; memory enters cross-attention as is, so
         # it is normalized here (neck activations have arbitrary scale).
         self.memory_norm = nn.LayerNorm(d_model)
+        self.objects = int(objects)
+        if self.objects:
+            self.class_embed = nn.Linear(nc, d_model, bias=False)
+            self.score_embed = nn.Parameter(torch.zeros(d_model))
+            self.object_embed = nn.Parameter(torch.zeros(d_model))
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
         self.pos = nn.Embedding(max_len, d_model)
         layer = nn.TransformerDecoderLayer(d_model, heads, 4 * d_model, dropout, activation="gelu",
@@ -212,6 +227,9 @@ class CaptionHead(nn.Module):
 
     def _reset_parameters(self) -> None:
         nn.init.normal_(self.level_embed, std=0.02)
+        if self.objects:
+            nn.init.normal_(self.score_embed, std=0.02)
+            nn.init.normal_(self.object_embed, std=0.02)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
         nn.init.normal_(self.out.weight, std=0.02)  # tied: this redraws the one shared tensor (the same std)
@@ -220,17 +238,51 @@ class CaptionHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     # ------------------------------------------------------------------------------------------------
-    def encode(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        """Input feature maps -> ``(B, S, d_model)`` memory, ``S = sum(H_i * W_i)``."""
+    def encode(self, xs: list[torch.Tensor], det_classes: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Input feature maps -> ``(B, S, d_model)`` memory, ``S = sum(H_i * W_i)``, plus ``objects`` object
+        tokens when the detector's ``(B, nc, H, W)`` class maps ``det_classes`` are given (see the class doc)."""
         if len(xs) != self.nl:
             raise ValueError(f"CaptionHead expects {self.nl} input levels, got {len(xs)}")
-        tokens = []
+        grids = []
         for i, x in enumerate(xs):
             y = self.proj[i](self.task_in[i](x))  # (B, d, H, W)
             b, d, h, w = y.shape
             pos = sine_position_2d(h, w, d, y.device, y.dtype)
-            tokens.append(y.flatten(2).transpose(1, 2) + pos + self.level_embed[i].to(y.dtype))
-        return self.memory_norm(torch.cat(tokens, 1))
+            grids.append(y.flatten(2).transpose(1, 2) + pos + self.level_embed[i].to(y.dtype))
+        if self.objects and det_classes:
+            finest = min(range(self.nl), key=lambda i: self.strides[i])
+            grids.append(self.object_tokens(grids[finest], xs[finest].shape[2:], det_classes))
+        return self.memory_norm(torch.cat(grids, 1))
+
+    def object_tokens(self, grid: torch.Tensor, size: tuple[int, int], det_classes: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, objects, d)`` tokens of the strongest class-map peaks: ``grid`` ``(B, H * W, d)`` (the finest level's
+        tokens, ``size`` its ``(H, W)``) at each peak's centre, plus its class and score embeddings and the object
+        embedding, in the order of their cells. A peak scores its best class probability; a place with no peak of
+        at least ``OBJECT_MIN_SCORE`` left carries the object embedding alone, so which candidates fill it does not
+        change the memory."""
+        (h0, w0), dev = size, grid.device
+        scores, cells, probs = [], [], []
+        for p in det_classes:
+            b, nc, h, w = p.shape
+            best = p.amax(1, keepdim=True)
+            peak = (best == F.max_pool2d(best, 3, 1, 1)) & (best >= OBJECT_MIN_SCORE)
+            best = torch.where(peak, best, torch.zeros_like(best))
+            row = ((torch.arange(h, device=dev) + 0.5) * (h0 / h)).long().clamp(max=h0 - 1)  # the finest level's
+            col = ((torch.arange(w, device=dev) + 0.5) * (w0 / w)).long().clamp(max=w0 - 1)  # cell at its centre
+            scores.append(best.flatten(1))
+            cells.append((row[:, None] * w0 + col[None]).flatten().expand(b, -1))
+            probs.append(p.flatten(2).transpose(1, 2))
+        n = sum(s.shape[1] for s in scores)
+        score, top = torch.cat(scores, 1).topk(min(self.objects, n), 1)
+        # the peaks in the order of their cells, not of their scores: a rounding-size change of two scores (a
+        # fused or exported model) then leaves the memory as it was
+        order = torch.where(score > 0, top, torch.full_like(top, n)).argsort(1)
+        score, top = score.gather(1, order), top.gather(1, order)
+        cell = torch.cat(cells, 1).gather(1, top)
+        prob = torch.cat(probs, 1).gather(1, top[..., None].expand(-1, -1, probs[0].shape[-1])).to(grid.dtype)
+        found = grid.gather(1, cell[..., None].expand(-1, -1, grid.shape[-1])) + self.class_embed(prob)
+        score = score.to(grid.dtype)[..., None]
+        return (score > 0) * (found + score * self.score_embed) + self.object_embed.to(grid.dtype)
 
     def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``(N, T)`` ids at positions ``start ..`` -> ``(N, T, d_model)`` scaled word embeddings + learned positions."""
@@ -358,13 +410,15 @@ class CaptionHead(nn.Module):
         return tokens.view(b, k, -1)[torch.arange(b, device=dev), best]
 
     def forward(self, xs: list[torch.Tensor], captions: torch.Tensor | None = None,
-                caption_index: torch.Tensor | None = None) -> CaptionOutput:
+                caption_index: torch.Tensor | None = None,
+                det_classes: list[torch.Tensor] | None = None) -> CaptionOutput:
         """``captions``: ``(B, T)`` token ids for teacher forcing (``logits`` ``(B, T-1, V)`` for ids ``1..T-1``),
         or ``(B, R, T)`` for R references per image (``logits`` ``(B, R, T-1, V)``); without them an eval-mode
         head greedy-decodes ``tokens``. ``caption_index`` ``(n,)``: teacher-force only these rows (the images
         that have captions: in training most of the others are strong views whose captions were dropped), so
-        ``logits`` has ``n`` rows, ``index`` says which; none when it is empty."""
-        memory = self.encode(xs)
+        ``logits`` has ``n`` rows, ``index`` says which; none when it is empty. ``det_classes``: see
+        :meth:`encode`."""
+        memory = self.encode(xs, det_classes)
         if captions is not None:
             captions = captions.to(memory.device)
             mem = memory

@@ -82,6 +82,10 @@ class Detect(nn.Module):
             return DetOutput(feats)
         return DetOutput(feats, self.decode(feats))
 
+    def class_maps(self, out: DetOutput) -> list[torch.Tensor]:
+        """Per level ``(B, nc, H, W)`` class probabilities of ``out`` (what the caption head reads), no gradient."""
+        return [f[:, 4 * self.reg_max:].detach().sigmoid() for f in out.feats]
+
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Raw maps -> ``(B, A, 4 + nc)`` boxes in input pixels and class probabilities."""
         b = feats[0].shape[0]

@@ -95,6 +95,16 @@ class DetectAnchor(nn.Module):
         b, _, h, w = f.shape
         return f.view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2)
 
+    def class_maps(self, out: DetOutput) -> list[torch.Tensor]:
+        """Per level ``(B, nc, H, W)`` class probabilities of ``out`` (objectness x class, the likeliest anchor of
+        each cell; what the caption head reads), no gradient."""
+        maps = []
+        for f in out.feats:
+            b, _, h, w = f.shape
+            x = f.detach().view(b, self.na, self.no, h, w)
+            maps.append((x[:, :, 4:5].sigmoid() * x[:, :, 5:].sigmoid()).amax(1))
+        return maps
+
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Raw maps -> ``(B, A, 4 + nc)``: ``x1 y1 x2 y2`` in input pixels, then ``objectness * class``.
 

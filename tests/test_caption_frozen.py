@@ -1,0 +1,55 @@
+"""benchmarks.caption_frozen: a caption head trained on a checkpoint's frozen features, read as caption_content reads."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+import yaml
+
+import train as train_script
+from benchmarks import caption_frozen
+from models.heads.caption import CaptionHead
+from tests.conftest import tiny_cfg, train_args
+from utils.data.vocab import Vocabulary
+from utils.eval.metrics.caption_content import ContentReader
+from utils.loss.caption import CaptionLoss
+
+
+def test_single_object_reads_count_kind_and_colour_on_one_object_images():
+    reader = ContentReader(["circle", "star"], ["red", "blue"])
+    truths = {1: (("red", "circle"),), 2: (("blue", "star"),), 3: (("red", "circle"), ("blue", "star"))}
+    captions = {1: "a red circle on sand", 2: "a red circle", 3: "a red circle and a blue star"}
+    assert caption_frozen.single_object_reads(captions, truths, reader) == {"images": 2, "kind": 1, "colour": 1}
+
+
+def test_train_head_fits_the_references_of_fixed_inputs():
+    torch.manual_seed(0)
+    refs = [["a red circle"], ["two blue stars"]]
+    vocab = Vocabulary.build([r for rs in refs for r in rs], min_count=1)
+    head = CaptionHead(3, [8], [8], 32, 1, 4, False, 2, vocab_size=len(vocab), max_len=8, dropout=0.0)
+    levels = [torch.randn(2, 8, 4, 4)]
+    classes = [torch.zeros(2, 3, 4, 4)]
+    classes[0][0, 1, 1, 1] = 0.9
+    losses = []
+    caption_frozen.train_head(head, [(levels, classes, refs, [0, 1])], CaptionLoss(vocab, {"cap_max_len": 8}), 3e-3,
+                              60, False, lambda step, ce: losses.append(ce))
+    assert len(losses) == 60 and losses[-1] < 0.5 * losses[0]
+    head.eval()
+    assert vocab.decode_batch(head(levels, det_classes=classes).tokens) == ["a red circle", "two blue stars"]
+
+
+def test_main_prints_a_row_per_report(tiny_data, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_cfg()))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train_script.main(train_args(cfg, tiny_data, tmp_path / "runs", 1)) == 0
+    weights = str(tmp_path / "runs/exp/weights/last.pt")
+    for extra, says in ((["--fresh"], "fresh, grid + 20 object tokens"), (["--grid-only"], "continued, grid only")):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert caption_frozen.main(["--weights", weights, "--data", str(tiny_data), "--img", "64",
+                                        "--batch-size", "8", "--steps", "3", "--report", "2", *extra]) == 0
+        lines = out.getvalue().splitlines()
+        assert says in lines[0]
+        assert [int(line.split()[0]) for line in lines[2:]] == [0, 2, 3]
