@@ -102,6 +102,16 @@ def train_head(head: CaptionHead, train: list[Inputs], loss_fn: CaptionLoss, lr:
         report(step + 1, parts["ce"])
 
 
+def fresh_copy(head: CaptionHead, seed: int) -> CaptionHead:
+    """A newly initialized head of ``head``'s size (seeded)."""
+    torch.manual_seed(seed)
+    nc = head.class_embed.in_features if head.objects else 0
+    layer = head.decoder.layers[0]
+    return CaptionHead(nc, [t.conv.in_channels for t in head.proj], head.strides, head.d_model,
+                       len(head.decoder.layers), layer.self_attn.num_heads, head.tie, head.objects,
+                       vocab_size=head.vocab_size, max_len=head.max_len, dropout=layer.dropout.p)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True)
@@ -145,16 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     report(0, float("nan"))
     train_head(head, train, loss_fn, float(hyp.get("lr0_adamw", 0.002)), opt.steps, opt.grid_only, report)
     return 0
-
-
-def fresh_copy(head: CaptionHead, seed: int) -> CaptionHead:
-    """A newly initialized head of ``head``'s size (seeded)."""
-    torch.manual_seed(seed)
-    nc = head.class_embed.in_features if head.objects else 0
-    layer = head.decoder.layers[0]
-    return CaptionHead(nc, [t.conv.in_channels for t in head.proj], head.strides, head.d_model,
-                       len(head.decoder.layers), layer.self_attn.num_heads, head.tie, head.objects,
-                       vocab_size=head.vocab_size, max_len=head.max_len, dropout=layer.dropout.p)
 
 
 if __name__ == "__main__":
