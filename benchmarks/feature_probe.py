@@ -21,7 +21,7 @@ from torchvision.ops import roi_align
 
 from utils.data.config import load_data_config
 from utils.data.dataset import CocoDataset, create_dataloader
-from utils.data.synthetic import PALETTE, nearest_colour
+from utils.data.synthetic import PALETTE, inner_median, nearest_colour
 from utils.ops.letterbox import to_float
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
@@ -31,8 +31,8 @@ def instance_colour(image: np.ndarray, polygons: list[np.ndarray]) -> int:
     when it has none. ``image`` is ``H x W x 3`` RGB."""
     mask = np.zeros(image.shape[:2], np.uint8)
     cv2.fillPoly(mask, [p.astype(np.int32) for p in polygons], 1)
-    pixels = image[cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0]
-    return list(PALETTE).index(nearest_colour(np.median(pixels, 0)[::-1], PALETTE)) if len(pixels) else -1
+    median = inner_median(image, mask)
+    return list(PALETTE).index(nearest_colour(median[::-1], PALETTE)) if median is not None else -1
 
 
 @torch.no_grad()

@@ -414,6 +414,13 @@ def nearest_colour(bgr: Sequence[float], palette: dict[str, tuple[int, int, int]
     return min(palette, key=lambda name: float(np.sum((np.asarray(palette[name], np.float64) - x) ** 2)))
 
 
+def inner_median(img: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The median pixel of ``img`` inside ``mask`` one pixel in from its edge (where JPEG blends a shape with the
+    background); ``None`` when the shape is too thin to keep any pixel."""
+    pixels = img[cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0]
+    return np.median(pixels, 0) if len(pixels) else None
+
+
 def _instance_colour(img: np.ndarray, ann: dict[str, Any]) -> str:
     """An instance's colour word: the annotation's own ``colour`` / ``color`` when it has one, else the palette
     colour nearest the median of its pixels (one pixel in from its edge, where JPEG blends it with the
@@ -425,10 +432,11 @@ def _instance_colour(img: np.ndarray, ann: dict[str, Any]) -> str:
     seg = ann["segmentation"]
     rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else (
         mask_utils.frPyObjects(seg, h, w) if isinstance(seg.get("counts"), list) else seg)
-    mask = mask_utils.decode(rle).astype(np.uint8)
-    inner = cv2.erode(mask, np.ones((3, 3), np.uint8))
-    pixels = img[(inner if inner.any() else mask).astype(bool)]
-    return nearest_colour(np.median(pixels, 0)) if len(pixels) else "unknown"
+    mask = mask_utils.decode(rle).astype(bool)
+    median = inner_median(img, mask)
+    if median is None and mask.any():  # too thin to erode: all of its pixels
+        median = np.median(img[mask], 0)
+    return nearest_colour(median) if median is not None else "unknown"
 
 
 def scene_truths(images: str | Path, instances: str | Path) -> dict[int, tuple[tuple[str, str], ...]]:
