@@ -104,18 +104,40 @@ def train_pair(opt: argparse.Namespace) -> dict[str, Path]:
             project / name / "weights" / "last.pt" for name in runs}
 
 
+Inputs = tuple[list[torch.Tensor], list[torch.Tensor], list[list[str]], list[int]]  # levels, class maps, refs, ids
+
+
+@torch.no_grad()
+def head_inputs(model: torch.nn.Module, data: str, splits: str, img: int, batch_size: int) -> list[Inputs]:
+    """Per batch of the data's ``splits`` (``"train"`` / ``"val"``): what the model's caption head is called with
+    (its input levels and the detector's class maps), the images' references and ids."""
+    cfg = load_data_config(data)
+    seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def record(module, args, kwargs):
+        seen.append((list(args[0]), list(kwargs.get("det_classes") or [])))
+
+    hook = model.head("cap").register_forward_pre_hook(record, with_kwargs=True)
+    batches = []
+    try:
+        dataset = CocoDataset(cfg, getattr(cfg, splits), img, augment=False)
+        for batch in create_dataloader(dataset, batch_size, False, 0):
+            seen.clear()
+            model(to_float(batch.images, torch.device("cpu"), False))
+            batches.append((*seen[0], [list(r) for r in batch.captions], [int(i) for i in batch.image_ids]))
+    finally:
+        hook.remove()
+    return batches
+
+
 @torch.no_grad()
 def memories(model, data: str, split: str, img: int, batch_size: int = 16) -> tuple[torch.Tensor, list[int], list]:
     """The caption head's memory ``(N, S, d)`` (fp32) of every image of ``split`` (``train`` / ``val``, unaugmented:
     the weak view without its colour jitter), their ids and their references."""
-    cfg = load_data_config(data)
-    dataset = CocoDataset(cfg, getattr(cfg, split), img, augment=False)
-    mem, ids, refs = [], [], []
-    for batch in create_dataloader(dataset, batch_size, False, 0):
-        mem.append(model(to_float(batch.images, torch.device("cpu"), False)).cap.memory.float())
-        ids += [int(i) for i in batch.image_ids]
-        refs += [list(r) for r in batch.captions]
-    return torch.cat(mem), ids, refs
+    head = model.head("cap")
+    batches = head_inputs(model, data, split, img, batch_size)
+    mem = torch.cat([head.encode(levels, classes).float() for levels, classes, _, _ in batches])
+    return mem, [i for *_, ids in batches for i in ids], [r for _, _, refs, _ in batches for r in refs]
 
 
 def finetune_scst(weights: str | Path, hyp: dict, train: tuple, epochs: int, total_epochs: int,

@@ -19,41 +19,13 @@ from collections import Counter
 
 import torch
 
-from benchmarks.caption_content import val_truths
+from benchmarks.caption_content import Inputs, head_inputs, val_truths
 from models.heads.caption import CaptionHead
-from utils.data.config import load_data_config
-from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
 from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption_content import ContentReader
 from utils.loss.caption import CaptionLoss
-from utils.ops.letterbox import to_float
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
-
-Inputs = tuple[list[torch.Tensor], list[torch.Tensor], list[list[str]], list[int]]  # levels, class maps, refs, ids
-
-
-@torch.no_grad()
-def head_inputs(model: torch.nn.Module, data: str, splits: str, img: int, batch_size: int) -> list[Inputs]:
-    """Per batch of the data's ``splits`` (``"train"`` / ``"val"``): what the model's caption head is called with
-    (its input levels and the detector's class maps), the images' references and ids."""
-    cfg = load_data_config(data)
-    seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-
-    def record(module, args, kwargs):
-        seen.append((list(args[0]), list(kwargs.get("det_classes") or [])))
-
-    hook = model.head("cap").register_forward_pre_hook(record, with_kwargs=True)
-    batches = []
-    try:
-        dataset = CocoDataset(cfg, getattr(cfg, splits), img, augment=False)
-        for batch in create_dataloader(dataset, batch_size, False, 0):
-            seen.clear()
-            model(to_float(batch.images, torch.device("cpu"), False))
-            batches.append((*seen[0], [list(r) for r in batch.captions], [int(i) for i in batch.image_ids]))
-    finally:
-        hook.remove()
-    return batches
 
 
 def single_object_reads(captions: dict[int, str], truths, reader: ContentReader) -> dict[str, int]:
