@@ -244,6 +244,27 @@ def test_beam_search_ends_at_eos_and_is_batched(overfit, vocab):
         assert BOS not in row[1:]
 
 
+def test_every_beam_is_the_beams_best_first(vocab):
+    """``every_beam`` returns each image's ``beam`` finished captions, adjacent, ranked by the search's own score
+    (sum of log-probabilities / length ** length_penalty, recomputed here with a teacher-forced pass); the first is
+    the caption beam search returns, and the candidates differ."""
+    head = tiny_head(len(vocab), seed=4).eval()
+    memory = head.encode(feats(3, seed=6))
+    for penalty in (1.0, 0.0):
+        best = head.beam_search(memory, beam=4, max_len=MAX_LEN, length_penalty=penalty)
+        every = head.beam_search(memory, beam=4, max_len=MAX_LEN, length_penalty=penalty, every_beam=True)
+        assert every.shape[0] == 12
+        with torch.no_grad():
+            logp = head.sequence_logprobs(memory.repeat_interleave(4, 0), every).sum(1)
+        n = (every[:, 1:] != PAD).sum(1).float()
+        score = (logp / n.pow(penalty)).view(3, 4)
+        assert (score[:, :-1] >= score[:, 1:] - 1e-5).all(), score
+        for i in range(3):
+            rows = every.view(3, 4, -1)[i]
+            assert rows[0, :best.shape[1]].tolist() == best[i].tolist()
+            assert len({tuple(r) for r in rows.tolist()}) == 4
+
+
 @pytest.mark.parametrize("form", ["vector", "nn", "mf"])
 def test_fuse_parity(vocab, form):
     head = tiny_head(len(vocab), form=form).eval()
@@ -427,6 +448,43 @@ def test_self_critical_steps_raise_the_reward(vocab):
     assert parts == {} and float(loss.detach()) == 0.0 and loss.requires_grad
     with pytest.raises(ValueError, match="scst_samples"):
         SelfCriticalLoss(vocab, refs, {"scst_samples": 1})
+    with pytest.raises(ValueError, match="scst_sampler"):
+        SelfCriticalLoss(vocab, refs, {"scst_sampler": "top-k"})
+
+
+def test_beam_self_critical_scores_the_beams(vocab, monkeypatch):
+    """``scst_sampler: beam``: the candidates are the image's beams (nothing is sampled), rewarded as sampled ones
+    are, and a step raises the advantage-weighted (mean-token) log-probability of those beams: the beams scoring
+    above the others' mean become likelier against those below."""
+    from utils.loss.caption import SelfCriticalLoss
+
+    head = tiny_head(len(vocab), seed=4)
+    for m in head.modules():  # the test compares log-probabilities before and after one step: no dropout noise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    xs, refs = feats(), [CAPS[0] * 2, CAPS[1] * 2]
+    scst = SelfCriticalLoss(vocab, refs, {"cap_max_len": MAX_LEN, "scst_samples": 4, "scst_sampler": "beam"})
+    monkeypatch.setattr(head, "sample", lambda *a, **k: pytest.fail("beam SCST sampled"))
+    with torch.no_grad():
+        beams = head.eval().beam_search(head.encode(xs), 4, MAX_LEN, every_beam=True)
+    own, _ = scst.rewards(vocab.decode_batch(beams), refs, [0, 1])
+    advantage = (own - (own.sum(1, keepdim=True) - own) / 3).view(-1)
+    assert advantage.abs().max() > 0.05, own  # the beams score differently
+    n_tok = (beams[:, 1:] != PAD).sum(1)
+
+    def objective() -> float:
+        with torch.no_grad():
+            logp = head.sequence_logprobs(head.encode(xs).repeat_interleave(4, 0), beams).sum(1)
+        return float((advantage * logp / n_tok).sum())
+
+    before = objective()
+    opt = torch.optim.SGD(head.train().parameters(), lr=1e-2)
+    loss, parts = scst(head, head.encode(xs), refs, torch.tensor([True, True]), [0, 1])
+    assert parts["reward"] == pytest.approx(float(own.mean()), abs=1e-6)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert objective() > before + 1e-4, (before, objective())
 
 
 def test_self_critical_samples_without_dropout_and_restores_the_mode(vocab, monkeypatch):

@@ -366,8 +366,10 @@ class CaptionHead(nn.Module):
     @torch.no_grad()
     @fp32_on_cpu
     def beam_search(self, memory: torch.Tensor, beam: int = 3, max_len: int | None = None,
-                    length_penalty: float = 1.0) -> torch.Tensor:
-        """Beam search: ``(B, L)`` ids in the layout of :meth:`greedy`, the best beam per image.
+                    length_penalty: float = 1.0, every_beam: bool = False) -> torch.Tensor:
+        """Beam search: ``(B, L)`` ids in the layout of :meth:`greedy`, the best beam per image; with
+        ``every_beam``, all ``(B * beam, L)`` of them, an image's adjacent and best first (the candidates that
+        self-critical training scores, as M2 Transformer and GRIT draw them).
 
         Beams are ranked by ``sum(log p) / n ** length_penalty`` with ``n`` the number of generated tokens
         (``<eos>`` included), so short captions are not favoured just for having fewer factors. A finished
@@ -406,8 +408,11 @@ class CaptionHead(nn.Module):
             cache.reorder(rows)
             if bool(done.all()):
                 break
-        best = (score / length.clamp(min=1).pow(length_penalty)).argmax(1)  # (B,)
-        return tokens.view(b, k, -1)[torch.arange(b, device=dev), best]
+        final = score / length.clamp(min=1).pow(length_penalty)  # (B, K)
+        if every_beam:
+            order = final.argsort(1, descending=True)
+            return tokens.view(b, k, -1).gather(1, order[..., None].expand(b, k, tokens.shape[1])).view(b * k, -1)
+        return tokens.view(b, k, -1)[torch.arange(b, device=dev), final.argmax(1)]
 
     def forward(self, xs: list[torch.Tensor], captions: torch.Tensor | None = None,
                 caption_index: torch.Tensor | None = None,

@@ -8,7 +8,7 @@ import yaml
 HYPS_DIR = Path(__file__).resolve().parents[2] / "data" / "hyps"
 HYP_KEYS = {"nbs", "lr0", "lr0_adamw", "momentum_adamw", "lr_fit", "assign_ciou", "assign_min_side", "accumulate_ramp", "lrf", "momentum", "weight_decay", "warmup_epochs",
             "warmup_momentum", "warmup_bias_lr", "grad_clip", "box", "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees",
-            "scst_epochs", "scst_samples", "scst_xe", "scst_contrast", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
+            "scst_epochs", "scst_samples", "scst_sampler", "scst_xe", "scst_contrast", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
             "inst", "sem", "cap", "det", "label_smoothing", "max_nonfinite", "mask", "sem_dice", "sem_loss_stride", "sem_loss_chunk", "cap_max_len",
             "cap_min_count", "cap_max_unk", "cap_view", "cap_refs", "mtcp_k", "dwa_temp", "anchor_box", "anchor_obj", "anchor_cls", "anchor_t"}
 

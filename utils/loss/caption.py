@@ -116,6 +116,12 @@ class SelfCriticalLoss:
     Lin 2017 and Luo et al. 2018 make captions distinctive), under which a sentence that fits every image gains
     nothing and what tells this image from the others (its objects, their colours, their count) is rewarded.
 
+    hyp ``scst_sampler``: ``sample`` (default) draws the ``k`` captions from the decoder's distribution; ``beam``
+    takes the ``k`` beams of a beam search of width ``k`` instead (M2 Transformer's and GRIT's SCST; baseline the
+    other beams' mean alike). A drawn inventory of four objects is four chances of a wrong word, so drawn samples
+    favour the short template; beams are the decoder's likeliest captions, long ones among them, and the reward
+    chooses between them the way decoding will.
+
     ``loss(head, memory, captions, present, keys) -> (loss, {"reward": mean sample CIDEr-D, "contrast": mean
     CIDEr-D against other images' references})``.
     """
@@ -126,6 +132,9 @@ class SelfCriticalLoss:
         if self.k < 2:
             raise ValueError(f"scst_samples must be >= 2 (the baseline is the other samples' mean), got {self.k}")
         self.contrast = float(hyp.get("scst_contrast", 0.0))
+        self.sampler = str(hyp.get("scst_sampler", "sample"))
+        if self.sampler not in ("sample", "beam"):
+            raise ValueError(f"scst_sampler must be 'sample' or 'beam', got {self.sampler!r}")
         self.max_len = hyp_max_len(hyp)
         self.corpus = corpus
         self._cider: CorpusCiderD | None = None
@@ -150,7 +159,8 @@ class SelfCriticalLoss:
         training = head.training
         head.eval()
         try:
-            tokens = head.sample(mem.detach(), self.k, self.max_len)  # (n*k, L)
+            tokens = (head.beam_search(mem.detach(), self.k, self.max_len, every_beam=True) if self.sampler == "beam"
+                      else head.sample(mem.detach(), self.k, self.max_len))  # (n*k, L)
         finally:
             head.train(training)
         words = self.vocab.decode_batch(tokens)
