@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,22 +40,25 @@ from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
 
 @torch.no_grad()
-def val_captions(weights: str | Path, data: str, img: int, beams: list[int], batch_size: int = 16
-                 ) -> tuple[dict[int, dict[int, str]], dict[int, list[str]]]:
-    """The checkpoint's caption of every val image with references, per beam width (1: greedy), and the
-    references: ``({beam: {image id: caption}}, {image id: references})``."""
+def val_captions(weights: str | Path, data: str, img: int, beams: list[int], batch_size: int = 16,
+                 prompts: Sequence[str] = ()) -> tuple[dict[int | str, dict[int, str]], dict[int, list[str]]]:
+    """The checkpoint's caption of every val image with references, per beam width (1: greedy) and per greedy
+    ``prompts`` (captions made to start with the prompt: what the decoder says when asked for that kind of
+    caption), and the references: ``({beam or prompt: {image id: caption}}, {image id: references})``."""
     ckpt = load_checkpoint(weights)
     model = build_from_checkpoint(ckpt).eval()
     vocab = Vocabulary.from_list(model.meta["vocab"])
     cfg = load_data_config(data)
     dataset = CocoDataset(cfg, cfg.val, img, augment=False)
-    captions: dict[int, dict[int, str]] = {b: {} for b in beams}
+    captions: dict[int | str, dict[int, str]] = {b: {} for b in [*beams, *prompts]}
     refs: dict[int, list[str]] = {}
     head = model.head("cap")
+    prompt_ids = {p: vocab.encode(p, head.max_len)[1:-1] for p in prompts}  # without <bos> / <eos>
     for batch in create_dataloader(dataset, batch_size, False, 0):
         out = model(to_float(batch.images, torch.device("cpu"), False))
-        for b in beams:
-            tokens = out.cap.tokens if b <= 1 else head.beam_search(out.cap.memory, beam=b)
+        for b in captions:
+            tokens = (head.greedy(out.cap.memory, prompt=prompt_ids[b]) if isinstance(b, str)
+                      else out.cap.tokens if b <= 1 else head.beam_search(out.cap.memory, beam=b))
             for iid, words in zip(batch.image_ids, vocab.decode_batch(tokens)):
                 captions[b][int(iid)] = words
         refs.update({int(i): list(r) for i, r, has in zip(batch.image_ids, batch.captions,
@@ -195,6 +199,13 @@ def head_captions(head, vocab: Vocabulary, val: tuple, beams: list[int]) -> dict
     return out
 
 
+def decoding_label(decoding: int | str) -> str:
+    """A table row's decoding: a beam width (1: greedy) or a greedy prompt."""
+    if isinstance(decoding, str):
+        return f"greedy after {decoding!r}"
+    return "greedy" if decoding <= 1 else f"beam {decoding}"
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``name:key=value,key=value`` -> ``(name, {key: value})`` (values read as YAML scalars)."""
     name, _, keys = text.partition(":")
@@ -217,7 +228,7 @@ def finetune_rows(opt: argparse.Namespace, beams: list[int], truths, reader: Con
         print(f"  fine-tune {name}: {over}", flush=True)
         head, reward = finetune_scst(weights, base | over, train, opt.ft_epochs, opt.ft_total, seed=opt.seed)
         for b, caps in head_captions(head, vocab, val, beams).items():
-            label = f"{name}, {'greedy' if b <= 1 else f'beam {b}'}"
+            label = f"{name}, {decoding_label(b)}"
             rows[label] = content_row({i: c for i, c in caps.items() if i in refs}, refs, truths, reader)
             print(f"    {label}: {list(caps.values())[:3]}", flush=True)
     return rows
@@ -229,6 +240,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="*", default=[], help="checkpoints to score (with --train: also these)")
     p.add_argument("--train", action="store_true", help="train with and without self-critical epochs first")
     p.add_argument("--beam", default="1,5", help="comma list of beam widths (1: greedy)")
+    p.add_argument("--prompt", nargs="*", default=[], help="greedy captions that start with these words as well "
+                   "(e.g. 'a picture of', the references' inventory opening: what the decoder knows when it must list)")
     p.add_argument("--examples", type=int, default=3, help="captions printed per model and decoding")
     p.add_argument("--finetune", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="SCST variants (hyp overrides) to fine-tune the caption head of the first --weights with, "
@@ -251,9 +264,9 @@ def main(argv: list[str] | None = None) -> None:
             if rec.captions}
     rows: dict[str, dict] = {}
     for name, weights in models.items():
-        per_beam, _ = val_captions(weights, opt.data, opt.img, beams)
+        per_beam, _ = val_captions(weights, opt.data, opt.img, beams, prompts=opt.prompt)
         for b, caps in per_beam.items():
-            label = f"{name}, {'greedy' if b <= 1 else f'beam {b}'}"
+            label = f"{name}, {decoding_label(b)}"
             rows[label] = content_row(caps, refs, truths, reader)
             for iid in list(caps)[:opt.examples]:
                 print(f"  {label}: image {iid}: {caps[iid]!r}  objects {truths.get(iid)}")

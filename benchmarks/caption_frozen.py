@@ -25,7 +25,7 @@ from utils.data.vocab import Vocabulary
 from utils.engine.hyp import load_hyp
 from utils.eval.metrics.caption_content import ContentReader
 from utils.loss.caption import CaptionLoss
-from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 
 
 def single_object_reads(captions: dict[int, str], truths, reader: ContentReader) -> dict[str, int]:
@@ -84,6 +84,17 @@ def fresh_copy(head: CaptionHead, seed: int) -> CaptionHead:
                        vocab_size=head.vocab_size, max_len=head.max_len, dropout=layer.dropout.p)
 
 
+def save_with_head(ckpt: dict, model: torch.nn.Module, head: CaptionHead, path: str) -> None:
+    """Writes ``ckpt`` with ``head``'s weights as the model's caption head (in its model and EMA weights)."""
+    model.head("cap").load_state_dict(head.state_dict())
+    state = model.state_dict()
+    for key in ("model", "ema"):
+        if ckpt.get(key) is not None:
+            ckpt[key] = {k: state[k].to(v.dtype) for k, v in ckpt[key].items()}
+    save_checkpoint(ckpt, path)
+    print(f"saved {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True)
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="a new caption head of the same size instead of the checkpoint's")
     p.add_argument("--grid-only", action="store_true", help="withhold the detector's class maps (no object tokens)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default="", help="write the checkpoint with this caption head to this path "
+                                             "(e.g. for caption_content --finetune)")
     opt = p.parse_args(argv)
 
     torch.manual_seed(opt.seed)
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report(0, float("nan"))
     train_head(head, train, loss_fn, float(hyp.get("lr0_adamw", 0.002)), opt.steps, opt.grid_only, report)
+    if opt.save:
+        save_with_head(ckpt, model, head, opt.save)
     return 0
 
 

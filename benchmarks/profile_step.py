@@ -222,10 +222,11 @@ def profile_steps(trainer: Trainer, steps: int, warmup: int, accumulate: int = 0
     for t in TASKS:
         if getattr(loss, t, None) is not None:
             setattr(loss, t, Timed(getattr(loss, t), f"loss/{t}", sec))
-    scst_parts = {"sample": "scst/sample", "sequence_logprobs": "scst/logprobs"}
+    # the candidates: drawn samples or beams (hyp scst_sampler), one row
+    scst_parts = {"sample": "scst/sample", "beam_search": "scst/sample", "sequence_logprobs": "scst/logprobs"}
     if loss.scst_loss is not None:  # the self-critical epochs' caption loss (--scst) is the caption row too
         loss.scst_loss = Timed(loss.scst_loss, "loss/cap", sec)
-        for method, name in scst_parts.items():  # its two decoder passes, as instance attributes over the methods
+        for method, name in scst_parts.items():  # its decoder passes, as instance attributes over the methods
             setattr(model.head("cap"), method, Timed(getattr(model.head("cap"), method), name, sec))
     ops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     section = sec
@@ -334,7 +335,7 @@ def step_rows(sec: Sections, walls: list[float], tasks: list[str]) -> list[tuple
     task_losses = sum(s[f"loss/{t}"] for t in tasks)
     rows += [(f"  loss {t}", c[f"loss/{t}"], s[f"loss/{t}"]) for t in tasks if c[f"loss/{t}"]]
     if c["scst/sample"]:  # a self-critical step: the caption loss's parts (cap is the last task row)
-        rows += [("    SCST sampling (no gradient, eval mode)", c["scst/sample"], s["scst/sample"]),
+        rows += [("    SCST candidates, sampled or beams (no gradient, eval mode)", c["scst/sample"], s["scst/sample"]),
                  ("    SCST samples' log-probabilities", c["scst/logprobs"], s["scst/logprobs"]),
                  ("    SCST rewards (CIDEr-D), baseline, rest", c["loss/cap"],
                   s["loss/cap"] - s["scst/sample"] - s["scst/logprobs"])]

@@ -218,6 +218,24 @@ def test_beam_one_equals_greedy(overfit, vocab):
     assert torch.equal(untrained.beam_search(memory, beam=1), untrained.greedy(memory))
 
 
+def test_greedy_continues_a_prompt(overfit, vocab):
+    """A prompt of the first words greedy says anyway changes nothing; another prompt starts every caption and the
+    decoder goes on from it (the overfit decoder completes its reference from a prefix of it)."""
+    head, xs, tokens, _ = overfit
+    memory = head.encode(xs)[:1]
+
+    def caption(ids: torch.Tensor) -> list[int]:
+        row = ids[0].tolist()
+        return row[:row.index(EOS) + 1] if EOS in row else row
+
+    free = head.greedy(memory)
+    assert caption(head.greedy(memory, prompt=free[0, 1:3].tolist())) == caption(free)
+    ref = caption(tokens[:1])
+    assert caption(head.greedy(memory, prompt=ref[1:3])) == ref
+    other = head.greedy(memory, prompt=tokens[1, 1:3])  # image 0 made to start with image 1's words
+    assert other[0, 1:3].tolist() == tokens[1, 1:3].tolist() and caption(other) != caption(free)
+
+
 def test_beam_search_ends_at_eos_and_is_batched(overfit, vocab):
     head, xs, tokens, _ = overfit
     memory = head.encode(xs)

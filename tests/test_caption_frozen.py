@@ -9,11 +9,13 @@ import yaml
 
 import train as train_script
 from benchmarks import caption_frozen
+from benchmarks.caption_content import val_captions
 from models.heads.caption import CaptionHead
 from tests.conftest import tiny_cfg, train_args
 from utils.data.vocab import Vocabulary
 from utils.eval.metrics.caption_content import ContentReader
 from utils.loss.caption import CaptionLoss
+from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
 
 def test_single_object_reads_count_kind_and_colour_on_one_object_images():
@@ -45,11 +47,25 @@ def test_main_prints_a_row_per_report(tiny_data, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert train_script.main(train_args(cfg, tiny_data, tmp_path / "runs", 1)) == 0
     weights = str(tmp_path / "runs/exp/weights/last.pt")
-    for extra, says in ((["--fresh"], "fresh, grid + 20 object tokens"), (["--grid-only"], "continued, grid only")):
+    saved = tmp_path / "head.pt"
+    for extra, says in ((["--fresh", "--save", str(saved)], "fresh, grid + 20 object tokens"),
+                        (["--grid-only"], "continued, grid only")):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert caption_frozen.main(["--weights", weights, "--data", str(tiny_data), "--img", "64",
                                         "--batch-size", "8", "--steps", "3", "--report", "2", *extra]) == 0
         lines = out.getvalue().splitlines()
         assert says in lines[0]
-        assert [int(line.split()[0]) for line in lines[2:]] == [0, 2, 3]
+        assert [int(line.split()[0]) for line in lines[2:5]] == [0, 2, 3]
+    # --save: the checkpoint with the new caption head, every other weight the run's own
+    before, after = (load_checkpoint(w) for w in (weights, saved))
+    before, after = (c.get("ema") or c["model"] for c in (before, after))  # a finished run keeps only its EMA
+    model = build_from_checkpoint(load_checkpoint(saved))
+    cap = next(name for name, m in model.named_modules() if m is model.head("cap")) + "."
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(cap) for k in changed) and before.keys() == after.keys()
+    # and the saved checkpoint captions from a prompt: every val caption starts with it
+    words = [w for w in model.meta["vocab"] if w.isalpha()]
+    prompt = f"{words[-1]} {words[-2]}"  # two real words, in an order no reference has
+    captions, _ = val_captions(saved, str(tiny_data), 64, [1], prompts=[prompt])
+    assert captions[prompt] and all((c + " ").startswith(prompt + " ") for c in captions[prompt].values())

@@ -49,9 +49,9 @@ def test_self_critical_steps_split_the_caption_loss(tiny_cfg_file, tiny_data, tm
     assert sec.seconds["scst/sample"] + sec.seconds["scst/logprobs"] <= sec.seconds["loss/cap"]
     rows = [name.strip() for name, _, _ in profile_step.step_rows(sec, walls, trainer.model.tasks)]
     i = rows.index("loss cap")
-    assert rows[i + 1:i + 4] == ["SCST sampling (no gradient, eval mode)", "SCST samples' log-probabilities",
+    assert rows[i + 1:i + 4] == ["SCST candidates, sampled or beams (no gradient, eval mode)", "SCST samples' log-probabilities",
                                  "SCST rewards (CIDEr-D), baseline, rest"]
-    assert "sample" not in head.__dict__ and "sequence_logprobs" not in head.__dict__
+    assert not {"sample", "beam_search", "sequence_logprobs"} & set(head.__dict__)
     assert not isinstance(trainer.loss.scst_loss, profile_step.Timed)
     trainer.logger.close()
 

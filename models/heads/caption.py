@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -323,21 +324,27 @@ class CaptionHead(nn.Module):
         return self._generation_logprobs(self.out(cache.step(x)[:, -1]))
 
     @torch.no_grad()
-    def greedy(self, memory: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
-        """Greedy decoding: ``(B, L)`` ids, ``<bos>`` first, ``<pad>`` after ``<eos>``, ``L <= max_len``."""
-        return self._generate(memory, lambda logp: logp.argmax(-1), max_len)
+    def greedy(self, memory: torch.Tensor, max_len: int | None = None,
+               prompt: Sequence[int] | None = None) -> torch.Tensor:
+        """Greedy decoding: ``(B, L)`` ids, ``<bos>`` first, ``<pad>`` after ``<eos>``, ``L <= max_len``. ``prompt``:
+        word ids every caption starts with (BLIP's "a picture of"), the decoder continuing them."""
+        return self._generate(memory, lambda logp: logp.argmax(-1), max_len, prompt)
 
     @fp32_on_cpu
-    def _generate(self, memory: torch.Tensor, pick, max_len: int | None) -> torch.Tensor:
+    def _generate(self, memory: torch.Tensor, pick, max_len: int | None,
+                  prompt: Sequence[int] | None = None) -> torch.Tensor:
         """Token-by-token decoding of ``memory`` ``(B, S, d)``: ``pick`` maps the next token's log-probabilities
-        ``(B, V)`` to ids ``(B,)``; ``<pad>`` after ``<eos>``, stops once every row has ended."""
+        ``(B, V)`` to ids ``(B,)`` (the first ``len(prompt)`` ids are the prompt's); ``<pad>`` after ``<eos>``,
+        stops once every row has ended."""
         max_len = min(max_len or self.max_len, self.max_len)
         b = memory.shape[0]
         tokens = torch.full((b, 1), BOS, dtype=torch.long, device=memory.device)
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
         cache = DecoderCache(self.decoder, memory)
-        for _ in range(max_len - 1):
-            nxt = pick(self._cached_logprobs(cache, tokens))
+        forced = [] if prompt is None else [int(t) for t in prompt]
+        for step in range(max_len - 1):
+            logp = self._cached_logprobs(cache, tokens)
+            nxt = torch.full_like(tokens[:, 0], forced[step]) if step < len(forced) else pick(logp)
             nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
             tokens = torch.cat((tokens, nxt[:, None]), 1)
             done |= nxt == EOS
