@@ -55,7 +55,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         "[0.5, 1.5] x --img, labels with it")
     p.add_argument("--freeze", default="",
                    help="freeze cfg rows: N = the first N rows (10 = the nano backbone), or a comma list of row "
-                        "indices (0,1,2); their parameters get no gradient (YOLOv5's --freeze)")
+                        "indices (0,1,2); their parameters get no gradient (YOLOv5's --freeze) and their BatchNorm "
+                        "statistics are held (detectron2's FrozenBatchNorm)")
     p.add_argument("--single-cls", action="store_true",
                    help="train every object class as one class 'item' (YOLOv5's --single-cls)")
     p.add_argument("--tasks", default="", help="comma list of det,inst,sem,cap; default: all the data provides")

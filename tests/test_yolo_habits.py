@@ -35,18 +35,28 @@ def _params(model, rows) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith(prefixes)}
 
 
+def _bn_statistics(model, rows) -> dict[str, torch.Tensor]:
+    prefixes = tuple(f"layers.{r}." for r in rows)
+    return {k: v.clone() for k, v in model.named_buffers() if k.startswith(prefixes) and k.endswith("running_mean")}
+
+
 @pytest.mark.parametrize("spec, frozen", [("10", range(10)), ("0,4", [0, 4])])
 def test_frozen_rows_do_not_move_and_the_others_do(spec, frozen, tiny_cfg_file, tiny_data, tmp_path, monkeypatch):
-    """After an epoch of optimizer steps (3), every parameter of a frozen row is bit-identical; every other
-    row with parameters has changed."""
+    """After an epoch of optimizer steps (3), every parameter and BatchNorm statistic of a frozen row is
+    bit-identical; every other row with parameters has changed, and so have the other rows' statistics."""
     trainer = _trainer(tiny_cfg_file, tiny_data, tmp_path, monkeypatch, "--freeze", spec)
     model = trainer.model
     others = [i for i in range(len(model.layers)) if i not in frozen and any(True for _ in model.layers[i].parameters())]
     before, before_others = _params(model, frozen), {i: _params(model, [i]) for i in others}
-    assert before and all(not p.requires_grad for k, p in model.named_parameters() if k in before)
+    stats, stats_others = _bn_statistics(model, frozen), _bn_statistics(model, others)
+    assert before and stats and stats_others
+    assert all(not p.requires_grad for k, p in model.named_parameters() if k in before)
     trainer.run()
-    after = _params(model, frozen)
+    after, stats_after = _params(model, frozen), _bn_statistics(model, frozen)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(stats[k], stats_after[k]) for k in stats)
+    moved = _bn_statistics(model, others)
+    assert any(not torch.equal(v, moved[k]) for k, v in stats_others.items())
     for i in others:
         now = _params(model, [i])
         assert any(not torch.equal(v, now[k]) for k, v in before_others[i].items()), f"row {i} did not train"

@@ -87,7 +87,7 @@ def freeze(model: nn.Module, rows: list[int]) -> int:
     """Stops gradients to every parameter of the ``layers.<row>.`` modules in ``rows`` (they then never move:
     no gradient, so no optimizer step or weight decay touches them); returns how many tensors were frozen.
 
-    BatchNorm statistics of frozen rows still update in training mode, as in YOLOv5 and Ultralytics.
+    Their BatchNorm statistics are held by :func:`hold_frozen_statistics`, called after every ``model.train()``.
     """
     prefixes = tuple(f"layers.{r}." for r in rows)
     frozen = 0
@@ -96,3 +96,14 @@ def freeze(model: nn.Module, rows: list[int]) -> int:
             p.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def hold_frozen_statistics(model: nn.Module, rows: list[int]) -> None:
+    """Puts the BatchNorm layers of the frozen ``rows`` in eval mode: they normalize with their running
+    statistics and never update them, so a frozen row computes in training what it computes at test time
+    (detectron2's FrozenBatchNorm; YOLOv5 and Ultralytics let them move). A stage that trains only the caption
+    head on a frozen body otherwise shifts every other task's features: box mAP 0.906 -> 0.897 (README)."""
+    for r in rows:
+        for m in model.layers[r].modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()

@@ -36,7 +36,7 @@ from utils.engine.ema import ModelEMA, unwrap
 from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
-from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows
+from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows, hold_frozen_statistics
 from utils.eval.evaluate import EvalSettings, LabelSpace, evaluate
 from utils.loss.multitask import MultiTaskLoss
 from utils.ops.letterbox import to_float
@@ -243,10 +243,11 @@ class Trainer:
                            head_kwargs=self._head_kwargs(self.tasks)).to(self.device, memory_format=torch.channels_last)
         if opt.weights and not opt.resume:
             self._load_pretrained(opt.weights)
-        rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # checkpoints from before --freeze: ""
-        if rows:
-            n = freeze(self.model, rows)
-            self.log(f"freeze: rows {','.join(map(str, rows))} ({n} parameter tensors get no gradient)")
+        self.frozen_rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # from before --freeze: ""
+        if self.frozen_rows:
+            n = freeze(self.model, self.frozen_rows)
+            self.log(f"freeze: rows {','.join(map(str, self.frozen_rows))} ({n} parameter tensors get no gradient, "
+                     "BatchNorm statistics held)")
 
     def _build_loaders(self) -> None:
         """The train and val loaders; ``--batch-size`` is the total over all processes, as YOLOv5."""
@@ -525,6 +526,7 @@ class Trainer:
         """Seeds the epoch's data and returns where it starts: batch 0, or where a mid-epoch checkpoint
         stopped (the batches before are dropped by the sampler, so their images are never loaded)."""
         self.model.train()
+        hold_frozen_statistics(self.model, self.frozen_rows)
         self.train_set.epoch = epoch
         # shuffle order and augmentation depend only on (seed, epoch): a resumed run sees the same data
         self.train_loader.generator.manual_seed(self.opt.seed + epoch)
