@@ -6,7 +6,9 @@
 CIDEr-D can be earned by a template every image's references share; this prints, beside CIDEr-D and BLEU-4,
 what the val captions say about each image's objects (:mod:`utils.eval.metrics.caption_content`): the share that
 name an object of the image with its colour (``named``), whose stated count is right (``count``), both, and the
-share that name a coloured object the image does not have (``wrong``), with the number of distinct captions.
+share that name a coloured object the image does not have (``wrong``), the share whose coloured objects are
+exactly the image's (``exact``: every kind with its colour, none missing or extra), and the number of distinct
+captions.
 The ground truth is each image's annotations (categories, and colours from the pixels or an annotation's
 ``colour``: :func:`utils.data.synthetic.scene_truths`), never its references. Every checkpoint is scored with
 greedy decoding and each ``--beam`` width; the constant-caption floor (the most frequent training caption given
@@ -87,10 +89,10 @@ def content_row(captions: dict[int, str], refs: dict[int, list[str]], truths, re
 def print_rows(rows: dict[str, dict], floor: float) -> None:
     """The table: one row per model and decoding, the floor's multiple beside CIDEr-D."""
     print(f"{'model / decoding':<34} {'CIDEr-D':>8} {'x floor':>8} {'BLEU-4':>7} {'named':>6} {'count':>6} "
-          f"{'both':>6} {'wrong':>6} {'distinct':>8}")
+          f"{'both':>6} {'wrong':>6} {'exact':>6} {'distinct':>8}")
     for name, r in rows.items():
         print(f"{name:<34} {r['cider']:8.3f} {r['cider'] / floor if floor else float('nan'):8.2f} {r['bleu4']:7.3f} "
-              f"{r['named']:6.1%} {r['count']:6.1%} {r['both']:6.1%} {r['wrong']:6.1%} {r['distinct']:8d}")
+              f"{r['named']:6.1%} {r['count']:6.1%} {r['both']:6.1%} {r['wrong']:6.1%} {r['exact']:6.1%} {r['distinct']:8d}")
 
 
 def train_pair(opt: argparse.Namespace) -> dict[str, Path]:

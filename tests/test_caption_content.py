@@ -50,6 +50,21 @@ def test_shares_over_images() -> None:
     assert shares["count"] == pytest.approx(2 / 3)  # image 3 has two ellipses, not three
     assert shares["both"] == pytest.approx(2 / 3)
     assert shares["wrong"] == 0
+    assert shares["exact"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("caption, exact", [
+    ("a red circle and two blue stars on grass", True),
+    ("two blue stars and a red circle", True),          # order is free
+    ("a red circle and a blue star", False),            # one star short
+    ("a red circle and three blue stars", False),       # one star too many
+    ("a blue circle and two red stars", False),         # right kinds, right colours, bound wrongly
+    ("a red square and two blue stars", False),         # a wrong kind with the right colour
+    ("three shapes: a red circle and two blue stars", True),  # a generic total does not list objects
+    ("three shapes on grass", False),
+])
+def test_exact_inventory(caption: str, exact: bool) -> None:
+    assert READER.exact(caption, SCENE) is exact
 
 
 def test_multiword_names_and_grey() -> None:
@@ -100,7 +115,7 @@ def test_truths_of_generated_data_agree_with_its_inventory_captions(tiny_data) -
             caps[a["image_id"]].append(a["caption"])
         first = {i: c[0] for i, c in caps.items()}
         assert READER.shares(first, truths) == {"named": 1.0, "count": 1.0, "both": 1.0, "wrong": 0.0,
-                                                "images": float(len(truths))}
+                                                "exact": 1.0, "images": float(len(truths))}
 
 
 def test_fitted_max_len_keeps_99_percent_whole() -> None:

@@ -13,13 +13,16 @@ instance; see :func:`utils.data.synthetic.scene_truths`), never from its referen
   the named objects ("two red circles and a star": 3); a caption that states none ("red and blue shapes") is
   wrong;
 * **wrong**: the caption names a coloured object the image does not have (a hallucination; reported beside the
-  two shares, lower is better).
+  two shares, lower is better);
+* **exact**: the caption's coloured objects, each counted ("two red circles": two), are the image's objects, no
+  more and no fewer: every kind bound to its colour (the strictest share; "a red square" for a red circle fails it).
 
 Words are the caption metrics' tokens (:func:`utils.data.vocab.tokenize`); counts are spelled out, as in the
 references, or digits.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -99,6 +102,14 @@ class ContentReader:
         return any(p.noun != "*" and p.colour is not None and (p.colour, p.noun) not in present
                    for p in self.phrases(caption))
 
+    def exact(self, caption: str, truth: Objects) -> bool:
+        """Whether ``caption``'s coloured objects, counted, are ``truth``'s objects exactly (a multiset)."""
+        said: Counter[tuple[str, str]] = Counter()
+        for p in self.phrases(caption):
+            if p.noun != "*" and p.colour is not None:
+                said[(p.colour, p.noun)] += p.count or 1
+        return said == Counter(truth)
+
     def stated_count(self, caption: str) -> int | None:
         """The number of objects ``caption`` states (see the module docstring); None when it states none."""
         phrases = self.phrases(caption)
@@ -112,13 +123,14 @@ class ContentReader:
 
     def shares(self, captions: Mapping[int, str], truths: Mapping[int, Objects]) -> dict[str, float]:
         """Over the images of ``truths`` that have a caption: the share whose caption is :meth:`named`, whose
-        :meth:`stated_count` is right, both, and :meth:`wrong` (``named``, ``count``, ``both``, ``wrong``, in
-        0..1) and ``images``, how many were read."""
+        :meth:`stated_count` is right, both, :meth:`wrong` and :meth:`exact` (``named``, ``count``, ``both``,
+        ``wrong``, ``exact``, in 0..1) and ``images``, how many were read."""
         ids = [i for i in truths if i in captions]
         named = [self.named(captions[i], truths[i]) for i in ids]
         count = [self.stated_count(captions[i]) == len(truths[i]) for i in ids]
         wrong = [self.wrong(captions[i], truths[i]) for i in ids]
+        exact = [self.exact(captions[i], truths[i]) for i in ids]
         n = max(len(ids), 1)
         return {"named": sum(named) / n, "count": sum(count) / n,
                 "both": sum(a and b for a, b in zip(named, count)) / n, "wrong": sum(wrong) / n,
-                "images": float(len(ids))}
+                "exact": sum(exact) / n, "images": float(len(ids))}
