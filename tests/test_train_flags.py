@@ -13,7 +13,7 @@ from tests.conftest import train_args
 from utils.data import augment as A
 from utils.data.dataset import multi_scale_shape
 from utils.engine.hooks import Hook
-from utils.engine.hyp import HYPS_DIR
+from utils.engine.hyp import HYPS_DIR, load_hyp
 from utils.viz.plots import read_results
 
 # 24 training images in batches of 8: 3 batches an epoch; a nominal batch of 8: a step after every batch
@@ -269,6 +269,25 @@ def test_hyp_nbs_sets_the_nominal_batch(tiny_cfg_file, tiny_data, tmp_path, monk
     assert trainer.accumulate == 2
     decays = {g["weight_decay"] for g in trainer.optimizer.param_groups} - {0.0}
     assert len(decays) == 1 and decays.pop() == pytest.approx(trainer.hyp["weight_decay"] * 8 * 2 / 16)
+
+
+def test_a_hyp_file_starts_from_its_base(tmp_path):
+    """``base:`` reads the named file (beside this one, or in data/hyps/) and this file's keys replace its; the
+    shipped recipes are what they say: hyp.caption.yaml is hyp.scratch.yaml with cap_view 1.0."""
+    scratch = load_hyp("hyp.scratch.yaml")
+    (tmp_path / "mine.yaml").write_text("base: hyp.scratch.yaml\nlr0: 0.05\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\nnbs: 16\n")
+    assert load_hyp(tmp_path / "child.yaml") == scratch | {"lr0": 0.05, "nbs": 16}
+    caption = load_hyp("hyp.caption.yaml")
+    assert {k: v for k, v in caption.items() if scratch.get(k) != v} == {"cap_view": 1.0}
+    assert load_hyp("hyp.short.yaml")["scst_epochs"] == 0 and load_hyp("hyp.short.yaml")["lr0"] == scratch["lr0"]
+    (tmp_path / "typo.yaml").write_text("base: hyp.scratch.yaml\nlr00: 0.05\n")
+    with pytest.raises(ValueError, match="lr00"):
+        load_hyp(tmp_path / "typo.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_hyp(tmp_path / "a.yaml")
 
 
 class Validations(Hook):

@@ -17,13 +17,24 @@ def load_hyp(path: str | Path) -> dict:
     """Reads a hyp yaml; unknown keys are an error (a typo would otherwise be silently ignored).
 
     A bare file name that is not found is looked up in data/hyps/ (``--hyp hyp.scratch.yaml`` from anywhere).
+    A file may start from another: ``base: hyp.scratch.yaml`` reads that file (relative to this one, or in
+    data/hyps/) and this file's keys replace its (detectron2's ``_BASE_``), so a recipe states only what it changes.
     """
-    path = Path(path)
+    return _load_hyp(Path(path), ())
+
+
+def _load_hyp(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         alt = HYPS_DIR / path.name
         path = alt if alt.is_file() else path
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: base hyp files form a cycle ({' -> '.join(p.name for p in (*seen, path))})")
     hyp = yaml.safe_load(path.read_text()) or {}
+    base = hyp.pop("base", None)
     unknown = set(hyp) - HYP_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(HYP_KEYS)}")
-    return hyp
+    if base is None:
+        return hyp
+    base_path = path.parent / str(base)
+    return _load_hyp(base_path if base_path.is_file() else Path(str(base)), (*seen, path.resolve())) | hyp
