@@ -104,6 +104,23 @@ def test_weights_matching_only_batchnorm_counters_are_rejected(cfg_file, tiny_da
     assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--weights", str(path))) == 2
 
 
+def test_freezing_rows_the_weights_do_not_fill_is_refused(cfg_file, tiny_data, tmp_path, capsys):
+    """--freeze with --weights of another shape (here one tensor of row 1 missing): the frozen row would stay
+    random for the whole run, so the run stops naming it; the same weights without --freeze train."""
+    from models.model import Model
+
+    state = Model(tiny_cfg(), nc=5, head_kwargs=HEAD_KW).state_dict()
+    dropped = next(k for k in state if k.startswith("layers.1.") and k.endswith("weight"))
+    path = tmp_path / "partial.pt"
+    save_checkpoint({"model": {k: v for k, v in state.items() if k != dropped}, "cfg": tiny_cfg()}, path)
+    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--weights", str(path),
+                                        "--freeze", "3")) == 2
+    line = one_error_line(capsys)
+    assert "--freeze" in line and dropped in line and path.name in line
+    assert train_script.main(train_args(cfg_file, tiny_data, tmp_path, 1, "exp", "--weights", str(path),
+                                        "--freeze", "1")) == 0
+
+
 # --- non-finite losses ---------------------------------------------------------------------------------
 
 def _nan_semantic(monkeypatch, times: int | None) -> None:
