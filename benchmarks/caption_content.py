@@ -122,6 +122,7 @@ def head_inputs(model: torch.nn.Module, data: str, splits: str, img: int, batch_
 
     def record(module, args, kwargs):
         seen.append((list(args[0]), list(kwargs.get("det_classes") or [])))
+        raise _Recorded  # the rest of the forward (the caption head's greedy decode) is not needed
 
     hook = model.head("cap").register_forward_pre_hook(record, with_kwargs=True)
     batches = []
@@ -129,11 +130,18 @@ def head_inputs(model: torch.nn.Module, data: str, splits: str, img: int, batch_
         dataset = CocoDataset(cfg, getattr(cfg, splits), img, augment=False)
         for batch in create_dataloader(dataset, batch_size, False, 0):
             seen.clear()
-            model(to_float(batch.images, torch.device("cpu"), False))
+            try:
+                model(to_float(batch.images, torch.device("cpu"), False))
+            except _Recorded:
+                pass
             batches.append((*seen[0], [list(r) for r in batch.captions], [int(i) for i in batch.image_ids]))
     finally:
         hook.remove()
     return batches
+
+
+class _Recorded(Exception):
+    """Raised by :func:`head_inputs`' hook once the caption head's inputs are recorded, to end the forward."""
 
 
 @torch.no_grad()

@@ -9,12 +9,15 @@ import yaml
 
 import train as train_script
 from benchmarks import caption_frozen
-from benchmarks.caption_content import val_captions
+from benchmarks.caption_content import memories, val_captions
 from models.heads.caption import CaptionHead
 from tests.conftest import tiny_cfg, train_args
+from utils.data.config import load_data_config
+from utils.data.dataset import CocoDataset, create_dataloader
 from utils.data.vocab import Vocabulary
 from utils.eval.metrics.caption_content import ContentReader
 from utils.loss.caption import CaptionLoss
+from utils.ops.letterbox import to_float
 from utils.runtime.checkpoint import build_from_checkpoint, load_checkpoint
 
 
@@ -69,3 +72,12 @@ def test_main_prints_a_row_per_report(tiny_data, tmp_path):
     prompt = f"{words[-1]} {words[-2]}"  # two real words, in an order no reference has
     captions, _ = val_captions(saved, str(tiny_data), 64, [1], prompts=[prompt])
     assert captions[prompt] and all((c + " ").startswith(prompt + " ") for c in captions[prompt].values())
+    # the recorded head inputs (the forward stopped at the caption head) encode to the model's own memory
+    model.eval()
+    mem, ids, _ = memories(model, str(tiny_data), "val", 64, batch_size=8)
+    own = []
+    with torch.no_grad():
+        for batch in create_dataloader(CocoDataset(load_data_config(tiny_data), load_data_config(tiny_data).val, 64,
+                                                   augment=False), 8, False, 0):
+            own.append(model(to_float(batch.images, torch.device("cpu"), False)).cap.memory.float())
+    assert mem.shape[0] == len(ids) and torch.allclose(mem, torch.cat(own), atol=1e-5)
