@@ -89,13 +89,16 @@ def freeze(model: nn.Module, rows: list[int]) -> int:
 
     Their BatchNorm statistics are held by :func:`hold_frozen_statistics`, called after every ``model.train()``.
     """
+    params = row_parameters(model, rows)
+    for p in params.values():
+        p.requires_grad_(False)
+    return len(params)
+
+
+def row_parameters(model: nn.Module, rows: list[int]) -> dict[str, nn.Parameter]:
+    """The parameters of the cfg ``rows`` (the ``layers.<row>.`` modules), by name."""
     prefixes = tuple(f"layers.{r}." for r in rows)
-    frozen = 0
-    for name, p in model.named_parameters():
-        if name.startswith(prefixes):
-            p.requires_grad_(False)
-            frozen += 1
-    return frozen
+    return {name: p for name, p in model.named_parameters() if name.startswith(prefixes)}
 
 
 def hold_frozen_statistics(model: nn.Module, rows: list[int]) -> None:

@@ -36,7 +36,14 @@ from utils.engine.ema import ModelEMA, unwrap
 from utils.engine.hooks import EVENTS, Hook, default_hooks
 from utils.engine.hyp import load_hyp
 from utils.engine.loggers import RunLogger
-from utils.engine.optim import build_optimizer, fit_adamw_lr, freeze, freeze_rows, hold_frozen_statistics
+from utils.engine.optim import (
+    build_optimizer,
+    fit_adamw_lr,
+    freeze,
+    freeze_rows,
+    hold_frozen_statistics,
+    row_parameters,
+)
 from utils.eval.evaluate import EvalSettings, LabelSpace, evaluate
 from utils.loss.multitask import MultiTaskLoss
 from utils.ops.letterbox import to_float
@@ -245,8 +252,7 @@ class Trainer:
         self.frozen_rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # from before --freeze: ""
         if self.frozen_rows and loaded is not None:
             # a frozen row left at its initial weights would stay random for the whole run
-            prefixes = tuple(f"layers.{r}." for r in self.frozen_rows)
-            fresh = [k for k, _ in self.model.named_parameters() if k.startswith(prefixes) and k not in loaded]
+            fresh = [k for k in row_parameters(self.model, self.frozen_rows) if k not in loaded]
             if fresh:
                 raise ValueError(f"--freeze: {len(fresh)} parameter tensors of the frozen rows were not in --weights "
                                  f"{opt.weights} with --cfg {opt.cfg}'s shapes (first: {fresh[0]}); is --cfg the "
