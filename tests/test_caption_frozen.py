@@ -75,9 +75,8 @@ def test_main_prints_a_row_per_report(tiny_data, tmp_path):
     # the recorded head inputs (the forward stopped at the caption head) encode to the model's own memory
     model.eval()
     mem, ids, _ = memories(model, str(tiny_data), "val", 64, batch_size=8)
-    own = []
+    own, data = [], load_data_config(tiny_data)
     with torch.no_grad():
-        for batch in create_dataloader(CocoDataset(load_data_config(tiny_data), load_data_config(tiny_data).val, 64,
-                                                   augment=False), 8, False, 0):
+        for batch in create_dataloader(CocoDataset(data, data.val, 64, augment=False), 8, False, 0):
             own.append(model(to_float(batch.images, torch.device("cpu"), False)).cap.memory.float())
     assert mem.shape[0] == len(ids) and torch.allclose(mem, torch.cat(own), atol=1e-5)
