@@ -2,7 +2,7 @@
 YOLOv8-seg of the same letter on the same card in the same run, and each data loader's img/s per CPU core (how
 many cores keep one GPU fed).
 
-    python -m benchmarks.gpu --device 0                  # scales n and l, 640 px, AMP: the README's GPU table
+    python -m benchmarks.gpu --device 0                  # scales n and l of both bodies, 640 px, AMP: the README's GPU table
     python -m benchmarks.gpu --loader-only               # the loaders' img/s per core alone (no GPU needed)
     python -m benchmarks.gpu --device cpu --img 64 --batch 2 --max-batch 2 --steps 1 --warmup 1 --images 8 \\
         --loader-batches 2 --scales n                   # the suite's tiny CPU run of the same code
@@ -80,10 +80,10 @@ def our_throughput(trainer: Trainer, opt: argparse.Namespace) -> dict:
             **(tried[best] if best else {}), "tried": {b: (r or {}).get("img_s") for b, r in tried.items()}}
 
 
-def trainer_for(scale: str, data: Path, opt: argparse.Namespace) -> Trainer:
-    """A Trainer of ``cfg/yolor-mt-<scale>.yaml`` on ``data`` exactly as train.py builds it (no loader workers:
-    the batches are drawn here)."""
-    ns = argparse.Namespace(cfg=f"cfg/yolor-mt-{scale}.yaml", data=str(data), hyp=opt.hyp, img=opt.img,
+def trainer_for(model: str, data: Path, opt: argparse.Namespace) -> Trainer:
+    """A Trainer of ``cfg/<model>.yaml`` (``yolor-mt-n``: the default cfg at scale n) on ``data`` exactly as train.py
+    builds it (no loader workers: the batches are drawn here)."""
+    ns = argparse.Namespace(cfg=f"cfg/{model}.yaml", data=str(data), hyp=opt.hyp, img=opt.img,
                             batch_size=opt.batch, device=opt.device, workers=0, seed=0, project=opt.project,
                             tasks="", weights="")
     return build_trainer(ns)
@@ -136,6 +136,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="0", help="cuda device (0) or cpu")
     p.add_argument("--scales", default="n,l", help="comma list of scale letters (ours and YOLOv8-seg's)")
+    p.add_argument("--bodies", default="yolor-mt,yolor-mt-c2f",
+                   help="comma list of our cfgs (cfg/<name>.yaml): the default GELAN body and the C2f one")
     p.add_argument("--img", type=int, default=640)
     p.add_argument("--batch", type=int, default=8, help="the first batch size tried")
     p.add_argument("--max-batch", type=int, default=512, help="doubling stops here")
@@ -168,11 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                              caption_view=opt.cap_view)["img_per_s"]
     torch.set_num_threads(threads)
     rows, device, vocab = {}, "", 0
-    for scale in [] if opt.loader_only else opt.scales.split(","):
-        trainer = trainer_for(scale, data, opt)
+    ours = [f"{body}-{scale}" for scale in opt.scales.split(",") for body in opt.bodies.split(",")]
+    for name in [] if opt.loader_only else ours:
+        trainer = trainer_for(name, data, opt)
         device = (torch.cuda.get_device_name(trainer.device) if trainer.cuda else
                   f"cpu ({os.cpu_count()} cores, {threads} torch threads)")
-        rows[f"yolor-mt-{scale}"] = our_throughput(trainer, opt) | {"loader": rate}
+        rows[name] = our_throughput(trainer, opt) | {"loader": rate}
         vocab = len(trainer.vocab)
         trainer.logger.close()
         del trainer
@@ -182,10 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if not opt.no_peers:
         peers, note, peer_rate = peer_rows(opt, data)
         notes.append(note)
-        # each of our scales beside the peer of its letter
+        # our rows of each scale, then the peer of its letter
         rows = {k: r for scale in opt.scales.split(",") for k, r in
-                ((f"yolor-mt-{scale}", rows.get(f"yolor-mt-{scale}")), (f"yolov8{scale}-seg", peers.get(f"yolov8{scale}-seg")))
-                if r is not None}
+                [(f"{body}-{scale}", rows.get(f"{body}-{scale}")) for body in opt.bodies.split(",")]
+                + [(f"yolov8{scale}-seg", peers.get(f"yolov8{scale}-seg"))] if r is not None}
     print(f"\nloader img/s per CPU core ({opt.img} px, batch {opt.loader_batch}, one process without workers, torch at "
           f"1 thread): ours {rate:.1f} (mosaic, every task's labels, cap_view {opt.cap_view}), Ultralytics "
           f"{peer_rate:.1f} (mosaic, polygons to masks)")

@@ -1,6 +1,6 @@
 """YOLOv9's GELAN blocks (Wang et al. 2024, github.com/WongKinYiu/yolov9 ``models/common.py``): RepNCSPELAN4, ADown,
 SPPELAN and the re-parameterizable conv they are built of. GeneralistYOLO's body is GELAN-C, which
-``cfg/yolor-mt-gelan.yaml`` is at scale l.
+``cfg/yolor-mt.yaml`` (the default body) is at scale l.
 
 The only block that is not plain Conv-BN-SiLU is :class:`RepConvN`: a 3x3 and a 1x1 branch, each with its own
 BatchNorm, summed before the activation (RepVGG without the identity branch). ``fuse()`` folds both BatchNorms and

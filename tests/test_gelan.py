@@ -1,6 +1,6 @@
-"""YOLOv9's GELAN blocks (models/gelan.py) and the GELAN cfg: RepConvN's fold is exact, the blocks chain as the
+"""YOLOv9's GELAN blocks (models/gelan.py) and the default cfg, GELAN's: RepConvN's fold is exact, the blocks chain as the
 parser says, and the cfg builds at every scale with scale l at GELAN-C's widths. The whole model's fuse parity is
-tests/test_model.py's test_fuse_is_exact_and_complete (parametrized over cfg/yolor-mt-gelan.yaml)."""
+tests/test_model.py's test_fuse_is_exact_and_complete (the default cfg is GELAN's)."""
 from __future__ import annotations
 
 import pytest
@@ -41,19 +41,21 @@ def test_gelan_cfg_builds_at_every_scale_with_gelan_c_at_l():
     kw = {"sem": {"num_classes": 171}, "cap": {"vocab_size": 10000, "max_len": 24}}
     sizes = {}
     for scale in "nsmlx":
-        model = Model(f"cfg/yolor-mt-gelan-{scale}.yaml", nc=80, head_kwargs=kw)
+        model = Model(f"cfg/yolor-mt-{scale}.yaml", nc=80, head_kwargs=kw)
         sizes[scale] = sum(p.numel() for p in model.parameters())
         assert model.stride == 32 and model.tasks == ["det", "inst", "sem", "cap"]
     assert list(sizes.values()) == sorted(sizes.values())
-    large = Model("cfg/yolor-mt-gelan-l.yaml", nc=80, tasks=["det"])
+    large = Model("cfg/yolor-mt-l.yaml", nc=80, tasks=["det"])
     widths = [c for name, c, _ in large.rows_meta if name in ("RepNCSPELAN4", "SPPELAN")]
     # GELAN-C's block outputs (yolov9 models/detect/gelan-c.yaml), neck included
     assert widths == [256, 512, 512, 512, 512, 512, 256, 512, 512]
     assert sizes["m"] <= 30e6
 
 
-def test_fused_gelan_model_exports_to_onnx_with_parity(tmp_path):
-    """ADown's pools and chunks and the folded RepConvNs survive the ONNX export: every output as PyTorch's."""
+@pytest.mark.parametrize("base", ["yolor-mt.yaml", "yolor-mt-c2f.yaml"])
+def test_fused_model_of_each_body_exports_to_onnx_with_parity(base, tmp_path):
+    """GELAN's (the default) ADown pools and chunks and folded RepConvNs, and the C2f body beside it, survive the ONNX
+    export with random BatchNorm statistics and implicit tensors: every output as PyTorch's."""
     pytest.importorskip("onnxruntime")
     from tests.conftest import HEAD_KW, tiny_cfg
     from utils.deploy.backends import ort_session
@@ -61,11 +63,11 @@ def test_fused_gelan_model_exports_to_onnx_with_parity(tmp_path):
     from utils.deploy.interface import DeployModel
 
     torch.manual_seed(0)
-    model = Model(tiny_cfg("yolor-mt-gelan.yaml"), nc=5, head_kwargs=HEAD_KW).eval()
+    model = Model(tiny_cfg(base), nc=5, head_kwargs=HEAD_KW).eval()
     randomize_bn_and_implicits(model)
     deploy = DeployModel(model.fuse())
     x = torch.rand(2, 3, 64, 96)
-    path = export_vision(deploy, x, tmp_path / "gelan.onnx", 17, True, {})
+    path = export_vision(deploy, x, tmp_path / "model.onnx", 17, True, {})
     with torch.no_grad():
         want = [t.numpy() for t in deploy(x)]
     got = ort_session(path).run(None, {ort_session(path).get_inputs()[0].name: x.numpy()})

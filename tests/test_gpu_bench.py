@@ -36,7 +36,7 @@ def test_tiny_cpu_run_prints_every_column(tmp_path: Path, capsys) -> None:
     rows = table_rows(out)
     header = next(line for line in out.splitlines() if line.startswith("model "))
     assert all(c in header for c in COLUMNS)
-    expected = ["yolor-mt-n"] + (["yolov8n-seg"] if PEER_SITE else [])
+    expected = ["yolor-mt-n", "yolor-mt-c2f-n"] + (["yolov8n-seg"] if PEER_SITE else [])  # both bodies, then the peer
     assert list(rows) == expected
     for name, (params, batch, img_s, peak, loader, feed) in rows.items():
         assert all(math.isfinite(v) for v in (params, batch, img_s, peak, loader, feed)), name

@@ -52,7 +52,7 @@ def _all_outputs(model: Model, x: torch.Tensor, tokens: torch.Tensor) -> dict[st
     ("vector", "DetectAnchor", "yolor-mt.yaml"), ("nn", "DetectAnchor", "yolor-mt.yaml"),
     ("mf", "DetectAnchor", "yolor-mt.yaml"), ("vector", "Detect", "yolor-mt-bcsp.yaml"),
     ("mf", "Detect", "yolor-mt-bcsp.yaml"), ("vector", "Detect", "yolor-mt-csp.yaml"),
-    ("vector", "Detect", "yolor-mt-gelan.yaml"), ("mf", "Detect", "yolor-mt-gelan.yaml")])
+    ("vector", "Detect", "yolor-mt-c2f.yaml"), ("mf", "Detect", "yolor-mt-c2f.yaml")])
 def test_fuse_is_exact_and_complete(form, det_head, base):
     torch.manual_seed(0)
     d = tiny_cfg(base, implicit=form)

@@ -33,9 +33,15 @@ def head_args(scale: str) -> dict[str, list]:
 
 def test_scale_n_heads_are_unchanged():
     assert head_args("n") == N_ARGS
-    model = Model("cfg/yolor-mt-n.yaml", nc=80, head_kwargs=COCO_HEADS)
+    model = Model("cfg/yolor-mt-c2f-n.yaml", nc=80, head_kwargs=COCO_HEADS)  # the body they were measured on
     assert sum(p.numel() for p in model.parameters()) == N_PARAMS
     assert not model.head("cap").tie
+
+
+def test_both_bodies_size_their_heads_alike():
+    """The C2f cfg's head table is the default's (the GELAN cfg's comment states the rules for both)."""
+    tables = [yaml.safe_load((CFG_DIR / name).read_text())["head_scales"] for name in ("yolor-mt.yaml", "yolor-mt-c2f.yaml")]
+    assert tables[0] == tables[1] and set(tables[0]) == set(ORDER)
 
 
 def test_head_sizes_grow_with_the_scale():
