@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                              caption_view=opt.cap_view)["img_per_s"]
     torch.set_num_threads(threads)
     rows, device, vocab = {}, "", 0
-    ours = [f"{body}-{scale}" for scale in opt.scales.split(",") for body in opt.bodies.split(",")]
-    for name in [] if opt.loader_only else ours:
+    ours = {scale: [f"{body}-{scale}" for body in opt.bodies.split(",")] for scale in opt.scales.split(",")}
+    for name in [] if opt.loader_only else [n for names in ours.values() for n in names]:
         trainer = trainer_for(name, data, opt)
         device = (torch.cuda.get_device_name(trainer.device) if trainer.cuda else
                   f"cpu ({os.cpu_count()} cores, {threads} torch threads)")
@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         peers, note, peer_rate = peer_rows(opt, data)
         notes.append(note)
         # our rows of each scale, then the peer of its letter
-        rows = {k: r for scale in opt.scales.split(",") for k, r in
-                [(f"{body}-{scale}", rows.get(f"{body}-{scale}")) for body in opt.bodies.split(",")]
-                + [(f"yolov8{scale}-seg", peers.get(f"yolov8{scale}-seg"))] if r is not None}
+        order = [name for scale, names in ours.items() for name in names + [f"yolov8{scale}-seg"]]
+        rows = {name: r for name in order if (r := rows.get(name, peers.get(name))) is not None}
     print(f"\nloader img/s per CPU core ({opt.img} px, batch {opt.loader_batch}, one process without workers, torch at "
           f"1 thread): ours {rate:.1f} (mosaic, every task's labels, cap_view {opt.cap_view}), Ultralytics "
           f"{peer_rate:.1f} (mosaic, polygons to masks)")

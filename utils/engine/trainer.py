@@ -250,14 +250,13 @@ class Trainer:
                            head_kwargs=self._head_kwargs(self.tasks)).to(self.device, memory_format=torch.channels_last)
         loaded = self._load_pretrained(opt.weights) if opt.weights and not opt.resume else None
         self.frozen_rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # from before --freeze: ""
-        if self.frozen_rows and loaded is not None:
+        if self.frozen_rows:
             # a frozen row left at its initial weights would stay random for the whole run
-            fresh = [k for k in row_parameters(self.model, self.frozen_rows) if k not in loaded]
+            fresh = [k for k in row_parameters(self.model, self.frozen_rows) if k not in loaded] if loaded else []
             if fresh:
                 raise ValueError(f"--freeze: {len(fresh)} parameter tensors of the frozen rows were not in --weights "
                                  f"{opt.weights} with --cfg {opt.cfg}'s shapes (first: {fresh[0]}); is --cfg the "
                                  "network the weights were trained as?")
-        if self.frozen_rows:
             n = freeze(self.model, self.frozen_rows)
             self.log(f"freeze: rows {','.join(map(str, self.frozen_rows))} ({n} parameter tensors get no gradient, "
                      "BatchNorm statistics held)")
