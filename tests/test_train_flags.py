@@ -273,13 +273,13 @@ def test_hyp_nbs_sets_the_nominal_batch(tiny_cfg_file, tiny_data, tmp_path, monk
 
 def test_a_hyp_file_starts_from_its_base(tmp_path):
     """``base:`` reads the named file (beside this one, or in data/hyps/) and this file's keys replace its; the
-    shipped recipes are what they say: hyp.caption.yaml is hyp.scratch.yaml with cap_view 1.0."""
+    shipped recipes are what they say: hyp.caption.yaml is hyp.scratch.yaml with cap_view 1.0 and 5 SCST epochs."""
     scratch = load_hyp("hyp.scratch.yaml")
     (tmp_path / "mine.yaml").write_text("base: hyp.scratch.yaml\nlr0: 0.05\n")
     (tmp_path / "child.yaml").write_text("base: mine.yaml\nnbs: 16\n")
     assert load_hyp(tmp_path / "child.yaml") == scratch | {"lr0": 0.05, "nbs": 16}
     caption = load_hyp("hyp.caption.yaml")
-    assert {k: v for k, v in caption.items() if scratch.get(k) != v} == {"cap_view": 1.0}
+    assert {k: v for k, v in caption.items() if scratch.get(k) != v} == {"cap_view": 1.0, "scst_epochs": 5}
     assert load_hyp("hyp.short.yaml")["scst_epochs"] == 0 and load_hyp("hyp.short.yaml")["lr0"] == scratch["lr0"]
     (tmp_path / "typo.yaml").write_text("base: hyp.scratch.yaml\nlr00: 0.05\n")
     with pytest.raises(ValueError, match="lr00"):
