@@ -252,7 +252,7 @@ class Trainer:
         self.frozen_rows = freeze_rows(getattr(opt, "freeze", ""), len(self.model.layers))  # from before --freeze: ""
         if self.frozen_rows:
             # a frozen row left at its initial weights would stay random for the whole run
-            fresh = [k for k in row_parameters(self.model, self.frozen_rows) if k not in loaded] if loaded else []
+            fresh = [k for k in row_parameters(self.model, self.frozen_rows) if k not in loaded] if loaded is not None else []
             if fresh:
                 raise ValueError(f"--freeze: {len(fresh)} parameter tensors of the frozen rows were not in --weights "
                                  f"{opt.weights} with --cfg {opt.cfg}'s shapes (first: {fresh[0]}); is --cfg the "
